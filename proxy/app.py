@@ -1,0 +1,115 @@
+"""The ASGI application: the factory and the lifespan that owns every shared resource.
+
+One database engine, one Redis client, one httpx client, one outbox: created
+here at start-up, handed to routes through the lifespan state, and closed here
+at shutdown, after the outbox had its last chance to reach the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from proxy.broker import Broker, Limits
+from proxy.cache import RedisCache
+from proxy.database import create_engine, migrate
+from proxy.keys import KeyLayout
+from proxy.openapi import openapi
+from proxy.outbox import Outbox
+from proxy.redis_pool import create_redis
+from proxy.registry import Registry
+from proxy.routes import admin, health, internal
+from proxy.secrets import load_secret_box
+from proxy.settings import Settings
+from proxy.sources import SourceStore
+from proxy.upstream import Upstream, create_client
+from proxy.writer import DatabaseSink, OutboxWriter
+
+logger = logging.getLogger("databroker")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with contextlib.AsyncExitStack() as stack:
+            yield await _start(settings, stack)
+
+    return Starlette(
+        routes=[
+            *internal.routes,
+            *admin.routes,
+            *health.routes,
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[str, Any]:
+    """Open every resource, registering its close on ``stack`` (closed in reverse order)."""
+    box = load_secret_box(settings)
+    engine = create_engine(settings.resolved_database_url)
+    stack.push_async_callback(engine.dispose)
+    if settings.embedded:
+        await migrate(engine)
+
+    redis = create_redis(settings)
+    stack.push_async_callback(redis.aclose)
+    layout = KeyLayout(settings.redis_prefix)
+    cache = RedisCache(redis, layout)
+
+    client = create_client()
+    stack.push_async_callback(client.aclose)
+
+    sources = SourceStore(engine, box)
+    registry = Registry(sources, box, redis, layout)
+    await registry.load()
+
+    outbox = Outbox(settings.resolved_outbox_dir)
+    outbox.open()
+    writer = OutboxWriter(
+        outbox, DatabaseSink(engine, settings.outbox_batch_size), settings.outbox_flush_interval
+    )
+    # Replays what a previous process left behind before taking new traffic.
+    await writer.flush()
+    stack.push_async_callback(writer.stop, settings.shutdown_grace)
+    _background(stack, writer.run(), "outbox writer")
+    _background(stack, registry.follow(settings.registry_refresh_interval), "registry follower")
+
+    broker = Broker(
+        registry,
+        cache,
+        Upstream(client),
+        outbox,
+        Limits(settings.default_timeout, settings.max_response_bytes),
+        settings.project_id,
+    )
+    return {
+        "settings": settings,
+        "engine": engine,
+        "redis": redis,
+        "cache": cache,
+        "sources": sources,
+        "registry": registry,
+        "writer": writer,
+        "broker": broker,
+    }
+
+
+def _background(stack: contextlib.AsyncExitStack, coro: Any, name: str) -> None:
+    task = asyncio.create_task(coro, name=name)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)

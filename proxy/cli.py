@@ -1,0 +1,75 @@
+"""``databroker``: serve, migrate. Validates settings, then forwards to uvicorn or Alembic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+import uvicorn
+from pydantic import ValidationError
+
+from proxy.database import create_engine, migrate
+from proxy.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_input=False):
+            name = "DATABROKER_" + str(error["loc"][0]).upper() if error["loc"] else "settings"
+            click.echo(f"invalid setting {name}: {error['msg']}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+def main() -> None:
+    """A Redis-cached data broker sidecar for decision engines."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int)
+@click.option("--uds", type=click.Path(path_type=Path), help="Listen on a Unix socket instead.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+def serve(host: str, port: int, uds: Path | None, workers: int) -> None:
+    """Run the broker."""
+    settings = _settings()
+    if workers > 1 and (settings.embedded or settings.redis_url is None):
+        raise click.UsageError(
+            "the embedded default (SQLite, in-process Redis) runs one worker; "
+            "set DATABROKER_DATABASE_URL and DATABROKER_REDIS_URL for more"
+        )
+    uvicorn.run(
+        "proxy.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        uds=str(uds) if uds else None,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+
+
+@main.command("migrate")
+def migrate_command() -> None:
+    """Apply the Alembic migrations to DATABROKER_DATABASE_URL."""
+    settings = _settings()
+
+    async def run() -> None:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    click.echo("database is at the latest migration")

@@ -1,0 +1,43 @@
+"""Cache keys and the Redis key layout: every key family the broker owns.
+
+| family                               | value                      | TTL              | owner          |
+| ------------------------------------ | -------------------------- | ---------------- | -------------- |
+| ``{prefix}cache:{source_id}:{key}``  | a cache entry (cache.py)   | the source's TTL | proxy.cache    |
+| ``{prefix}events:registry`` (channel)| a data_source_id that changed | —             | proxy.registry |
+
+Other families (locks, tokens) go beside ``cache:`` under the same prefix,
+never inside it, so ``--pattern '{prefix}cache:*'`` flushes cache entries only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+
+def make_cache_key(data_source_id: uuid.UUID | str, configured_params: dict[str, Any]) -> str:
+    """The seed's ``make_cache_key``, byte for byte, so keys match the engine's.
+
+    Uses the stdlib ``json.dumps`` on purpose: its separators and ASCII escaping
+    are part of the hashed bytes.
+    """
+    content = {"data_source_id": str(data_source_id), "variables": configured_params}
+    return hashlib.md5(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class KeyLayout:
+    """Builds every Redis key from one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.registry_channel = f"{prefix}events:registry"
+
+    def cache_entry(self, data_source_id: uuid.UUID | str, key: str) -> str:
+        return f"{self.prefix}cache:{data_source_id}:{key}"
+
+    def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
+        """A SCAN pattern for every cache entry, or for one source's entries."""
+        source = "*" if data_source_id is None else f"{data_source_id}:*"
+        return f"{self.prefix}cache:{source}"

@@ -1,0 +1,22 @@
+"""Prometheus metrics, served on ``GET /metrics``. Labels never carry values or secrets."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BROKER_REQUESTS = Counter(
+    "databroker_requests_total",
+    "Broker requests answered, by origin (CACHE, REQUEST, NONE) and error code (OK if none).",
+    ["origin", "code"],
+)
+UPSTREAM_SECONDS = Histogram(
+    "databroker_upstream_seconds",
+    "Time spent calling upstream APIs, retries included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+OUTBOX_BACKLOG_BYTES = Gauge(
+    "databroker_outbox_backlog_bytes", "Bytes journaled in the outbox and not yet in the database."
+)
+RECORDS_WRITTEN = Counter(
+    "databroker_records_written_total", "DataObjects and audit rows committed to the database."
+)

@@ -1,0 +1,149 @@
+"""``GET /openapi.json``: the broker's own routes, schemas taken from the models that validate them."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from proxy import __version__
+from proxy.sources import VariableValue
+from proxy.spec import DataSourceSpec
+
+_REF = "#/components/schemas/{model}"
+
+BROKER_REQUEST = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["data_source_name", "configured_params", "run_id"],
+    "properties": {
+        "data_source_name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "configured_params": {"type": "object", "additionalProperties": True},
+        "run_id": {"type": "string", "format": "uuid"},
+        "project_id": {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]},
+    },
+}
+BROKER_RESPONSE = {
+    "type": "object",
+    "required": ["data_object_id", "origin", "key", "value", "start_time", "end_time", "error"],
+    "properties": {
+        "data_object_id": {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]},
+        "origin": {"anyOf": [{"enum": ["REQUEST", "CACHE"]}, {"type": "null"}]},
+        "key": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "value": {},
+        "start_time": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "end_time": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "error": {
+            "anyOf": [
+                {"type": "object", "required": ["code", "message"]},
+                {"type": "null"},
+            ]
+        },
+    },
+}
+ADMIN_ERROR = {
+    "type": "object",
+    "required": ["detail", "code"],
+    "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
+}
+
+
+def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
+    if isinstance(schema, str):
+        schema = {"$ref": _REF.format(model=schema)}
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _op(
+    summary: str,
+    ok: dict[str, Any] | str,
+    body: dict[str, Any] | str | None = None,
+    errors: tuple[int, ...] = (401, 403, 404, 409, 422),
+    params: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "OK", **_json(ok)},
+            **{str(code): {"description": "Error", **_json(ADMIN_ERROR)} for code in errors},
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body)}
+    if params:
+        op["parameters"] = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in params
+        ]
+    return op
+
+
+@cache
+def document() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(DataSourceSpec, "validation")], ref_template=_REF.replace("{model}", "{model}")
+    )
+    schemas = defs.get("$defs", {})
+    schemas["VariableValues"] = TypeAdapter(list[VariableValue]).json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(schemas["VariableValues"].pop("$defs", {}))
+    source = "DataSourceSpec"
+    one = ("data_source_id",)
+    broker_errors = {
+        str(status): {"description": "Error", **_json(BROKER_RESPONSE)}
+        for status in (400, 404, 500, 502)
+    }
+    listing = _op("List data sources", {"type": "array", "items": {"type": "object"}})
+    listing["parameters"] = [
+        {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+        for n in ("include_archived", "status", "project_id")
+    ]
+    sources = {"get": listing, "post": _op("Register a data source (DRAFT)", {"type": "object"}, source)}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "databroker", "version": __version__},
+        "paths": {
+            "/internal/data-broker": {
+                "post": {
+                    "summary": "Fetch a data source's value, from the cache or the upstream",
+                    "requestBody": {"required": True, **_json(BROKER_REQUEST)},
+                    "responses": {
+                        "200": {"description": "OK", **_json(BROKER_RESPONSE)},
+                        **broker_errors,
+                    },
+                }
+            },
+            "/data-sources": sources,
+            "/data-sources/": sources,
+            "/data-sources/{data_source_id}": {
+                "get": _op("Get a data source", {"type": "object"}, params=one),
+                "put": _op("Replace a data source", {"type": "object"}, source, params=one),
+                "delete": _op("Delete a draft, archive a published source", {"type": "object"}, params=one),
+            },
+            "/data-sources/{data_source_id}/publish": {
+                "post": _op("Publish a draft", {"type": "object"}, params=one)
+            },
+            "/data-sources/{data_source_id}/variables": {
+                "get": _op("Variable names and whether set", {"type": "array"}, params=one),
+                "put": _op("Set the variables (desired state)", {"type": "array"}, "VariableValues", params=one),
+            },
+            "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Redis and database reachable",
+                    "responses": {"200": {"description": "ready"}, "503": {"description": "degraded"}},
+                }
+            },
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}},
+        },
+        "components": {"schemas": schemas},
+    }
+
+
+async def openapi(_: Request) -> Response:
+    return JSONResponse(document())

@@ -1,0 +1,203 @@
+"""A local write-ahead journal for DataObjects and audit rows.
+
+Records are appended to the process's open segment file before the response
+leaves, one ``os.write`` per request: that survives ``kill -9`` of the process
+(the bytes are in the page cache), not a crash of the machine. The writer
+(proxy.writer) seals segments and ships them to the database.
+
+Each segment is owned through ``flock``: the open one by the process writing
+it, a sealed one by the process shipping it. A lock held by a dead process is
+released by the kernel, so a segment orphaned by a crash is picked up by the
+next process that scans the directory, and never by two at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+OPEN_SUFFIX = ".open"
+SEALED_SUFFIX = ".sealed"
+
+
+@dataclass(frozen=True, slots=True)
+class DataObjectRecord:
+    data_object_id: uuid.UUID
+    data_source_id: uuid.UUID
+    key: str
+    value: bytes
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunDataRequestRecord:
+    run_data_request_id: uuid.UUID
+    run_id: uuid.UUID
+    data_object_id: uuid.UUID | None
+    data_source_id: uuid.UUID
+    data_origin: str | None
+    start_time: float | None
+    end_time: float | None
+    error: dict[str, Any] | None
+    created_at: float
+
+
+Record = DataObjectRecord | RunDataRequestRecord
+
+
+def encode(record: Record) -> bytes:
+    """One journal line; orjson never emits a raw newline.
+
+    Ids go through ``str``: drivers hand back UUID subclasses orjson refuses.
+    """
+    if isinstance(record, DataObjectRecord):
+        fields: dict[str, Any] = {
+            "t": "o",
+            "id": str(record.data_object_id),
+            "s": str(record.data_source_id),
+            "k": record.key,
+            "v": base64.b64encode(record.value).decode(),
+            "c": record.created_at,
+        }
+    else:
+        fields = {
+            "t": "r",
+            "id": str(record.run_data_request_id),
+            "run": str(record.run_id),
+            "o": None if record.data_object_id is None else str(record.data_object_id),
+            "s": str(record.data_source_id),
+            "g": record.data_origin,
+            "st": record.start_time,
+            "et": record.end_time,
+            "e": record.error,
+            "c": record.created_at,
+        }
+    return orjson.dumps(fields) + b"\n"
+
+
+def decode(line: bytes) -> Record:
+    f = orjson.loads(line)
+    if f["t"] == "o":
+        return DataObjectRecord(
+            uuid.UUID(f["id"]), uuid.UUID(f["s"]), f["k"], base64.b64decode(f["v"]), f["c"]
+        )
+    return RunDataRequestRecord(
+        uuid.UUID(f["id"]),
+        uuid.UUID(f["run"]),
+        None if f["o"] is None else uuid.UUID(f["o"]),
+        uuid.UUID(f["s"]),
+        f["g"],
+        f["st"],
+        f["et"],
+        f["e"],
+        f["c"],
+    )
+
+
+def read_segment(path: Path) -> list[Record]:
+    """Every complete record of a segment.
+
+    A last line without its newline is a write torn by a crash: its response
+    never left (the append precedes the answer), so it is dropped.
+    """
+    data = path.read_bytes()
+    return [decode(line) for line in data.split(b"\n")[:-1] if line]
+
+
+class Outbox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._written = 0
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{OPEN_SUFFIX}"
+        self._path = self.directory / name
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._written = 0
+
+    def append(self, *records: Record) -> None:
+        """Journal records with a single write, so one request's rows land together."""
+        if self._fd is None:
+            raise RuntimeError("outbox is not open")
+        data = b"".join(encode(r) for r in records)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._written += len(data)
+
+    def seal(self) -> None:
+        """Close the open segment for shipping and start a fresh one (if it holds anything)."""
+        if self._fd is None or self._path is None or self._written == 0:
+            return
+        os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
+        os.close(self._fd)
+        self.open()
+
+    def close(self) -> None:
+        """Seal what was written and release the segment; an empty one is removed."""
+        if self._fd is None or self._path is None:
+            return
+        if self._written:
+            os.rename(self._path, self._path.with_suffix(SEALED_SUFFIX))
+        else:
+            self._path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = self._path = None
+
+    def pending_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self._segments() if p.exists())
+
+    def _segments(self) -> list[Path]:
+        return sorted(self.directory.glob("*-*-*.*"))
+
+    @contextmanager
+    def claim(self) -> Iterator[list[Path]]:
+        """Lock every segment no live process holds; sealed from here on.
+
+        Yields the claimed paths; the caller ships them and calls ``remove``.
+        Open segments of dead processes are sealed on the way.
+        """
+        claimed: list[tuple[int, Path]] = []
+        try:
+            for path in self._segments():
+                if path == self._path:
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # shipped by another process meanwhile
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                if not path.exists():  # removed between our open and our lock
+                    os.close(fd)
+                    continue
+                if path.suffix == OPEN_SUFFIX:
+                    sealed = path.with_suffix(SEALED_SUFFIX)
+                    os.rename(path, sealed)
+                    path = sealed
+                claimed.append((fd, path))
+            yield [path for _, path in claimed]
+        finally:
+            for fd, _ in claimed:
+                os.close(fd)
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        path.unlink(missing_ok=True)

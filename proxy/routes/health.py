@@ -1,0 +1,58 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+
+CHECK_TIMEOUT = 2.0
+
+
+async def healthz(_: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def _check(probe: object) -> str:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await probe  # type: ignore[misc]
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+    return "ok"
+
+
+async def _database_ok(request: Request) -> None:
+    async with request.state.engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when Redis and the database answer; each check is bounded."""
+    checks = {
+        "redis": await _check(request.state.redis.ping()),
+        "database": await _check(_database_ok(request)),
+    }
+    ready = all(v == "ok" for v in checks.values())
+    body = {
+        "status": "ready" if ready else "degraded",
+        **checks,
+        "outbox_backlog_bytes": request.state.writer.backlog_bytes,
+    }
+    return JSONResponse(body, 200 if ready else 503)
+
+
+async def metrics(_: Request) -> Response:
+    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

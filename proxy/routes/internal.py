@@ -1,0 +1,23 @@
+"""``POST /internal/data-broker``: the orchestrator's only route."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy import messages
+from proxy.errors import InvalidRequest
+from proxy.routes.bodies import read_capped
+
+
+async def data_broker(request: Request) -> Response:
+    try:
+        body = await read_capped(request, InvalidRequest)
+    except InvalidRequest as exc:
+        return Response(messages.failure(exc), exc.status, media_type="application/json")
+    answer = await request.state.broker.handle(body)
+    return Response(answer.body, answer.status, media_type="application/json")
+
+
+routes = [Route("/internal/data-broker", data_broker, methods=["POST"])]

@@ -1,0 +1,70 @@
+"""Variable values encrypted at rest with Fernet; a key list allows rotation.
+
+``DATABROKER_SECRET_KEY`` holds one or more Fernet keys, comma-separated,
+newest first: the first encrypts, all decrypt. The embedded default generates
+a key file under the data dir; any other deployment must provide the key, since
+a generated key would make stored values unreadable on the next pod.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from proxy.settings import Settings
+
+
+class SecretKeyError(RuntimeError):
+    """The configured key is missing or malformed; raised at start."""
+
+
+class SecretBox:
+    def __init__(self, keys: list[str]) -> None:
+        if not keys:
+            raise SecretKeyError("DATABROKER_SECRET_KEY holds no key")
+        try:
+            self._fernet = MultiFernet([Fernet(k.strip().encode()) for k in keys])
+        except ValueError as exc:
+            raise SecretKeyError(
+                "DATABROKER_SECRET_KEY must be Fernet keys (urlsafe base64, 32 bytes), comma-separated"
+            ) from exc
+
+    def encrypt(self, value: Any) -> str:
+        return self._fernet.encrypt(orjson.dumps(value)).decode()
+
+    def decrypt(self, token: str) -> Any:
+        try:
+            return orjson.loads(self._fernet.decrypt(token.encode()))
+        except InvalidToken as exc:
+            raise SecretKeyError(
+                "a stored variable cannot be decrypted with DATABROKER_SECRET_KEY"
+            ) from exc
+
+    def rotate(self, token: str) -> str:
+        """Re-encrypt with the newest key."""
+        return self._fernet.rotate(token.encode()).decode()
+
+
+def load_secret_box(settings: Settings) -> SecretBox:
+    if settings.secret_key is not None:
+        return SecretBox(settings.secret_key.get_secret_value().split(","))
+    if not settings.embedded:
+        raise SecretKeyError(
+            "DATABROKER_SECRET_KEY is required when DATABROKER_DATABASE_URL is set "
+            "(generate one: python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())')"
+        )
+    return SecretBox([_embedded_key(settings.data_dir / "secret.key")])
+
+
+def _embedded_key(path: Path) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Fernet.generate_key())
+    return path.read_text().strip()

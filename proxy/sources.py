@@ -1,0 +1,283 @@
+"""Data sources and their variables in the database: what the admin routes change.
+
+Every write goes through here and follows proxy.lifecycle; the registry reads
+the same tables to build its in-memory index.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from proxy.errors import Conflict, NotFound, ValidationFailed
+from proxy.lifecycle import forbidden_changes, resolve_names
+from proxy.secrets import SecretBox
+from proxy.spec import DataSourceSpec
+from proxy.tables import DataSource, DataSourceEnvVar
+from proxy.templates import TemplateError
+from proxy.types import Status
+
+
+class VariableValue(BaseModel):
+    """One item of ``PUT /data-sources/{id}/variables``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    value: str | int | float | bool | None = None
+
+
+def spec_of(row: DataSource) -> DataSourceSpec:
+    return DataSourceSpec.model_validate(
+        {
+            "name": row.name,
+            "source": row.source,
+            "caching": {
+                "enabled": row.caching_enabled,
+                "ttl": row.caching_ttl,
+                "stale_if_error": row.caching_stale_if_error,
+            },
+            "description": row.description,
+            "metadata": row.meta,
+            "runtime_params": row.runtime_params,
+            "variables": row.variables,
+            "project_id": row.project_id,
+        }
+    )
+
+
+def to_api(row: DataSource) -> dict[str, Any]:
+    """The reference's ``DataSource`` body (plus ``project_id``)."""
+    caching: dict[str, Any] = {"enabled": row.caching_enabled, "ttl": row.caching_ttl}
+    if row.caching_stale_if_error is not None:
+        caching["stale_if_error"] = row.caching_stale_if_error
+    return {
+        "data_source_id": str(row.data_source_id),
+        "name": row.name,
+        "description": row.description,
+        "source": row.source,
+        "caching": caching,
+        "metadata": row.meta,
+        "runtime_params": row.runtime_params,
+        "variables": row.variables,
+        "status": row.status,
+        "project_id": None if row.project_id is None else str(row.project_id),
+        "created_at": row.created_at.isoformat(),
+        "last_updated_at": row.last_updated_at.isoformat(),
+    }
+
+
+def _checked(spec: DataSourceSpec, default_project: uuid.UUID | None) -> DataSourceSpec:
+    """The spec with its names resolved and its project filled in."""
+    try:
+        runtime_params, variables = resolve_names(spec)
+    except TemplateError as exc:
+        raise ValidationFailed(str(exc)) from exc
+    return spec.model_copy(
+        update={
+            "runtime_params": runtime_params,
+            "variables": variables,
+            "project_id": spec.project_id or default_project,
+        }
+    )
+
+
+def _assign(row: DataSource, spec: DataSourceSpec, now: datetime) -> None:
+    row.name = spec.name
+    row.description = spec.description
+    row.source = spec.source.model_dump(mode="json", exclude_none=True)
+    row.caching_enabled = spec.caching.enabled
+    row.caching_ttl = spec.caching.ttl_seconds
+    row.caching_stale_if_error = spec.caching.stale_if_error
+    row.runtime_params = list(spec.runtime_params or ())
+    row.variables = list(spec.variables or ())
+    row.project_id = spec.project_id
+    row.meta = spec.metadata
+    row.last_updated_at = now
+
+
+class SourceStore:
+    def __init__(self, engine: AsyncEngine, box: SecretBox) -> None:
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._box = box
+
+    async def _get(self, session: AsyncSession, data_source_id: uuid.UUID) -> DataSource:
+        row = await session.get(DataSource, data_source_id)
+        if row is None:
+            raise NotFound(f"no data source {data_source_id}")
+        return row
+
+    async def _check_name_free(
+        self, session: AsyncSession, spec: DataSourceSpec, own_id: uuid.UUID | None = None
+    ) -> None:
+        # Race window: two sidecars creating the same name at once both pass this
+        # check; the partial unique index then rejects the second commit (Postgres).
+        query = select(DataSource.data_source_id).where(
+            DataSource.name == spec.name,
+            DataSource.project_id.is_(None)
+            if spec.project_id is None
+            else DataSource.project_id == spec.project_id,
+            DataSource.status != "ARCHIVED",
+        )
+        if own_id is not None:
+            query = query.where(DataSource.data_source_id != own_id)
+        if (await session.execute(query)).first() is not None:
+            raise Conflict(f"a data source named {spec.name!r} already exists in this project")
+
+    async def _commit(self, session: AsyncSession) -> None:
+        try:
+            await session.commit()
+        except IntegrityError as exc:
+            raise Conflict("a data source with this name already exists in this project") from exc
+
+    async def create(self, spec: DataSourceSpec, default_project: uuid.UUID | None) -> DataSource:
+        spec = _checked(spec, default_project)
+        now = datetime.now(UTC)
+        row = DataSource(data_source_id=uuid.uuid4(), status="DRAFT", created_at=now)
+        _assign(row, spec, now)
+        async with self._sessions() as session:
+            await self._check_name_free(session, spec)
+            session.add(row)
+            await self._commit(session)
+        return row
+
+    async def replace(
+        self, data_source_id: uuid.UUID, spec: DataSourceSpec, default_project: uuid.UUID | None
+    ) -> DataSource:
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id)
+            spec = _checked(spec, row.project_id if spec.project_id is None else default_project)
+            if row.status == "ARCHIVED":
+                raise Conflict("an archived data source cannot change")
+            if row.status == "PUBLISHED":
+                fields = forbidden_changes(spec_of(row), spec)
+                if fields:
+                    raise ValidationFailed(
+                        "a published data source may change only description, caching, "
+                        f"source.timeout and source.retry; this request changes: {', '.join(fields)}",
+                        fields=fields,
+                    )
+            await self._check_name_free(session, spec, own_id=row.data_source_id)
+            _assign(row, spec, datetime.now(UTC))
+            await self._commit(session)
+        return row
+
+    async def delete(self, data_source_id: uuid.UUID) -> Status | None:
+        """Hard-delete a draft, archive a published source; the new status (None if gone)."""
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id)
+            if row.status == "DRAFT":
+                await session.delete(row)
+                await session.commit()
+                return None
+            row.status = "ARCHIVED"
+            row.last_updated_at = datetime.now(UTC)
+            await session.commit()
+            return "ARCHIVED"
+
+    async def publish(self, data_source_id: uuid.UUID) -> DataSource:
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id)
+            if row.status == "ARCHIVED":
+                raise Conflict("an archived data source cannot be published")
+            if row.status == "DRAFT":
+                row.status = "PUBLISHED"
+                row.last_updated_at = datetime.now(UTC)
+                await session.commit()
+            return row
+
+    async def get(self, data_source_id: uuid.UUID) -> DataSource:
+        async with self._sessions() as session:
+            return await self._get(session, data_source_id)
+
+    async def list_sources(
+        self, project_id: uuid.UUID | None, include_archived: bool, status: Status | None
+    ) -> list[DataSource]:
+        query = select(DataSource).where(
+            DataSource.project_id.is_(None)
+            if project_id is None
+            else DataSource.project_id == project_id
+        )
+        if status is not None:
+            query = query.where(DataSource.status == status)
+        elif not include_archived:
+            query = query.where(DataSource.status != "ARCHIVED")
+        async with self._sessions() as session:
+            return list((await session.scalars(query.order_by(DataSource.created_at))).all())
+
+    async def all_with_variables(self) -> tuple[list[DataSource], list[DataSourceEnvVar]]:
+        """Everything the registry holds, read in one transaction."""
+        async with self._sessions() as session, session.begin():
+            sources = list((await session.scalars(select(DataSource))).all())
+            variables = list((await session.scalars(select(DataSourceEnvVar))).all())
+        return sources, variables
+
+    async def get_variables(self, data_source_id: uuid.UUID) -> list[dict[str, Any]]:
+        """Names and whether each is set; values never leave the store."""
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id)
+            stored = {
+                v.name: v
+                for v in await session.scalars(
+                    select(DataSourceEnvVar).where(DataSourceEnvVar.data_source_id == row.data_source_id)
+                )
+            }
+        answer = []
+        for name in sorted(set(row.variables) | stored.keys()):
+            var = stored.get(name)
+            answer.append(
+                {
+                    "name": name,
+                    "value": None,
+                    "is_set": var is not None and var.value is not None,
+                    "created_at": var and var.created_at.isoformat(),
+                    "last_updated_at": var and var.last_updated_at.isoformat(),
+                }
+            )
+        return answer
+
+    async def set_variables(self, data_source_id: uuid.UUID, desired: list[VariableValue]) -> None:
+        """Make the stored variables exactly ``desired`` (the reference's desired-state PUT)."""
+        names = [v.name for v in desired]
+        if len(set(names)) != len(names):
+            raise ValidationFailed("a variable is listed twice")
+        now = datetime.now(UTC)
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id)
+            undeclared = sorted(set(names) - set(row.variables))
+            if undeclared:
+                raise ValidationFailed(
+                    f"not variables of this data source: {', '.join(undeclared)}", names=undeclared
+                )
+            stored = {
+                v.name: v
+                for v in await session.scalars(
+                    select(DataSourceEnvVar).where(DataSourceEnvVar.data_source_id == row.data_source_id)
+                )
+            }
+            for name in stored.keys() - set(names):
+                await session.delete(stored[name])
+            for item in desired:
+                token = None if item.value is None else self._box.encrypt(item.value)
+                var = stored.get(item.name)
+                if var is None:
+                    session.add(
+                        DataSourceEnvVar(
+                            data_source_env_var_id=uuid.uuid4(),
+                            data_source_id=row.data_source_id,
+                            name=item.name,
+                            value=token,
+                            nullable=False,
+                            created_at=now,
+                            last_updated_at=now,
+                        )
+                    )
+                else:
+                    var.value = token
+                    var.last_updated_at = now
+            await session.commit()

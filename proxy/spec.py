@@ -1,0 +1,93 @@
+"""The data source configuration a user registers: validated shapes, no I/O.
+
+Unknown fields anywhere in a source are rejected (``extra="forbid"``) so a
+typo such as ``"ttl_seconds"`` fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from proxy.types import Method, ResponseType
+
+DEFAULT_STATUS_FORCELIST = (429, 500, 502, 503, 504)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryPolicy(_Strict):
+    max_retries: int = Field(ge=0, le=10)
+    backoff_factor: float | None = Field(default=None, ge=0, le=60)
+    status_forcelist: list[int] | None = None
+
+    @field_validator("status_forcelist")
+    @classmethod
+    def _statuses_are_http(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 100 <= s <= 599 for s in value):
+            raise ValueError("status_forcelist holds HTTP statuses (100-599)")
+        return value
+
+
+class HTTPSource(_Strict):
+    url: str = Field(min_length=1, max_length=8192)
+    method: Method = "GET"
+    headers: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    body: dict[str, Any] | str | None = None
+    timeout: float | None = Field(default=None, gt=0, le=600)
+    retry: RetryPolicy | None = None
+    response_type: ResponseType = "PLAIN_TEXT"
+    auth: None = Field(
+        default=None,
+        description="Reserved for the engine's OAuth/basic auth; not supported yet, must be null.",
+    )
+    max_response_bytes: int | None = Field(default=None, gt=0)
+    max_concurrency: int | None = Field(default=None, gt=0, le=10_000)
+
+
+class CachingTTL(_Strict):
+    days: int = Field(default=0, ge=0)
+    hours: int = Field(default=0, ge=0)
+    minutes: int = Field(default=0, ge=0)
+    seconds: int = Field(default=0, ge=0)
+
+    @property
+    def total_seconds(self) -> int:
+        return ((self.days * 24 + self.hours) * 60 + self.minutes) * 60 + self.seconds
+
+
+class CachingOptions(_Strict):
+    enabled: bool = False
+    ttl: CachingTTL | int | None = None
+    stale_if_error: int | None = Field(default=None, ge=0)
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_positive(cls, value: CachingTTL | int | None) -> CachingTTL | int | None:
+        seconds = value.total_seconds if isinstance(value, CachingTTL) else value
+        if seconds is not None and seconds <= 0:
+            raise ValueError("ttl must be a positive number of seconds, or null for no expiry")
+        return value
+
+    @property
+    def ttl_seconds(self) -> int | None:
+        """The TTL as Redis wants it; ``None`` means the entry never expires."""
+        return self.ttl.total_seconds if isinstance(self.ttl, CachingTTL) else self.ttl
+
+
+class DataSourceSpec(_Strict):
+    """The body of ``POST /data-sources`` and ``PUT /data-sources/{id}``."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    source: HTTPSource
+    caching: CachingOptions = Field(default_factory=CachingOptions)
+    description: str | None = Field(default=None, max_length=10_000)
+    metadata: dict[str, Any] | None = None
+    runtime_params: list[str] | None = None
+    variables: list[str] | None = None
+    project_id: uuid.UUID | None = None

@@ -1,0 +1,108 @@
+"""The seed's tables, same names and columns, for Postgres and SQLite alike.
+
+Audit tables (``data_object``, ``run_data_request``) carry ids without foreign
+keys on purpose: the audit trail must outlive a hard-deleted draft, and a
+record shipped from one sidecar's outbox may name an object another sidecar
+has not shipped yet. A foreign key there would block the outbox writer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DataSource(Base):
+    __tablename__ = "data_source"
+
+    data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[dict[str, Any]] = mapped_column(JSON)
+    caching_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    caching_ttl: Mapped[int | None] = mapped_column(Integer)
+    caching_stale_if_error: Mapped[int | None] = mapped_column(Integer)
+    runtime_params: Mapped[list[str]] = mapped_column(JSON)
+    variables: Mapped[list[str]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    project_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # Names are unique among the non-archived sources of a project. NULL
+        # project ids (global sources) are compared equal on Postgres 15+;
+        # SQLite relies on the registry's check inside the same transaction.
+        Index(
+            "uq_data_source_live_name",
+            "project_id",
+            "name",
+            unique=True,
+            postgresql_where=text("status <> 'ARCHIVED'"),
+            sqlite_where=text("status <> 'ARCHIVED'"),
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
+
+
+class DataSourceEnvVar(Base):
+    __tablename__ = "data_source_env_var"
+
+    data_source_env_var_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    data_source_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("data_source.data_source_id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[str | None] = mapped_column(Text, doc="Fernet token of the JSON value")
+    nullable: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("data_source_id", "name"),)
+
+
+class DataObject(Base):
+    __tablename__ = "data_object"
+
+    data_object_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    key: Mapped[str] = mapped_column(String(32), index=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RunDataRequest(Base):
+    __tablename__ = "run_data_request"
+
+    run_data_request_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    data_object_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    data_origin: Mapped[str | None] = mapped_column(String(16))
+    start_time: Mapped[float | None] = mapped_column(Float)
+    end_time: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,0 +1,103 @@
+"""Calls the upstream API through the one shared httpx client, with retries.
+
+Each attempt is bounded twice: httpx's per-operation timeouts, and an overall
+``asyncio.timeout`` so an upstream that drips one byte at a time cannot hold a
+request forever. The body is read in chunks and abandoned as soon as it passes
+the size cap, so a huge answer is never held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httpx
+
+from proxy.errors import (
+    ResponseTooLarge,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamTimeout,
+)
+from proxy.retry import Retrying
+from proxy.templates import RenderedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    status: int
+    content: bytes
+    content_type: str | None
+    attempts: int
+
+
+def create_client() -> httpx.AsyncClient:
+    # Redirects are not followed: a 3xx is an answer, not a new destination.
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        timeout=httpx.Timeout(10.0),
+        trust_env=False,
+    )
+
+
+class Upstream:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def fetch(
+        self, request: RenderedRequest, *, timeout: float, retrying: Retrying, max_bytes: int
+    ) -> Fetched:
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    status, content, content_type = await self._attempt(request, timeout, max_bytes)
+            except (TimeoutError, httpx.TimeoutException) as exc:
+                error: UpstreamError = UpstreamTimeout(f"upstream did not answer within {timeout:g}s")
+                retry = retrying.retries_transport_error(attempt)
+                cause: BaseException = exc
+            except httpx.TransportError as exc:
+                error = UpstreamConnectError(f"upstream connection failed: {type(exc).__name__}")
+                retry = retrying.retries_transport_error(attempt)
+                cause = exc
+            else:
+                if 200 <= status < 300:
+                    return Fetched(status, content, content_type, attempt + 1)
+                error = UpstreamHTTPError(status)
+                retry = retrying.retries_status(status, attempt)
+                cause = error
+            if not retry:
+                raise error from cause
+            await asyncio.sleep(retrying.backoff(attempt))
+            attempt += 1
+
+    async def _attempt(
+        self, request: RenderedRequest, timeout: float, max_bytes: int
+    ) -> tuple[int, bytes, str | None]:
+        built = self.client.build_request(
+            request.method,
+            request.url,
+            params=list(request.params) or None,
+            headers=list(request.headers),
+            content=request.content,
+            timeout=timeout,
+        )
+        response = await self.client.send(built, stream=True)
+        try:
+            if not 200 <= response.status_code < 300:
+                return response.status_code, b"", None
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ResponseTooLarge(max_bytes)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ResponseTooLarge(max_bytes)
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks), response.headers.get("content-type")
+        finally:
+            await response.aclose()
