@@ -159,7 +159,14 @@ class Outbox:
         self._fd = self._path = None
 
     def pending_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self._segments() if p.exists())
+        """Bytes journaled and not yet shipped, across every process sharing the directory."""
+        total = 0
+        for path in self._segments():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:  # shipped between the listing and the stat
+                continue
+        return total
 
     def _segments(self) -> list[Path]:
         return sorted(self.directory.glob("*-*-*.*"))

@@ -105,7 +105,7 @@ class CompiledSource:
     path: Text
     query: Text  # from the first ? or # on
     url_name: str | None  # named when the URL's origin moves; None: nothing inserted after it
-    headers: tuple[tuple[str, Node], ...]
+    headers: tuple[tuple[str, Text], ...]
     added_headers: tuple[tuple[str, str], ...]
     params: tuple[tuple[str, Node], ...]
     body: _BodyFn
@@ -193,6 +193,13 @@ class _Compiler:
             out.append(text[pos:])
         return tuple(out)
 
+    def pairs(self, mapping: dict[str, Any], label: str) -> tuple[tuple[str, Node], ...]:
+        out = []
+        for key, value in mapping.items():
+            self.where = f"{label} {key!r}"
+            out.append((key, self.node(value)))
+        return tuple(out)
+
     def node(self, value: Any) -> Node:
         """A value tree; subtrees without placeholders collapse into constants."""
         if isinstance(value, str):
@@ -229,37 +236,27 @@ def compile_source(
     if cut == scheme.end():
         raise TemplateError("url has no host")
     prefix = comp.parts(url[:cut])
-    for ref in comp.used:
-        if ref.is_param:
-            raise TemplateError(
-                f"runtime param {ref.name!r} can't set the URL's scheme, host or port"
-            )
+    if ref := next((r for r in comp.used if r.is_param), None):
+        raise TemplateError(f"runtime param {ref.name!r} can't set the URL's scheme, host or port")
     start, query_at = len(comp.used), _find(url, "?#", cut)
     path, query = comp.parts(url[cut:query_at]), comp.parts(url[query_at:])
     tail = comp.used[start:]
     url_name = next((r.name for r in tail if r.is_param), tail[0].name if tail else None)
 
-    headers: list[tuple[str, Node]] = []
+    headers: list[tuple[str, Text]] = []
     content_type: str | None = None
     for name, value in source.headers.items():
         comp.where = f"header {name!r}"
-        if _HEADER_UNSAFE.search(name):
-            raise TemplateError(f"header name {name!r} holds control or non-ASCII characters")
         if isinstance(value, list) or (isinstance(value, dict) and not _object_form(value)):
             raise TemplateError(f"header {name!r} must be a string, a number or an object form")
-        node = comp.node(value)
-        literals = [_text(node.value)] if isinstance(node, _Const) else []
-        literals += [p for p in node.parts if isinstance(p, str)] if isinstance(node, _Str) else []
-        if any(_HEADER_UNSAFE.search(literal) for literal in literals):
+        text = _as_text(comp.node(value))
+        if any(isinstance(p, str) and _HEADER_UNSAFE.search(p) for p in (name, *text)):
             raise TemplateError(f"header {name!r} holds control or non-ASCII characters")
         if name.lower() == "content-type" and content_type is None:
-            content_type = value.lower() if isinstance(value, str) else ""
-        headers.append((name, node))
+            content_type = "".join(p for p in text if isinstance(p, str)).lower()
+        headers.append((name, text))
 
-    params = []
-    for key, value in source.params.items():
-        comp.where = f"param {key!r}"
-        params.append((key, comp.node(value)))
+    params = comp.pairs(source.params, "param")
     comp.where = "body"
     body, added = _compile_body(comp, source.body, content_type)
     return CompiledSource(
@@ -270,11 +267,20 @@ def compile_source(
         url_name=url_name,
         headers=tuple(headers),
         added_headers=added,
-        params=tuple(params),
+        params=params,
         body=body,
         param_names=tuple(dict.fromkeys(r.name for r in comp.used if r.is_param)),
         var_names=tuple(dict.fromkeys(r.name for r in comp.used if not r.is_param)),
     )
+
+
+def _as_text(node: Node) -> Text:
+    """A header value as parts: a header is text, so even a whole placeholder becomes text."""
+    if isinstance(node, _Str):
+        return node.parts
+    if isinstance(node, _Ref):
+        return (node,)
+    return (_text(node.value),) if isinstance(node, _Const) else ()  # dicts, lists refused
 
 
 def _compile_body(
@@ -291,7 +297,7 @@ def _compile_body(
         enc = next((e for word, e in _TEXT_BODY_ENCODERS if word in kind), _plain)
         return (lambda p, v: _join(parts, p, v, enc).encode()), ()
     if _FORM in kind:
-        pairs = tuple((key, comp.node(value)) for key, value in body.items())
+        pairs = comp.pairs(body, "form field")
         return (lambda p, v: urlencode(_pairs(pairs, p, v)).encode()), ()
     node = comp.node(body)
     added = (("Content-Type", "application/json"),) if content_type is None else ()
@@ -312,7 +318,9 @@ def render(
     url += _join(c.query, params, variables, _enc_query)
     if c.url_name is not None and _origin(url) != _origin(prefix):
         raise InvalidParam(c.url_name, "would change the URL's scheme, host or port")
-    headers = tuple([(name, _header(node, params, variables)) for name, node in c.headers])
+    headers = tuple(
+        [(name, _join(text, params, variables, _enc_header)) for name, text in c.headers]
+    )
     return RenderedRequest(
         method=c.method,
         url=url,
@@ -400,19 +408,8 @@ def _pairs(
     out: list[tuple[str, str]] = []
     for key, node in items:
         value = _eval(node, params, variables)
-        if isinstance(value, list):
-            out.extend((key, _text(item)) for item in value)
-        else:
-            out.append((key, _text(value)))
+        out += [(key, _text(item)) for item in (value if isinstance(value, list) else [value])]
     return out
-
-
-def _header(node: Node, params: _Values, variables: _Values) -> str:
-    if isinstance(node, _Str):
-        return _join(node.parts, params, variables, _enc_header)
-    if isinstance(node, _Ref):
-        return _enc_header(node, _text(_value(node, params, variables)))
-    return _text(_eval(node, params, variables))
 
 
 def _plain(ref: _Ref, text: str) -> str:

@@ -76,10 +76,13 @@ class Upstream:
     async def _attempt(
         self, request: RenderedRequest, timeout: float, max_bytes: int
     ) -> tuple[int, bytes, str | None]:
+        url = httpx.URL(request.url)
+        if request.params:
+            # Merged here: httpx 0.28 drops the URL's own query when ``params=`` is given.
+            url = url.copy_merge_params(list(request.params))
         built = self.client.build_request(
             request.method,
-            request.url,
-            params=list(request.params) or None,
+            url,
             headers=list(request.headers),
             content=request.content,
             timeout=timeout,

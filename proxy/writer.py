@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN
 from proxy.outbox import DataObjectRecord, Outbox, Record, RunDataRequestRecord, read_segment
 from proxy.tables import DataObject, RunDataRequest
 
@@ -77,6 +78,7 @@ class OutboxWriter:
         self.sink = sink
         self.interval = interval
         self.records_written = 0
+        self.backlog_bytes = 0
         self._failing = False
         self._stopping = asyncio.Event()
 
@@ -91,6 +93,13 @@ class OutboxWriter:
     async def flush(self) -> bool:
         """Ship everything sealed so far; False if the database refused (kept for later)."""
         self.outbox.seal()
+        try:
+            return await self._ship()
+        finally:
+            self.backlog_bytes = await asyncio.to_thread(self.outbox.pending_bytes)
+            OUTBOX_BACKLOG_BYTES.set(self.backlog_bytes)
+
+    async def _ship(self) -> bool:
         with self.outbox.claim() as paths:
             for path in paths:
                 records = await asyncio.to_thread(read_segment, path)
@@ -101,6 +110,7 @@ class OutboxWriter:
                     return False
                 self.outbox.remove(path)
                 self.records_written += len(records)
+                RECORDS_WRITTEN.inc(len(records))
         if self._failing:
             logger.warning("database writes resumed; outbox is draining")
             self._failing = False

@@ -137,7 +137,8 @@ def test_placeholder_spacing(spelling: str) -> None:
 
 def test_env_prefix_and_plain_name_both_reach_variables() -> None:
     r = go(
-        variables={"tok": "T", "region": "eu"},
+        None,
+        {"tok": "T", "region": "eu"},
         url="https://{{ region }}.example.com/x",
         headers={"A": "{{ env.tok }}", "B": "{{tok}}"},
     )
@@ -497,7 +498,7 @@ def test_header_injection_is_refused(value: str) -> None:
 
 
 def test_header_injection_through_a_variable_names_it() -> None:
-    compiled = build(variables=["TOKEN"], headers={"Authorization": {"env": "TOKEN"}})
+    compiled = build([], ["TOKEN"], headers={"Authorization": {"env": "TOKEN"}})
     with pytest.raises(InvalidParam) as caught:
         render(compiled, {}, {"TOKEN": "t\r\nX: y"})
     assert caught.value.to_dict()["param"] == "TOKEN"
@@ -580,7 +581,7 @@ def test_rendering_twice_gives_fresh_results() -> None:
         ([], [], {"url": "ftp://a.example/x"}, "url must start with http:// or https://"),
         ([], [], {"url": "a.example/x"}, "url must start with http:// or https://"),
         ([], [], {"url": "https:///x"}, "url has no host"),
-        ([], [], {"headers": {"X\r\nY": "v"}}, "header name 'X\\r\\nY' holds control"),
+        ([], [], {"headers": {"X\r\nY": "v"}}, "header 'X\\r\\nY' holds control"),
         ([], [], {"headers": {"X": "a\r\nY: b"}}, "header 'X' holds control"),
         ([], [], {"headers": {"X": "a\x00"}}, "header 'X' holds control"),
         ([], [], {"headers": {"X": {"a": 1}}}, "header 'X' must be a string"),
@@ -648,3 +649,24 @@ def test_scan_names_agrees_with_compile_on_the_seed_example() -> None:
     names = scan_names(HTTPSource(**SEED_SECTION_5))
     assert names == Names(frozenset({"user_id", "api_token"}), frozenset())
     compile_source(HTTPSource(**SEED_SECTION_5), ["user_id"], ["api_token"])
+
+
+def test_url_query_and_params_together_through_httpx() -> None:
+    """httpx 0.28 replaces a URL's query when ``params=`` is given (encode/httpx#3433);
+    merging keeps both, which is what a fetcher must do when the template has a query."""
+    r = go({"q": "a&b"}, url="https://a.example/s?q={{ q }}", params={"page": "2"})
+    assert (r.url, r.params) == ("https://a.example/s?q=a%26b", (("page", "2"),))
+    url = httpx.URL(r.url).copy_merge_params(list(r.params))
+    assert str(url) == "https://a.example/s?q=a%26b&page=2"
+
+
+def test_content_type_kind_ignores_placeholder_names() -> None:
+    r = go(
+        None,
+        {"xml_flavour": "text/plain"},
+        method="POST",
+        headers={"Content-Type": "{{ env.xml_flavour }}"},
+        body="<a>{{ xml_flavour }}</a>",
+    )
+    assert r.content == b"<a>text/plain</a>"
+    assert r.headers == (("Content-Type", "text/plain"),)

@@ -1,0 +1,32 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test services lint bench clean
+
+$(BIN)/databroker: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/databroker
+
+serve: install
+	$(BIN)/databroker serve
+
+services:
+	bash .ci/services
+
+lint: install
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects no test: that is a failure here, not a pass.
+test: install services lint
+	$(BIN)/pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
+
+clean:
+	rm -rf $(VENV) .databroker .pytest_cache .mypy_cache .ruff_cache
