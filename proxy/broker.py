@@ -232,7 +232,9 @@ class _Call:
             return self._fail(exc, data_object)
         broker.outbox.append(data_object, self._audit(None))
         if source.caching.enabled:
-            await broker.store(source, self.key, CacheEntry(self.data_object_id, self.end_time, value_json))
+            await broker.store(
+                source, self.key, CacheEntry(self.data_object_id, self.end_time, value_json)
+            )
         BROKER_REQUESTS.labels(origin="REQUEST", code="OK").inc()
         return Answer(
             200,
@@ -245,7 +247,6 @@ class _Call:
                 end_time=self.end_time,
             ),
         )
-
 
     def _audit(self, error: BrokerError | None) -> RunDataRequestRecord:
         return RunDataRequestRecord(

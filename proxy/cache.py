@@ -58,7 +58,9 @@ class RedisCache:
     ) -> None:
         """Store an entry; ``ttl=None`` keeps it until flushed."""
         try:
-            await self.redis.set(self.layout.cache_entry(data_source_id, key), entry.encode(), ex=ttl)
+            await self.redis.set(
+                self.layout.cache_entry(data_source_id, key), entry.encode(), ex=ttl
+            )
         except RedisError as exc:
             raise CacheUnavailable(type(exc).__name__) from exc
 

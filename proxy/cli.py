@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import click
 import uvicorn
@@ -28,7 +30,9 @@ def _settings() -> Settings:
 @click.group()
 def main() -> None:
     """A Redis-cached data broker sidecar for decision engines."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
@@ -44,6 +48,10 @@ def serve(host: str, port: int, uds: Path | None, workers: int) -> None:
             "the embedded default (SQLite, in-process Redis) runs one worker; "
             "set DATABROKER_DATABASE_URL and DATABROKER_REDIS_URL for more"
         )
+    # uvicorn handles SIGTERM gracefully (drain requests, run the lifespan shutdown, ship the
+    # outbox), then restores the previous handler and re-raises the signal: with the default
+    # one the process would die of it (exit -15). After a clean drain, exit 0 instead.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
     uvicorn.run(
         "proxy.app:create_app",
         factory=True,
@@ -57,6 +65,10 @@ def serve(host: str, port: int, uds: Path | None, workers: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
+
+
+def _exit_after_drain(_signum: int, _frame: FrameType | None) -> None:
+    sys.exit(0)
 
 
 @main.command("migrate")

@@ -51,7 +51,9 @@ def parse_request(body: bytes) -> BrokerRequest:
         raise InvalidRequest(f"missing fields: {', '.join(missing)}", fields=missing)
     name = data["data_source_name"]
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
-        raise InvalidRequest("data_source_name must be a non-empty string", field="data_source_name")
+        raise InvalidRequest(
+            "data_source_name must be a non-empty string", field="data_source_name"
+        )
     params = data["configured_params"]
     if not isinstance(params, dict):
         raise InvalidRequest("configured_params must be an object", field="configured_params")
@@ -73,15 +75,17 @@ def success(
     start_time: float | None,
     end_time: float | None,
 ) -> bytes:
-    return orjson.dumps({
-        "data_object_id": data_object_id,
-        "origin": origin,
-        "key": key,
-        "value": orjson.Fragment(value_json),
-        "start_time": start_time,
-        "end_time": end_time,
-        "error": None,
-    })
+    return orjson.dumps(
+        {
+            "data_object_id": data_object_id,
+            "origin": origin,
+            "key": key,
+            "value": orjson.Fragment(value_json),
+            "start_time": start_time,
+            "end_time": end_time,
+            "error": None,
+        }
+    )
 
 
 def failure(

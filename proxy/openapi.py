@@ -103,7 +103,10 @@ def document() -> dict[str, Any]:
         {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
         for n in ("include_archived", "status", "project_id")
     ]
-    sources = {"get": listing, "post": _op("Register a data source (DRAFT)", {"type": "object"}, source)}
+    sources = {
+        "get": listing,
+        "post": _op("Register a data source (DRAFT)", {"type": "object"}, source),
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "databroker", "version": __version__},
@@ -123,23 +126,38 @@ def document() -> dict[str, Any]:
             "/data-sources/{data_source_id}": {
                 "get": _op("Get a data source", {"type": "object"}, params=one),
                 "put": _op("Replace a data source", {"type": "object"}, source, params=one),
-                "delete": _op("Delete a draft, archive a published source", {"type": "object"}, params=one),
+                "delete": _op(
+                    "Delete a draft, archive a published source", {"type": "object"}, params=one
+                ),
             },
             "/data-sources/{data_source_id}/publish": {
                 "post": _op("Publish a draft", {"type": "object"}, params=one)
             },
             "/data-sources/{data_source_id}/variables": {
                 "get": _op("Variable names and whether set", {"type": "array"}, params=one),
-                "put": _op("Set the variables (desired state)", {"type": "array"}, "VariableValues", params=one),
+                "put": _op(
+                    "Set the variables (desired state)",
+                    {"type": "array"},
+                    "VariableValues",
+                    params=one,
+                ),
             },
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
                 "get": {
                     "summary": "Redis and database reachable",
-                    "responses": {"200": {"description": "ready"}, "503": {"description": "degraded"}},
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "degraded"},
+                    },
                 }
             },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}},
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "OK"}},
+                }
+            },
         },
         "components": {"schemas": schemas},
     }

@@ -106,7 +106,9 @@ class Registry:
             values: dict[uuid.UUID, dict[str, Any]] = {}
             for var in env_vars:
                 if var.value is not None:
-                    values.setdefault(var.data_source_id, {})[var.name] = self._box.decrypt(var.value)
+                    values.setdefault(var.data_source_id, {})[var.name] = self._box.decrypt(
+                        var.value
+                    )
             sources = [Source.from_row(row, values.get(row.data_source_id, {})) for row in rows]
             self._by_name = _index(sources)
             self._last_load = time.monotonic()

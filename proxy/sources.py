@@ -224,7 +224,9 @@ class SourceStore:
             stored = {
                 v.name: v
                 for v in await session.scalars(
-                    select(DataSourceEnvVar).where(DataSourceEnvVar.data_source_id == row.data_source_id)
+                    select(DataSourceEnvVar).where(
+                        DataSourceEnvVar.data_source_id == row.data_source_id
+                    )
                 )
             }
         answer = []
@@ -257,7 +259,9 @@ class SourceStore:
             stored = {
                 v.name: v
                 for v in await session.scalars(
-                    select(DataSourceEnvVar).where(DataSourceEnvVar.data_source_id == row.data_source_id)
+                    select(DataSourceEnvVar).where(
+                        DataSourceEnvVar.data_source_id == row.data_source_id
+                    )
                 )
             }
             for name in stored.keys() - set(names):

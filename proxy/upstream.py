@@ -55,7 +55,9 @@ class Upstream:
                 async with asyncio.timeout(timeout):
                     status, content, content_type = await self._attempt(request, timeout, max_bytes)
             except (TimeoutError, httpx.TimeoutException) as exc:
-                error: UpstreamError = UpstreamTimeout(f"upstream did not answer within {timeout:g}s")
+                error: UpstreamError = UpstreamTimeout(
+                    f"upstream did not answer within {timeout:g}s"
+                )
                 retry = retrying.retries_transport_error(attempt)
                 cause: BaseException = exc
             except httpx.TransportError as exc:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import null
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -65,7 +66,8 @@ def _request_row(r: RunDataRequestRecord) -> dict[str, Any]:
         "data_origin": r.data_origin,
         "start_time": r.start_time,
         "end_time": r.end_time,
-        "error": r.error,
+        # SQL NULL, not the JSON null a bare None becomes: "error IS NULL" finds the successes.
+        "error": null() if r.error is None else r.error,
         "created_at": _ts(r.created_at),
     }
 
@@ -119,7 +121,9 @@ class OutboxWriter:
     def _report_failure(self, exc: Exception) -> None:
         # Logged once per outage, not once per flush, so a long outage does not flood the logs.
         if not self._failing:
-            logger.warning("database write failed, records stay in the outbox: %s", type(exc).__name__)
+            logger.warning(
+                "database write failed, records stay in the outbox: %s", type(exc).__name__
+            )
             self._failing = True
 
     async def stop(self, timeout: float) -> None:

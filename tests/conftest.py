@@ -130,7 +130,9 @@ class Broker:
     settings: Settings
     client: httpx.AsyncClient
 
-    async def call(self, name: str, params: dict[str, Any] | None = None, **extra: Any) -> httpx.Response:
+    async def call(
+        self, name: str, params: dict[str, Any] | None = None, **extra: Any
+    ) -> httpx.Response:
         body = {
             "data_source_name": name,
             "configured_params": params or {},

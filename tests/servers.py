@@ -55,7 +55,9 @@ def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
     """Run ``app`` with uvicorn on a free port; yields its base URL."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **config)
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **config
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -85,7 +87,11 @@ class Upstream:
         return f"{self.url}{path}"
 
     def answer(
-        self, path: str, body: bytes | str, status: int = 200, content_type: str = "application/json"
+        self,
+        path: str,
+        body: bytes | str,
+        status: int = 200,
+        content_type: str = "application/json",
     ) -> str:
         content = body.encode() if isinstance(body, str) else body
 
@@ -105,6 +111,7 @@ def upstream_app(state: Upstream) -> Starlette:
             {
                 "method": request.method,
                 "path": request.url.path,
+                "raw_path": request.scope.get("raw_path", b""),
                 "query": request.url.query,
                 "headers": dict(request.headers),
                 "body": body,

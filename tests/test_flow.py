@@ -48,16 +48,16 @@ async def test_miss_then_hit(broker: Broker, upstream: Upstream, db: AsyncEngine
     assert hit["start_time"] is None and hit["end_time"] is None
     assert upstream.hits("/users/42") == 1
 
-    audit = await async_wait_for(
-        lambda: _audit_when(db, run_id, 2), timeout=10
-    )
+    audit = await async_wait_for(lambda: _audit_when(db, run_id, 2), timeout=10)
     assert sorted(r["data_origin"] for r in audit) == ["CACHE", "REQUEST"]
     assert {str(r["data_source_id"]) for r in audit} == {source["data_source_id"]}
     objects = await rows(db, "SELECT value, key FROM data_object")
     assert objects == [{"value": b'{"id": "42", "name": "Ada"}', "key": body["key"]}]
 
 
-async def _audit_when(db: AsyncEngine, run_id: uuid.UUID, count: int) -> list[dict[str, object]] | None:
+async def _audit_when(
+    db: AsyncEngine, run_id: uuid.UUID, count: int
+) -> list[dict[str, object]] | None:
     found = await rows(db, "SELECT * FROM run_data_request WHERE run_id = :r", r=run_id)
     return found if len(found) >= count else None
 
@@ -79,7 +79,11 @@ async def test_hit_reads_no_database_and_calls_no_upstream(
 ) -> None:
     url = upstream.answer("/score", b'{"score": 710}')
     await broker.register(
-        {"name": "score", "source": {"url": url, "response_type": "JSON"}, "caching": {"enabled": True}}
+        {
+            "name": "score",
+            "source": {"url": url, "response_type": "JSON"},
+            "caching": {"enabled": True},
+        }
     )
     assert (await broker.call("score")).json()["origin"] == "REQUEST"
     statements: list[str] = []
@@ -103,7 +107,11 @@ async def test_ttl_is_native_redis_expiry(
 ) -> None:
     url = upstream.answer("/ttl", b"[1]")
     source = await broker.register(
-        {"name": "ttl", "source": {"url": url, "response_type": "JSON"}, "caching": {"enabled": True, "ttl": 1}}
+        {
+            "name": "ttl",
+            "source": {"url": url, "response_type": "JSON"},
+            "caching": {"enabled": True, "ttl": 1},
+        }
     )
     first = (await broker.call("ttl")).json()
     redis = sync_redis.Redis.from_url(REDIS_URL)
@@ -122,18 +130,32 @@ FORMATS = [
         b'<r><score band="A">710</score><flag>x</flag><flag>y</flag></r>',
         {"score": {"band": "A", "text": "710"}, "flag": ["x", "y"]},
     ),
-    ("CSV", "text/csv", b"id,name\n1,Ada\n2,Grace\n", [{"id": "1", "name": "Ada"}, {"id": "2", "name": "Grace"}]),
+    (
+        "CSV",
+        "text/csv",
+        b"id,name\n1,Ada\n2,Grace\n",
+        [{"id": "1", "name": "Ada"}, {"id": "2", "name": "Grace"}],
+    ),
     ("PLAIN_TEXT", "text/plain; charset=iso-8859-1", "café".encode("latin-1"), "café"),
 ]
 
 
 @pytest.mark.parametrize(("response_type", "content_type", "body", "value"), FORMATS)
 async def test_formats_end_to_end(
-    broker: Broker, upstream: Upstream, response_type: str, content_type: str, body: bytes, value: object
+    broker: Broker,
+    upstream: Upstream,
+    response_type: str,
+    content_type: str,
+    body: bytes,
+    value: object,
 ) -> None:
     url = upstream.answer("/f", body, content_type=content_type)
     await broker.register(
-        {"name": "f", "source": {"url": url, "response_type": response_type}, "caching": {"enabled": True}}
+        {
+            "name": "f",
+            "source": {"url": url, "response_type": response_type},
+            "caching": {"enabled": True},
+        }
     )
     answers = [(await broker.call("f")).json() for _ in range(2)]
     assert [a["origin"] for a in answers] == ["REQUEST", "CACHE"]
@@ -162,4 +184,9 @@ async def test_every_resolved_request_is_audited_once(
     found = await async_wait_for(lambda: _audit_when(db, run_id, 4))
     assert len(found) == 4  # the unknown source resolved nothing: no row
     by_code = sorted((r["data_origin"] or "", (r["error"] or {}).get("code", "")) for r in found)
-    assert by_code == [("", "MISSING_PARAMS"), ("CACHE", ""), ("REQUEST", ""), ("REQUEST", "HTTP_ERROR")]
+    assert by_code == [
+        ("", "MISSING_PARAMS"),
+        ("CACHE", ""),
+        ("REQUEST", ""),
+        ("REQUEST", "HTTP_ERROR"),
+    ]

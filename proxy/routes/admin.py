@@ -118,7 +118,9 @@ async def get_source(request: Request) -> Response:
 @admin
 async def replace_source(request: Request) -> Response:
     spec = await _parse(request, DataSourceSpec.model_validate_json)
-    row = await _store(request).replace(_source_id(request), spec, request.state.settings.project_id)
+    row = await _store(request).replace(
+        _source_id(request), spec, request.state.settings.project_id
+    )
     if row.status == "DRAFT":
         # A draft's templates may have changed: its cached answers are no longer its answers.
         try:

@@ -1,0 +1,454 @@
+"""The admin routes against a real broker: auth, validation, lifecycle, variables, registry."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.app import create_app
+from proxy.settings import Settings
+from tests.conftest import ADMIN_TOKEN, Broker
+from tests.servers import Upstream, serve_in_thread
+
+CANARY = "s3cr3t-canary"
+SOME_ID = str(uuid.uuid4())
+URL = "https://api.example.com/users"
+
+# (method, path, body): every admin route, with a body valid enough to pass parsing.
+ID_ROUTES: list[tuple[str, str, Any]] = [
+    ("GET", "/data-sources/{id}", None),
+    ("PUT", "/data-sources/{id}", {"name": "x", "source": {"url": URL}}),
+    ("DELETE", "/data-sources/{id}", None),
+    ("POST", "/data-sources/{id}/publish", None),
+    ("GET", "/data-sources/{id}/variables", None),
+    ("PUT", "/data-sources/{id}/variables", []),
+]
+ROUTES: list[tuple[str, str, Any]] = [
+    ("GET", "/data-sources", None),
+    ("GET", "/data-sources/", None),
+    ("POST", "/data-sources", {"name": "x", "source": {"url": URL}}),
+    ("POST", "/data-sources/", {"name": "x", "source": {"url": URL}}),
+    *((m, p.format(id=SOME_ID), b) for m, p, b in ID_ROUTES),
+]
+
+
+def spec(name: str = "users", url: str = URL, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "source": {"url": url}, **fields}
+
+
+def error(answer: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """Assert an admin error answer: its status and ``{"detail": str, "code": str, …}``."""
+    assert answer.status_code == status, answer.text
+    body: dict[str, Any] = answer.json()
+    assert body["code"] == code
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+def contains(stored: Any, sent: Any) -> bool:
+    """Whether every field of ``sent`` (nested) has that value in ``stored``."""
+    if isinstance(sent, dict):
+        return isinstance(stored, dict) and all(
+            k in stored and contains(stored[k], v) for k, v in sent.items()
+        )
+    return bool(stored == sent)
+
+
+async def ok(broker: Broker, method: str, path: str, body: Any = None) -> Any:
+    answer = await broker.admin(method, path, body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def create(broker: Broker, body: dict[str, Any]) -> dict[str, Any]:
+    created: dict[str, Any] = await ok(broker, "POST", "/data-sources", body)
+    return created
+
+
+async def archived(broker: Broker, body: dict[str, Any]) -> dict[str, Any]:
+    source = await broker.register(body)
+    await ok(broker, "DELETE", f"/data-sources/{source['data_source_id']}")
+    return source
+
+
+# --- auth ---------------------------------------------------------------------------------
+
+
+async def test_admin_routes_are_off_without_a_token(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"admin_token": None}))
+    with serve_in_thread(app) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            for method, path, body in ROUTES:
+                answer = await client.request(
+                    method, path, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                )
+                error(answer, 403, "ADMIN_DISABLED")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+async def test_every_route_needs_the_bearer_token(
+    broker: Broker, method: str, path: str, body: Any
+) -> None:
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": ADMIN_TOKEN},
+        {"Authorization": f"Bearer {ADMIN_TOKEN}x"},
+    ):
+        answer = await broker.client.request(method, path, json=body, headers=headers)
+        error(answer, 401, "UNAUTHORIZED")
+
+
+# --- create, get, list --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/data-sources", "/data-sources/"])
+async def test_create_answers_the_stored_draft(broker: Broker, path: str) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    body = spec(
+        description="the users API",
+        caching={"enabled": True, "ttl": 60},
+        metadata={"team": "risk"},
+    )
+    answer = await broker.client.post(path, json=body, headers=headers, follow_redirects=False)
+    assert answer.status_code == 200, answer.text
+    created = answer.json()
+    uuid.UUID(created.pop("data_source_id"))
+    assert datetime.fromisoformat(created.pop("created_at"))
+    assert datetime.fromisoformat(created.pop("last_updated_at"))
+    assert created == {
+        "name": "users",
+        "description": "the users API",
+        "source": {
+            "url": URL,
+            "method": "GET",
+            "headers": {},
+            "params": {},
+            "response_type": "PLAIN_TEXT",
+        },
+        "caching": {"enabled": True, "ttl": 60},
+        "metadata": {"team": "risk"},
+        "runtime_params": [],
+        "variables": [],
+        "status": "DRAFT",
+        "project_id": None,
+    }
+    listed = await broker.client.get(path, headers=headers, follow_redirects=False)
+    assert listed.status_code == 200, listed.text
+    assert [s["name"] for s in listed.json()] == ["users"]
+
+
+async def test_get_one_answers_what_create_answered(broker: Broker) -> None:
+    created = await create(broker, spec())
+    assert await ok(broker, "GET", f"/data-sources/{created['data_source_id']}") == created
+
+
+async def test_list_hides_archived_and_filters_by_status(broker: Broker) -> None:
+    await create(broker, spec("draft"))
+    await broker.register(spec("published"))
+    await archived(broker, spec("archived"))
+
+    async def names(query: str) -> list[str]:
+        return [s["name"] for s in await ok(broker, "GET", f"/data-sources{query}")]
+
+    assert await names("") == ["draft", "published"]
+    assert await names("?include_archived=true") == ["draft", "published", "archived"]
+    assert await names("?status=PUBLISHED") == ["published"]
+    assert await names("?status=ARCHIVED") == ["archived"]
+    body = error(await broker.admin("GET", "/data-sources?status=LIVE"), 422, "VALIDATION_ERROR")
+    assert "status" in body["detail"]
+
+
+# --- runtime params and variables ---------------------------------------------------------
+
+TEMPLATED = {
+    "url": "https://api.example.com/users/{{ user_id }}",
+    "headers": {"Authorization": "Bearer {{ env.TOKEN }}"},
+}
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [{}, {"runtime_params": ["user_id"], "variables": ["TOKEN"]}],
+    ids=["derived", "given"],
+)
+async def test_names_are_derived_or_checked(broker: Broker, declared: dict[str, Any]) -> None:
+    created = await create(broker, {"name": "users", "source": TEMPLATED, **declared})
+    assert created["runtime_params"] == ["user_id"]
+    assert created["variables"] == ["TOKEN"]
+
+
+async def test_ttl_object_is_stored_in_seconds(broker: Broker) -> None:
+    created = await create(broker, spec(caching={"enabled": True, "ttl": {"hours": 1}}))
+    assert created["caching"] == {"enabled": True, "ttl": 3600}
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (
+            {"name": "u", "source": TEMPLATED, "runtime_params": [], "variables": ["TOKEN"]},
+            "user_id",
+        ),
+        (
+            {"name": "u", "source": TEMPLATED, "runtime_params": ["user_id"], "variables": []},
+            "TOKEN",
+        ),
+        (spec(source={"url": URL, "ttl_seconds": 60}), "ttl_seconds"),
+        (spec(colour="blue"), "colour"),
+        (spec(caching={"enabled": True, "ttl": 0}), "ttl"),
+        (spec(caching={"enabled": True, "ttl": {"hours": 0}}), "ttl"),
+    ],
+    ids=[
+        "undeclared-param",
+        "undeclared-variable",
+        "unknown-source-field",
+        "unknown-field",
+        "ttl-zero",
+        "ttl-object-zero",
+    ],
+)
+async def test_invalid_source_is_422_naming_the_problem(
+    broker: Broker, body: dict[str, Any], named: str
+) -> None:
+    answer = await broker.admin("POST", "/data-sources", body)
+    assert named in error(answer, 422, "VALIDATION_ERROR")["detail"]
+    assert await ok(broker, "GET", "/data-sources") == []
+
+
+# --- lifecycle ----------------------------------------------------------------------------
+
+
+async def test_put_replaces_a_draft_entirely(broker: Broker) -> None:
+    created = await create(
+        broker,
+        spec(
+            description="old",
+            metadata={"team": "risk"},
+            source={"url": URL, "headers": {"X-Old": "1"}, "timeout": 5},
+            caching={"enabled": True, "ttl": 60},
+        ),
+    )
+    sid = created["data_source_id"]
+    replaced = await ok(broker, "PUT", f"/data-sources/{sid}", spec("renamed", f"{URL}/v2"))
+    assert replaced["data_source_id"] == sid
+    assert replaced["created_at"] == created["created_at"]
+    assert replaced["status"] == "DRAFT"
+    assert replaced["name"] == "renamed"
+    assert replaced["description"] is None
+    assert replaced["metadata"] is None
+    assert replaced["source"] == {
+        "url": f"{URL}/v2",
+        "method": "GET",
+        "headers": {},
+        "params": {},
+        "response_type": "PLAIN_TEXT",
+    }
+    assert replaced["caching"] == {"enabled": False, "ttl": None}
+    assert await ok(broker, "GET", f"/data-sources/{sid}") == replaced
+
+
+async def test_publish_is_idempotent(broker: Broker) -> None:
+    sid = (await create(broker, spec()))["data_source_id"]
+    first = await ok(broker, "POST", f"/data-sources/{sid}/publish")
+    assert first["status"] == "PUBLISHED"
+    assert await ok(broker, "POST", f"/data-sources/{sid}/publish") == first
+
+
+PUBLISHED_SOURCE = {"url": URL, "headers": {"X-Team": "risk"}}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"description": "now documented"},
+        {"caching": {"enabled": True, "ttl": 120}},
+        {"source": {**PUBLISHED_SOURCE, "timeout": 3.0}},
+        {"source": {**PUBLISHED_SOURCE, "retry": {"max_retries": 2, "backoff_factor": 0.1}}},
+    ],
+    ids=["description", "caching", "timeout", "retry"],
+)
+async def test_published_may_change_what_does_not_change_the_fetch(
+    broker: Broker, change: dict[str, Any]
+) -> None:
+    sid = (await broker.register(spec(source=PUBLISHED_SOURCE)))["data_source_id"]
+    path = f"/data-sources/{sid}"
+    answer = await ok(broker, "PUT", path, spec(source=PUBLISHED_SOURCE) | change)
+    assert answer["status"] == "PUBLISHED"
+    assert contains(answer, change)
+    assert await ok(broker, "GET", path) == answer
+
+
+@pytest.mark.parametrize(
+    ("source", "fields"),
+    [
+        ({**PUBLISHED_SOURCE, "url": f"{URL}/v2"}, ["source.url"]),
+        ({**PUBLISHED_SOURCE, "headers": {"X-Team": "ops"}}, ["source.headers"]),
+        ({"url": f"{URL}/v2", "timeout": 3.0}, ["source.headers", "source.url"]),
+    ],
+    ids=["url", "headers", "both"],
+)
+async def test_published_refuses_changes_to_the_fetch(
+    broker: Broker, source: dict[str, Any], fields: list[str]
+) -> None:
+    published = await broker.register(spec(source=PUBLISHED_SOURCE))
+    path = f"/data-sources/{published['data_source_id']}"
+    body = error(await broker.admin("PUT", path, spec(source=source)), 422, "VALIDATION_ERROR")
+    assert body["fields"] == fields
+    assert all(field in body["detail"] for field in fields)
+    assert await ok(broker, "GET", path) == published
+
+
+async def test_delete_removes_a_draft(broker: Broker) -> None:
+    sid = (await create(broker, spec()))["data_source_id"]
+    assert await ok(broker, "DELETE", f"/data-sources/{sid}") == {"data_source_id": sid}
+    error(await broker.admin("GET", f"/data-sources/{sid}"), 404, "NOT_FOUND")
+
+
+async def test_delete_archives_a_published_source_which_then_cannot_change(
+    broker: Broker,
+) -> None:
+    sid = (await broker.register(spec()))["data_source_id"]
+    assert await ok(broker, "DELETE", f"/data-sources/{sid}") == {"data_source_id": sid}
+    assert (await ok(broker, "GET", f"/data-sources/{sid}"))["status"] == "ARCHIVED"
+    error(await broker.admin("PUT", f"/data-sources/{sid}", spec()), 409, "CONFLICT")
+    error(await broker.admin("POST", f"/data-sources/{sid}/publish"), 409, "CONFLICT")
+    assert (await ok(broker, "GET", f"/data-sources/{sid}"))["status"] == "ARCHIVED"
+
+
+async def test_names_are_unique_among_live_sources(broker: Broker) -> None:
+    first = await broker.register(spec("dup"))
+    error(await broker.admin("POST", "/data-sources", spec("dup")), 409, "CONFLICT")
+    other = (await create(broker, spec("other")))["data_source_id"]
+    error(await broker.admin("PUT", f"/data-sources/{other}", spec("dup")), 409, "CONFLICT")
+
+    await ok(broker, "DELETE", f"/data-sources/{first['data_source_id']}")
+    again = await create(broker, spec("dup"))
+    assert again["data_source_id"] != first["data_source_id"]
+
+
+@pytest.mark.parametrize("source_id", [SOME_ID, "not-a-uuid"], ids=["unknown", "not-uuid"])
+@pytest.mark.parametrize(("method", "path", "body"), ID_ROUTES)
+async def test_unknown_source_is_404(
+    broker: Broker, source_id: str, method: str, path: str, body: Any
+) -> None:
+    error(await broker.admin(method, path.format(id=source_id), body), 404, "NOT_FOUND")
+
+
+# --- variables ----------------------------------------------------------------------------
+
+WITH_VARIABLES = spec(
+    source={
+        "url": URL,
+        "headers": {"Authorization": "Bearer {{ env.TOKEN }}", "X-Other": "{{ env.OTHER }}"},
+    }
+)
+
+
+async def db_values(db: AsyncEngine) -> dict[str, str | None]:
+    async with db.connect() as conn:
+        result = await conn.execute(text("SELECT name, value FROM data_source_env_var"))
+        return {row.name: row.value for row in result}
+
+
+async def test_variable_values_never_leave_the_store(broker: Broker, db: AsyncEngine) -> None:
+    sid = (await create(broker, WITH_VARIABLES))["data_source_id"]
+    path = f"/data-sources/{sid}/variables"
+    answers = [await broker.admin("PUT", path, [{"name": "TOKEN", "value": CANARY}])]
+    answers += [
+        await broker.admin(method, route)
+        for method, route in [
+            ("GET", path),
+            ("GET", f"/data-sources/{sid}"),
+            ("GET", "/data-sources"),
+            ("POST", f"/data-sources/{sid}/publish"),
+        ]
+    ]
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    assert all(CANARY not in a.text for a in answers)
+
+    listed = answers[1].json()
+    assert answers[0].json() == listed
+    assert [{k: v[k] for k in ("name", "value", "is_set")} for v in listed] == [
+        {"name": "OTHER", "value": None, "is_set": False},
+        {"name": "TOKEN", "value": None, "is_set": True},
+    ]
+    stored = await db_values(db)
+    assert stored.keys() == {"TOKEN"}
+    assert stored["TOKEN"] and CANARY not in stored["TOKEN"]
+
+
+async def test_variables_put_is_desired_state(broker: Broker, db: AsyncEngine) -> None:
+    sid = (await create(broker, WITH_VARIABLES))["data_source_id"]
+    path = f"/data-sources/{sid}/variables"
+    await ok(broker, "PUT", path, [{"name": "TOKEN", "value": "a"}, {"name": "OTHER", "value": 1}])
+    answer = await ok(broker, "PUT", path, [{"name": "OTHER", "value": 2}])
+    assert {v["name"]: v["is_set"] for v in answer} == {"OTHER": True, "TOKEN": False}
+    assert (await db_values(db)).keys() == {"OTHER"}
+
+
+@pytest.mark.parametrize(
+    ("items", "named"),
+    [
+        ([{"name": "NOPE", "value": "x"}], "NOPE"),
+        ([{"name": "TOKEN", "value": {"nested": CANARY}}], "value"),
+        ([{"name": "TOKEN", "value": CANARY, "extra": CANARY}], "extra"),
+    ],
+    ids=["undeclared", "nested-value", "unknown-field"],
+)
+async def test_bad_variables_are_422_without_echoing_values(
+    broker: Broker, db: AsyncEngine, items: list[dict[str, Any]], named: str
+) -> None:
+    sid = (await create(broker, WITH_VARIABLES))["data_source_id"]
+    answer = await broker.admin("PUT", f"/data-sources/{sid}/variables", items)
+    assert named in error(answer, 422, "VALIDATION_ERROR")["detail"]
+    assert CANARY not in answer.text
+    assert await db_values(db) == {}
+
+
+# --- the broker sees admin changes --------------------------------------------------------
+
+
+async def test_replacing_a_draft_flushes_its_cache(broker: Broker, upstream: Upstream) -> None:
+    old = upstream.answer("/old", b"old")
+    new = upstream.answer("/new", b"new")
+    caching = {"enabled": True, "ttl": 60}
+    draft = await broker.register(spec("cached", old, caching=caching), publish=False)
+
+    origins = [(await broker.call("cached")).json() for _ in range(2)]
+    assert [(a["origin"], a["value"]) for a in origins] == [("REQUEST", "old"), ("CACHE", "old")]
+
+    await ok(
+        broker,
+        "PUT",
+        f"/data-sources/{draft['data_source_id']}",
+        spec("cached", new, caching=caching),
+    )
+    answer = (await broker.call("cached")).json()
+    assert (answer["origin"], answer["value"]) == ("REQUEST", "new")
+    assert upstream.hits("/new") == 1
+
+
+async def test_registry_follows_publish_and_archive(broker: Broker, upstream: Upstream) -> None:
+    url = upstream.answer("/live", b"live")
+    # This miss reloads the registry, so the next miss would not: only the admin change can.
+    missing = await broker.call("live")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "DATA_SOURCE_NOT_FOUND"
+
+    source = await broker.register(spec("live", url))
+    first = await broker.call("live")
+    assert first.status_code == 200, first.text
+    assert first.json()["value"] == "live"
+
+    await ok(broker, "DELETE", f"/data-sources/{source['data_source_id']}")
+    after = await broker.call("live")
+    assert after.status_code == 200, after.text
+    assert after.json()["origin"] == "REQUEST"
+    assert upstream.hits("/live") == 2

@@ -1,0 +1,89 @@
+"""proxy.messages: the internal route's request parsing and answer assembly."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+import pytest
+
+from proxy.errors import InvalidRequest, UpstreamHTTPError
+from proxy.messages import failure, parse_request, success
+
+RUN = str(uuid.uuid4())
+
+
+def test_parse_the_reference_shape() -> None:
+    body = orjson.dumps({"data_source_name": "a", "configured_params": {"x": [1]}, "run_id": RUN})
+    request = parse_request(body)
+    assert request.data_source_name == "a"
+    assert request.configured_params == {"x": [1]}
+    assert request.run_id == uuid.UUID(RUN)
+    assert request.project_id is None
+
+
+def test_project_id_is_optional_and_checked() -> None:
+    project = str(uuid.uuid4())
+    body = {"data_source_name": "a", "configured_params": {}, "run_id": RUN, "project_id": project}
+    assert parse_request(orjson.dumps(body)).project_id == uuid.UUID(project)
+    with pytest.raises(InvalidRequest, match="project_id"):
+        parse_request(orjson.dumps({**body, "project_id": "p1"}))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "not valid JSON"),
+        (b'"text"', "JSON object"),
+        (b'{"data_source_name": "", "configured_params": {}, "run_id": "%s"}', "data_source_name"),
+        (b'{"configured_params": {}, "run_id": "%s"}', "missing fields: data_source_name"),
+        (
+            b'{"data_source_name": "a", "configured_params": null, "run_id": "%s"}',
+            "configured_params",
+        ),
+        (b'{"data_source_name": "a", "configured_params": {}, "run_id": 5}', "run_id"),
+        (
+            b'{"data_source_name": "a", "configured_params": {}, "run_id": "%s", "x": 1}',
+            "unknown fields: x",
+        ),
+    ],
+)
+def test_invalid_shapes(body: bytes, message: str) -> None:
+    if b"%s" in body:
+        body = body % RUN.encode()
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request(body)
+
+
+def test_success_embeds_value_bytes_unchanged() -> None:
+    answer = orjson.loads(
+        success(
+            data_object_id="d",
+            origin="CACHE",
+            key="k",
+            value_json=b'{"b":1,"a":[2]}',
+            start_time=None,
+            end_time=None,
+        )
+    )
+    assert answer == {
+        "data_object_id": "d",
+        "origin": "CACHE",
+        "key": "k",
+        "value": {"b": 1, "a": [2]},
+        "start_time": None,
+        "end_time": None,
+        "error": None,
+    }
+
+
+def test_failure_carries_code_message_and_extra() -> None:
+    answer = orjson.loads(
+        failure(UpstreamHTTPError(503), origin="REQUEST", key="k", start_time=1.0)
+    )
+    assert answer["value"] is None
+    assert answer["error"] == {
+        "code": "HTTP_ERROR",
+        "message": "upstream answered HTTP 503",
+        "upstream_status": 503,
+    }
