@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from typing import Any
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
 def make_cache_key(data_source_id: uuid.UUID | str, configured_params: dict[str, Any]) -> str:
@@ -38,6 +41,15 @@ class KeyLayout:
         return f"{self.prefix}cache:{data_source_id}:{key}"
 
     def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
-        """A SCAN pattern for every cache entry, or for one source's entries."""
-        source = "*" if data_source_id is None else f"{data_source_id}:*"
-        return f"{self.prefix}cache:{source}"
+        """A SCAN pattern for every cache entry, or for one source's entries.
+
+        The prefix is a name, not a pattern: its glob characters are escaped, so a
+        prefix like ``a?:`` never matches (and flushes) another prefix's keys.
+        """
+        source = "*" if data_source_id is None else f"{_glob_escape(str(data_source_id))}:*"
+        return f"{_glob_escape(self.prefix)}cache:{source}"
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern (SCAN MATCH, KEYS)."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import httpx
 
@@ -80,8 +81,11 @@ class Upstream:
     ) -> tuple[int, bytes, str | None]:
         url = httpx.URL(request.url)
         if request.params:
-            # Merged here: httpx 0.28 drops the URL's own query when ``params=`` is given.
-            url = url.copy_merge_params(list(request.params))
+            # Appended, as the seed's requests does: httpx 0.28 drops the URL's own query
+            # when ``params=`` is given, and copy_merge_params reorders it and replaces
+            # same-named keys. The URL's query stays byte for byte, params follow in order.
+            extra = urlencode(request.params).encode("ascii")
+            url = url.copy_with(query=url.query + b"&" + extra if url.query else extra)
         built = self.client.build_request(
             request.method,
             url,

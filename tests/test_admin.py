@@ -42,6 +42,20 @@ def spec(name: str = "users", url: str = URL, **fields: Any) -> dict[str, Any]:
     return {"name": name, "source": {"url": url}, **fields}
 
 
+WITH_VARIABLES = spec(
+    source={
+        "url": URL,
+        "headers": {"Authorization": "Bearer {{ env.TOKEN }}", "X-Other": "{{ env.OTHER }}"},
+    }
+)
+
+
+async def db_values(db: AsyncEngine) -> dict[str, str | None]:
+    async with db.connect() as conn:
+        result = await conn.execute(text("SELECT name, value FROM data_source_env_var"))
+        return {row.name: row.value for row in result}
+
+
 def error(answer: httpx.Response, status: int, code: str) -> dict[str, Any]:
     """Assert an admin error answer: its status and ``{"detail": str, "code": str, …}``."""
     assert answer.status_code == status, answer.text
@@ -305,10 +319,12 @@ async def test_published_refuses_changes_to_the_fetch(
     assert await ok(broker, "GET", path) == published
 
 
-async def test_delete_removes_a_draft(broker: Broker) -> None:
-    sid = (await create(broker, spec()))["data_source_id"]
+async def test_delete_removes_a_draft_and_its_variables(broker: Broker, db: AsyncEngine) -> None:
+    sid = (await create(broker, WITH_VARIABLES))["data_source_id"]
+    await ok(broker, "PUT", f"/data-sources/{sid}/variables", [{"name": "TOKEN", "value": "x"}])
     assert await ok(broker, "DELETE", f"/data-sources/{sid}") == {"data_source_id": sid}
     error(await broker.admin("GET", f"/data-sources/{sid}"), 404, "NOT_FOUND")
+    assert await db_values(db) == {}
 
 
 async def test_delete_archives_a_published_source_which_then_cannot_change(
@@ -342,19 +358,6 @@ async def test_unknown_source_is_404(
 
 
 # --- variables ----------------------------------------------------------------------------
-
-WITH_VARIABLES = spec(
-    source={
-        "url": URL,
-        "headers": {"Authorization": "Bearer {{ env.TOKEN }}", "X-Other": "{{ env.OTHER }}"},
-    }
-)
-
-
-async def db_values(db: AsyncEngine) -> dict[str, str | None]:
-    async with db.connect() as conn:
-        result = await conn.execute(text("SELECT name, value FROM data_source_env_var"))
-        return {row.name: row.value for row in result}
 
 
 async def test_variable_values_never_leave_the_store(broker: Broker, db: AsyncEngine) -> None:
@@ -435,19 +438,28 @@ async def test_replacing_a_draft_flushes_its_cache(broker: Broker, upstream: Ups
     assert upstream.hits("/new") == 1
 
 
-async def test_registry_follows_publish_and_archive(broker: Broker, upstream: Upstream) -> None:
+async def test_registry_follows_admin_changes(broker: Broker, upstream: Upstream) -> None:
     url = upstream.answer("/live", b"live")
-    # This miss reloads the registry, so the next miss would not: only the admin change can.
+    # This miss reloads the registry, so misses in the next second do not: only admin changes can.
     missing = await broker.call("live")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "DATA_SOURCE_NOT_FOUND"
 
-    source = await broker.register(spec("live", url))
-    first = await broker.call("live")
-    assert first.status_code == 200, first.text
-    assert first.json()["value"] == "live"
+    source = spec("live", source={"url": url, "headers": {"X-Token": "{{ env.TOKEN }}"}})
+    sid = (await create(broker, source))["data_source_id"]
+    unset = await broker.call("live")
+    assert unset.status_code == 400, unset.text
+    assert unset.json()["error"]["code"] == "MISSING_VARIABLES"
 
-    await ok(broker, "DELETE", f"/data-sources/{source['data_source_id']}")
+    await ok(broker, "POST", f"/data-sources/{sid}/publish")
+    await ok(broker, "PUT", f"/data-sources/{sid}/variables", [{"name": "TOKEN", "value": CANARY}])
+    published = await broker.call("live")
+    assert published.status_code == 200, published.text
+    assert published.json()["value"] == "live"
+    assert upstream.received[-1]["headers"]["x-token"] == CANARY
+
+    # The seed resolves archived sources too: policies already relying on one keep working.
+    await ok(broker, "DELETE", f"/data-sources/{sid}")
     after = await broker.call("live")
     assert after.status_code == 200, after.text
     assert after.json()["origin"] == "REQUEST"

@@ -52,8 +52,10 @@ def test_key_is_the_seed_formula(params: dict[str, Any]) -> None:
 def test_key_order_does_not_matter() -> None:
     a = {"user_id": "12345", "include": "profile", "nested": {"x": 1, "y": [1, 2]}}
     b = {"nested": {"y": [1, 2], "x": 1}, "include": "profile", "user_id": "12345"}
-    assert make_cache_key(SOURCE_ID, a) == make_cache_key(SOURCE_ID, b) == make_cache_key(
-        SOURCE_ID, dict(reversed(list(a.items())))
+    assert (
+        make_cache_key(SOURCE_ID, a)
+        == make_cache_key(SOURCE_ID, b)
+        == make_cache_key(SOURCE_ID, dict(reversed(list(a.items()))))
     )
 
 
@@ -119,3 +121,10 @@ def test_every_key_starts_with_the_prefix() -> None:
     assert layout.cache_entry(SOURCE_ID, GOLDEN).startswith("tenant-7:cache:")
     assert layout.cache_pattern().startswith("tenant-7:cache:")
     assert layout.registry_channel.startswith("tenant-7:")
+
+
+def test_glob_characters_in_the_prefix_are_escaped_in_patterns() -> None:
+    layout = KeyLayout("a?[x]*\\:")
+    assert layout.cache_pattern() == "a\\?\\[x\\]\\*\\\\:cache:*"
+    assert layout.cache_pattern(SOURCE_ID) == f"a\\?\\[x\\]\\*\\\\:cache:{SOURCE_ID}:*"
+    assert layout.cache_entry(SOURCE_ID, GOLDEN) == f"a?[x]*\\:cache:{SOURCE_ID}:{GOLDEN}"

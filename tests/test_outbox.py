@@ -205,8 +205,20 @@ def test_claim_skips_a_live_owner_and_takes_over_a_dead_one(tmp_path: Path) -> N
         with outbox.claim() as claimed:
             assert claimed == [open_segment.with_suffix(SEALED_SUFFIX)]
             records = read_segment(claimed[0])
-        assert [r.run_data_request_id for r in records] == [uuid.UUID(int=i) for i in range(count)]
-        assert all(isinstance(r, RunDataRequestRecord) for r in records)
+        assert records == [
+            RunDataRequestRecord(
+                uuid.UUID(int=i),
+                uuid.UUID(int=1000 + i),
+                None,
+                uuid.UUID(int=7),
+                "REQUEST",
+                float(i),
+                float(i) + 0.5,
+                None,
+                1_700_000_000.0 + i,
+            )
+            for i in range(count)
+        ]
         assert segments(directory) == [open_segment.with_suffix(SEALED_SUFFIX)]
     finally:
         owner.kill()

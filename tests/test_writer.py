@@ -1,0 +1,291 @@
+"""DatabaseSink and OutboxWriter against the real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from proxy.outbox import (
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    DataObjectRecord,
+    Outbox,
+    Record,
+    RunDataRequestRecord,
+)
+from proxy.tables import DataObject, RunDataRequest
+from proxy.writer import DatabaseSink, OutboxWriter
+from tests.servers import async_wait_for, free_port
+
+SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000007")
+VALUE = b'{"a": "line one\nline two"}\r\n\x00\xff\xfe\x80 not utf-8'
+ERROR: dict[str, Any] = {
+    "code": "HTTP_ERROR",
+    "message": "upstream answered 503 — ünïcode",
+    "upstream_status": 503,
+    "details": {"nested": [1, 2.5, None, True]},
+}
+
+
+def data_object(value: bytes = VALUE, created_at: float = 1_700_000_000.25) -> DataObjectRecord:
+    return DataObjectRecord(
+        uuid.uuid4(), SOURCE, "0123456789abcdef0123456789abcdef", value, created_at
+    )
+
+
+def success(obj: DataObjectRecord, origin: str = "REQUEST") -> RunDataRequestRecord:
+    return RunDataRequestRecord(
+        run_data_request_id=uuid.uuid4(),
+        run_id=uuid.uuid4(),
+        data_object_id=obj.data_object_id,
+        data_source_id=SOURCE,
+        data_origin=origin,
+        start_time=1_700_000_000.123456789,
+        end_time=1_700_000_000.987654321,
+        error=None,
+        created_at=1_700_000_001.5,
+    )
+
+
+def failure() -> RunDataRequestRecord:
+    return RunDataRequestRecord(
+        run_data_request_id=uuid.uuid4(),
+        run_id=uuid.uuid4(),
+        data_object_id=None,
+        data_source_id=SOURCE,
+        data_origin=None,
+        start_time=None,
+        end_time=None,
+        error=ERROR,
+        created_at=1_700_000_002.75,
+    )
+
+
+def batch(pairs: int) -> list[Record]:
+    records: list[Record] = []
+    for i in range(pairs):
+        obj = data_object(f"value {i}".encode())
+        records += [obj, success(obj)]
+    return records
+
+
+async def objects(db: AsyncEngine) -> dict[uuid.UUID, dict[str, Any]]:
+    async with db.connect() as conn:
+        result = await conn.execute(select(DataObject.__table__))
+        return {r.data_object_id: dict(r._mapping) for r in result}
+
+
+async def requests(db: AsyncEngine) -> dict[uuid.UUID, dict[str, Any]]:
+    async with db.connect() as conn:
+        result = await conn.execute(select(RunDataRequest.__table__))
+        return {r.run_data_request_id: dict(r._mapping) for r in result}
+
+
+async def count(db: AsyncEngine, table: str) -> int:
+    async with db.connect() as conn:
+        found: int = (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+        return found
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
+def unreachable() -> AsyncEngine:
+    return create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
+
+
+async def test_sink_writes_exact_values(db: AsyncEngine) -> None:
+    obj = data_object()
+    ok, failed, hit = success(obj), failure(), success(obj, "CACHE")
+
+    await DatabaseSink(db, batch_size=1000).write([obj, ok, failed, hit])
+
+    assert await objects(db) == {
+        obj.data_object_id: {
+            "data_object_id": obj.data_object_id,
+            "data_source_id": SOURCE,
+            "key": obj.key,
+            "value": VALUE,
+            "created_at": datetime.fromtimestamp(obj.created_at, UTC),
+        }
+    }
+    rows = await requests(db)
+    assert set(rows) == {
+        ok.run_data_request_id,
+        failed.run_data_request_id,
+        hit.run_data_request_id,
+    }
+    for record in (ok, failed, hit):
+        assert rows[record.run_data_request_id] == {
+            "run_data_request_id": record.run_data_request_id,
+            "run_id": record.run_id,
+            "data_object_id": record.data_object_id,
+            "data_source_id": SOURCE,
+            "data_origin": record.data_origin,
+            "start_time": record.start_time,
+            "end_time": record.end_time,
+            "error": record.error,
+            "created_at": datetime.fromtimestamp(record.created_at, UTC),
+        }
+
+
+async def test_success_rows_have_sql_null_error(db: AsyncEngine) -> None:
+    """``error IS NULL`` tells successes from failures (not a JSON ``null``)."""
+    obj = data_object()
+    await DatabaseSink(db, batch_size=1000).write([obj, success(obj), failure()])
+    async with db.connect() as conn:
+        result = await conn.execute(
+            text("SELECT data_origin, error IS NULL AS ok FROM run_data_request")
+        )
+        assert sorted((r.data_origin or "", r.ok) for r in result) == [
+            ("", False),
+            ("REQUEST", True),
+        ]
+
+
+async def test_sink_is_idempotent(db: AsyncEngine) -> None:
+    records = [*batch(3), failure()]
+    sink = DatabaseSink(db, batch_size=2)
+
+    await sink.write(records)
+    first = (await objects(db), await requests(db))
+    await sink.write(records)
+    await sink.write(records[::-1])
+
+    assert (await objects(db), await requests(db)) == first
+    assert len(first[0]) == 3 and len(first[1]) == 4
+
+
+async def test_sink_writes_more_than_a_batch(db: AsyncEngine) -> None:
+    records = batch(2_500)
+    await DatabaseSink(db, batch_size=1000).write(records)
+    assert await count(db, "data_object") == 2_500
+    assert await count(db, "run_data_request") == 2_500
+    assert set(await objects(db)) == {
+        r.data_object_id for r in records if isinstance(r, DataObjectRecord)
+    }
+
+
+async def test_flush_ships_sealed_segments_and_removes_them(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.open()
+    writer = OutboxWriter(outbox, DatabaseSink(db, batch_size=1000), interval=60)
+    first, second = batch(2), [*batch(1), failure()]
+    outbox.append(*first)
+    outbox.seal()  # a segment sealed earlier, beside the one flush seals itself
+    outbox.append(*second)
+
+    assert await writer.flush() is True
+
+    assert writer.records_written == len(first) + len(second)
+    assert await count(db, "data_object") == 3
+    assert await count(db, "run_data_request") == 4
+    assert [p.suffix for p in segments(tmp_path)] == [OPEN_SUFFIX]  # only the fresh one
+    assert await writer.flush() is True
+    assert writer.records_written == len(first) + len(second)
+    outbox.close()
+
+
+async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.open()
+    down = unreachable()
+    writer = OutboxWriter(outbox, DatabaseSink(down, batch_size=1000), interval=60)
+    records = [*batch(2), failure()]
+    outbox.append(*records)
+    try:
+        assert await writer.flush() is False
+        assert await writer.flush() is False
+    finally:
+        await down.dispose()
+
+    kept = [p for p in segments(tmp_path) if p.suffix == SEALED_SUFFIX]
+    assert len(kept) == 1
+    assert writer.records_written == 0
+    assert writer.backlog_bytes == kept[0].stat().st_size
+    assert await count(db, "run_data_request") == 0
+
+    writer.sink = DatabaseSink(db, batch_size=1000)
+    assert await writer.flush() is True
+
+    assert not kept[0].exists()
+    assert writer.records_written == len(records)
+    assert writer.backlog_bytes == 0
+    assert await count(db, "data_object") == 2
+    assert await count(db, "run_data_request") == 3
+    outbox.close()
+
+
+async def test_a_segment_replayed_after_commit_writes_nothing_twice(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A crash between commit and unlink: the next process ships the segment again."""
+    records = [*batch(2), failure()]
+    outbox = Outbox(tmp_path)
+    outbox.open()
+    outbox.append(*records)
+    outbox.close()
+    [segment] = segments(tmp_path)
+    saved = segment.read_bytes()
+    writer = OutboxWriter(Outbox(tmp_path), DatabaseSink(db, batch_size=1000), interval=60)
+    assert await writer.flush() is True
+    before = (await objects(db), await requests(db))
+
+    segment.write_bytes(saved)
+    assert await writer.flush() is True
+
+    assert (await objects(db), await requests(db)) == before
+    assert segments(tmp_path) == []
+
+
+async def test_run_ships_on_its_own_and_stop_ships_the_rest(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.open()
+    writer = OutboxWriter(outbox, DatabaseSink(db, batch_size=1000), interval=0.02)
+    task = asyncio.create_task(writer.run())
+    try:
+        outbox.append(*batch(2))
+        await async_wait_for(lambda: _has(db, "run_data_request", 2))
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    outbox.append(*batch(3), failure())
+
+    await writer.stop(timeout=10)
+
+    assert await count(db, "data_object") == 5
+    assert await count(db, "run_data_request") == 6
+    assert writer.records_written == 4 + 7
+    assert segments(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        outbox.append(failure())  # closed for good
+
+
+async def test_stop_with_the_database_down_leaves_the_rest_on_disk(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.open()
+    down = unreachable()
+    writer = OutboxWriter(outbox, DatabaseSink(down, batch_size=1000), interval=60)
+    outbox.append(*batch(2))
+    try:
+        await writer.stop(timeout=10)
+    finally:
+        await down.dispose()
+    assert [p.suffix for p in segments(tmp_path)] == [SEALED_SUFFIX]
+
+
+async def _has(db: AsyncEngine, table: str, n: int) -> bool:
+    return await count(db, table) >= n
