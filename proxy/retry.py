@@ -27,7 +27,7 @@ class Retrying:
         return cls(
             max_retries=policy.max_retries,
             backoff_factor=policy.backoff_factor or 0.0,
-            status_forcelist=frozenset(statuses or DEFAULT_STATUS_FORCELIST),
+            status_forcelist=frozenset(DEFAULT_STATUS_FORCELIST if statuses is None else statuses),
         )
 
     def retries_status(self, status: int, attempt: int) -> bool:

@@ -104,5 +104,6 @@ class RunDataRequest(Base):
     data_origin: Mapped[str | None] = mapped_column(String(16))
     start_time: Mapped[float | None] = mapped_column(Float)
     end_time: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # none_as_null: a success stores SQL NULL, so "WHERE error IS NULL" finds it.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import null
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -67,7 +66,7 @@ def _request_row(r: RunDataRequestRecord) -> dict[str, Any]:
         "start_time": r.start_time,
         "end_time": r.end_time,
         # SQL NULL, not the JSON null a bare None becomes: "error IS NULL" finds the successes.
-        "error": null() if r.error is None else r.error,
+        "error": r.error,
         "created_at": _ts(r.created_at),
     }
 

@@ -81,7 +81,7 @@ def upgrade() -> None:
         sa.Column("data_origin", sa.String(16)),
         sa.Column("start_time", sa.Float()),
         sa.Column("end_time", sa.Float()),
-        sa.Column("error", sa.JSON()),
+        sa.Column("error", sa.JSON(none_as_null=True)),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_run_data_request_run_id", "run_data_request", ["run_id"])
