@@ -187,19 +187,7 @@ class _Call:
     def _hit(self, entry: CacheEntry) -> Answer:
         self.origin, self.data_object_id = "CACHE", entry.data_object_id
         self.broker.outbox.append(self._audit(None))
-        BROKER_REQUESTS.labels(origin="CACHE", code="OK").inc()
-        assert self.key is not None
-        return Answer(
-            200,
-            messages.success(
-                data_object_id=entry.data_object_id,
-                origin="CACHE",
-                key=self.key,
-                value_json=entry.value_json,
-                start_time=None,
-                end_time=None,
-            ),
-        )
+        return self._succeed(entry.value_json)
 
     async def _fetch(self) -> Answer:
         broker, source = self.broker, self.source
@@ -235,12 +223,16 @@ class _Call:
             await broker.store(
                 source, self.key, CacheEntry(self.data_object_id, self.end_time, value_json)
             )
-        BROKER_REQUESTS.labels(origin="REQUEST", code="OK").inc()
+        return self._succeed(value_json)
+
+    def _succeed(self, value_json: bytes) -> Answer:
+        assert self.origin is not None and self.key is not None and self.data_object_id is not None
+        BROKER_REQUESTS.labels(origin=self.origin, code="OK").inc()
         return Answer(
             200,
             messages.success(
                 data_object_id=self.data_object_id,
-                origin="REQUEST",
+                origin=self.origin,
                 key=self.key,
                 value_json=value_json,
                 start_time=self.start_time,
