@@ -19,6 +19,7 @@ from starlette.routing import Route
 from proxy.broker import Broker, Limits
 from proxy.cache import RedisCache
 from proxy.database import create_engine, migrate
+from proxy.egress import EgressPolicy
 from proxy.keys import KeyLayout
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
@@ -66,7 +67,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[s
     layout = KeyLayout(settings.redis_prefix)
     cache = RedisCache(redis, layout)
 
-    client = create_client()
+    client = create_client(EgressPolicy.from_settings(settings))
     stack.push_async_callback(client.aclose)
 
     sources = SourceStore(engine, box)
@@ -89,8 +90,9 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[s
         cache,
         Upstream(client),
         outbox,
-        Limits(settings.default_timeout, settings.max_response_bytes),
+        Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
+        backlog=lambda: writer.backlog_bytes,
     )
     return {
         "settings": settings,

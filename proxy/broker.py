@@ -12,12 +12,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 
 from proxy import messages
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.errors import (
+    AuditBacklogFull,
     BrokerError,
     DataSourceNotFound,
     InternalError,
@@ -25,12 +27,14 @@ from proxy.errors import (
     MissingVariables,
     ParseError,
     UnknownParams,
+    UpstreamError,
 )
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.metrics import BROKER_REQUESTS, UPSTREAM_SECONDS
 from proxy.outbox import DataObjectRecord, Outbox, Record, RunDataRequestRecord
 from proxy.registry import Registry, Source
+from proxy.singleflight import Flights, Shared, across_sidecars
 from proxy.templates import render
 from proxy.types import Origin
 from proxy.upstream import Upstream
@@ -48,6 +52,15 @@ class Answer:
 class Limits:
     default_timeout: float
     max_response_bytes: int
+    outbox_max_bytes: int
+    """At this backlog new upstream calls are refused; at twice it, cache hits too."""
+
+
+# Codes that say the upstream failed, as opposed to the request or the broker:
+# only these let a stale entry stand in for a fresh one.
+UPSTREAM_FAILURES = frozenset(
+    {"TIMEOUT", "CONNECTION_ERROR", "HTTP_ERROR", "RESPONSE_TOO_LARGE", "PARSE_ERROR"}
+)
 
 
 class Broker:
@@ -59,6 +72,7 @@ class Broker:
         outbox: Outbox,
         limits: Limits,
         default_project: uuid.UUID | None,
+        backlog: Callable[[], int],
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -66,6 +80,8 @@ class Broker:
         self.outbox = outbox
         self.limits = limits
         self.default_project = default_project
+        self.backlog = backlog
+        self.flights = Flights()
         self._cache_down = False
         self._slots: dict[tuple[uuid.UUID, int], asyncio.Semaphore] = {}
 
@@ -97,8 +113,11 @@ class Broker:
         return entry
 
     async def store(self, source: Source, key: str, entry: CacheEntry) -> None:
+        caching = source.caching
         try:
-            await self.cache.put(source.data_source_id, key, entry, source.caching.ttl_seconds)
+            await self.cache.put(
+                source.data_source_id, key, entry, caching.ttl_seconds, caching.stale_if_error or 0
+            )
         except CacheUnavailable as exc:
             self._cache_failed(exc)
 
@@ -136,37 +155,26 @@ class _Call:
         self.origin: Origin | None = None
         self.start_time: float | None = None
         self.end_time: float | None = None
+        self.stale_because: BrokerError | None = None
 
     async def run(self) -> Answer:
         try:
-            return await self._serve()
+            value_json = await self._serve()
+        except AuditBacklogFull as exc:
+            # Not journaled: the journal is what is full. Counted in metrics instead.
+            return self.broker._refuse(exc)
         except BrokerError as exc:
-            return self._fail(exc)
+            return self._finish(exc)
         except Exception:
             logger.exception("unexpected failure serving %r", self.source.name)
-            return self._fail(InternalError("the broker failed unexpectedly; see its log"))
+            return self._finish(InternalError("the broker failed unexpectedly; see its log"))
+        return self._finish(value_json)
 
-    def _fail(self, error: BrokerError, *records: Record) -> Answer:
-        try:
-            self.broker.outbox.append(*records, self._audit(error))
-        except Exception:
-            # The journal itself failed (disk full, outbox closed): answer anyway, loudly.
-            logger.exception("could not journal the audit row of a failed request")
-            error = InternalError("the broker could not record this request; see its log")
-        BROKER_REQUESTS.labels(origin=self.origin or "NONE", code=error.code).inc()
-        return Answer(
-            error.status,
-            messages.failure(
-                error,
-                data_object_id=self.data_object_id,
-                origin=self.origin,
-                key=self.key,
-                start_time=self.start_time,
-                end_time=self.end_time,
-            ),
-        )
+    def _check_backlog(self, factor: int) -> None:
+        if self.broker.backlog() >= factor * self.broker.limits.outbox_max_bytes:
+            raise AuditBacklogFull("the audit outbox is full; the database is not keeping up")
 
-    async def _serve(self) -> Answer:
+    async def _serve(self) -> bytes:
         source, params = self.source, self.request.configured_params
         missing = sorted(source.runtime_params - params.keys())
         if missing:
@@ -178,18 +186,58 @@ class _Call:
         if unset:
             raise MissingVariables(unset)
         self.key = make_cache_key(source.data_source_id, params)
-        if source.caching.enabled:
-            entry = await self.broker.cached(source, self.key)
-            if entry is not None:
-                return self._hit(entry)
-        return await self._fetch()
+        if not source.caching.enabled:
+            self._check_backlog(1)
+            return (await self._fetch()).value_json
+        entry = await self.broker.cached(source, self.key)
+        if entry is not None and self._fresh(entry):
+            self._check_backlog(2)
+            return self._from_cache(entry)
+        self._check_backlog(1)
+        try:
+            shared = await self._fetch_shared()
+        except BrokerError as exc:
+            if entry is None or exc.code not in UPSTREAM_FAILURES:
+                raise
+            # stale-if-error: the entry outlived its TTL only because the source allows it.
+            self.stale_because = exc
+            return self._from_cache(entry)
+        if not shared.fetched_here:
+            return self._from_cache(shared.entry)
+        return shared.entry.value_json
 
-    def _hit(self, entry: CacheEntry) -> Answer:
+    def _fresh(self, entry: CacheEntry) -> bool:
+        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds)
+
+    def _from_cache(self, entry: CacheEntry) -> bytes:
         self.origin, self.data_object_id = "CACHE", entry.data_object_id
-        self.broker.outbox.append(self._audit(None))
-        return self._succeed(entry.value_json)
+        self.start_time = self.end_time = None
+        return entry.value_json
 
-    async def _fetch(self) -> Answer:
+    def _deadline(self) -> float:
+        timeout = self.source.http.timeout or self.broker.limits.default_timeout
+        return self.source.retrying.deadline(timeout)
+
+    async def _fetch_shared(self) -> Shared:
+        """One upstream call per key, whoever asks, in this process or another."""
+        broker, source = self.broker, self.source
+        assert self.key is not None
+        key, deadline = self.key, self._deadline()
+
+        async def store(entry: CacheEntry) -> None:
+            await broker.store(source, key, entry)
+
+        async def across() -> Shared:
+            return await across_sidecars(
+                broker.cache, source.data_source_id, key, self._fetch, store, self._fresh, deadline
+            )
+
+        # The in-process leader may itself wait for another sidecar (up to one
+        # deadline) and then fetch (up to another): its followers wait that long.
+        return await broker.flights.run((source.data_source_id, key), across, 2 * deadline + 1)
+
+    async def _fetch(self) -> CacheEntry:
+        """Call the upstream and journal its raw bytes; the formatted value as an entry."""
         broker, source = self.broker, self.source
         assert self.key is not None
         rendered = render(source.compiled, self.request.configured_params, source.values)
@@ -202,45 +250,67 @@ class _Call:
                     timeout=source.http.timeout or broker.limits.default_timeout,
                     retrying=source.retrying,
                     max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
+                    follow_redirects=source.http.follow_redirects,
                 )
         finally:
             self.end_time = time.time()
             UPSTREAM_SECONDS.observe(self.end_time - self.start_time)
         data_object_id = uuid.uuid4()
         self.data_object_id = str(data_object_id)
-        data_object = DataObjectRecord(
-            data_object_id, source.data_source_id, self.key, fetched.content, self.end_time
+        # Journaled before parsing: a body that fails to parse is kept for audit too.
+        broker.outbox.append(
+            DataObjectRecord(
+                data_object_id, source.data_source_id, self.key, fetched.content, self.end_time
+            )
         )
-        try:
-            value_json = format_body(
-                fetched.content, source.http.response_type, charset_of(fetched.content_type)
-            )
-        except ParseError as exc:
-            # The raw bytes are kept for audit, but nothing is cached.
-            return self._fail(exc, data_object)
-        broker.outbox.append(data_object, self._audit(None))
-        if source.caching.enabled:
-            await broker.store(
-                source, self.key, CacheEntry(self.data_object_id, self.end_time, value_json)
-            )
-        return self._succeed(value_json)
+        value_json = format_body(
+            fetched.content, source.http.response_type, charset_of(fetched.content_type)
+        )
+        return CacheEntry(self.data_object_id, self.end_time, value_json)
 
-    def _succeed(self, value_json: bytes) -> Answer:
+    def _finish(self, outcome: bytes | BrokerError) -> Answer:
+        """Journal the audit row, then answer: the row is on disk before the answer leaves."""
+        error = outcome if isinstance(outcome, BrokerError) else None
+        try:
+            self.broker.outbox.append(self._audit(error or self.stale_because))
+        except Exception:
+            # The journal itself failed (disk full, outbox closed): answer anyway, loudly.
+            logger.exception("could not journal the audit row of a request")
+            error = InternalError("the broker could not record this request; see its log")
+        BROKER_REQUESTS.labels(
+            origin=self.origin or "NONE", code=error.code if error else "OK"
+        ).inc()
+        if error is not None:
+            return Answer(
+                error.status,
+                messages.failure(
+                    error,
+                    data_object_id=self.data_object_id,
+                    origin=self.origin,
+                    key=self.key,
+                    start_time=self.start_time,
+                    end_time=self.end_time,
+                ),
+            )
         assert self.origin is not None and self.key is not None and self.data_object_id is not None
-        BROKER_REQUESTS.labels(origin=self.origin, code="OK").inc()
+        assert isinstance(outcome, bytes)
         return Answer(
             200,
             messages.success(
                 data_object_id=self.data_object_id,
                 origin=self.origin,
                 key=self.key,
-                value_json=value_json,
+                value_json=outcome,
                 start_time=self.start_time,
                 end_time=self.end_time,
+                stale=self.stale_because is not None,
             ),
         )
 
     def _audit(self, error: BrokerError | None) -> RunDataRequestRecord:
+        recorded = None if error is None else error.to_dict()
+        if recorded is not None and error is self.stale_because:
+            recorded["served_stale"] = True
         return RunDataRequestRecord(
             run_data_request_id=uuid.uuid4(),
             run_id=self.request.run_id,
@@ -249,6 +319,6 @@ class _Call:
             data_origin=self.origin,
             start_time=self.start_time,
             end_time=self.end_time,
-            error=None if error is None else error.to_dict(),
+            error=recorded,
             created_at=time.time(),
         )

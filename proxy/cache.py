@@ -1,21 +1,54 @@
-"""Cache entries in Redis, expired by Redis itself (native TTL).
+"""Cache entries and fetch locks in Redis, expired by Redis itself (native TTL).
 
 An entry holds everything a hit answers with — the DataObject id, its
 creation time and the value already encoded as JSON — so a hit is one GET and
 no database read, and the value is never decoded and re-encoded.
+
+With ``stale_if_error`` an entry outlives its TTL by that many seconds: Redis
+still expires it, and the broker tells fresh from stale by ``created_at``.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.keys import KeyLayout
+
+T = TypeVar("T")
+
+RedisClient = Redis | RedisCluster
+
+# Compare-and-act on a lock: only the holder (who knows the token) may change it,
+# so a holder whose lock expired cannot release or overwrite a successor's lock.
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+_MARK_FAILED = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
+)
+# Take a free lock, or one whose failure mark is older than the caller: a failure
+# is shared with those who waited for it, never with those who came after it.
+_ACQUIRE = """
+local v = redis.call('get', KEYS[1])
+if v then
+  if string.sub(v, 1, 1) ~= '!' then return 0 end
+  local at = tonumber(string.match(v, '^!(%d+) '))
+  if at == nil or at >= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+FAILED_MARK = b"!"
 
 
 class CacheUnavailable(Exception):
@@ -39,48 +72,108 @@ class CacheEntry:
         fields = orjson.loads(header)
         return cls(fields["id"], fields["c"], value_json)
 
+    def is_fresh(self, now: float, ttl: int | None) -> bool:
+        return ttl is None or now - self.created_at < ttl
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    """What a waiter sees of another sidecar's fetch."""
+
+    entry: CacheEntry | None
+    held: bool
+    failure: dict[str, Any] | None
+
 
 class RedisCache:
-    def __init__(self, redis: Redis, layout: KeyLayout) -> None:
+    def __init__(self, redis: RedisClient, layout: KeyLayout) -> None:
         self.redis = redis
         self.layout = layout
 
-    async def get(self, data_source_id: uuid.UUID, key: str) -> CacheEntry | None:
+    async def _call(self, command: Awaitable[T]) -> T:
         try:
-            raw = await self.redis.get(self.layout.cache_entry(data_source_id, key))
+            return await command
         except RedisError as exc:
             raise CacheUnavailable(type(exc).__name__) from exc
-        # The client is made without decode_responses: values are always bytes.
-        return None if raw is None else CacheEntry.decode(raw)  # type: ignore[arg-type]
+
+    async def get(self, data_source_id: uuid.UUID, key: str) -> CacheEntry | None:
+        raw = await self._call(self.redis.get(self.layout.cache_entry(data_source_id, key)))
+        return None if raw is None else CacheEntry.decode(_bytes(raw))
 
     async def put(
-        self, data_source_id: uuid.UUID, key: str, entry: CacheEntry, ttl: int | None
+        self,
+        data_source_id: uuid.UUID,
+        key: str,
+        entry: CacheEntry,
+        ttl: int | None,
+        stale_for: int = 0,
     ) -> None:
         """Store an entry; ``ttl=None`` keeps it until flushed."""
-        try:
-            await self.redis.set(
-                self.layout.cache_entry(data_source_id, key), entry.encode(), ex=ttl
-            )
-        except RedisError as exc:
-            raise CacheUnavailable(type(exc).__name__) from exc
+        expiry = None if ttl is None else ttl + stale_for
+        await self._call(
+            self.redis.set(self.layout.cache_entry(data_source_id, key), entry.encode(), ex=expiry)
+        )
 
     async def flush_source(self, data_source_id: uuid.UUID) -> int:
         """Unlink every entry of one source (what a draft replacement invalidates)."""
         removed = 0
-        try:
-            async for batch in _batches(self.redis, self.layout.cache_pattern(data_source_id)):
-                removed += await self.redis.unlink(*batch)
-        except RedisError as exc:
-            raise CacheUnavailable(type(exc).__name__) from exc
+        async for batch in _batches(self.redis, self.layout.cache_pattern(data_source_id)):
+            removed += await self._call(self.redis.unlink(*batch))
         return removed
 
+    async def acquire(
+        self, data_source_id: uuid.UUID, key: str, token: str, ttl_ms: int, since_ms: int
+    ) -> bool:
+        """Take the fetch lock of a key; it expires by itself if its holder dies.
 
-async def _batches(redis: Redis, pattern: str, size: int = 500) -> AsyncIterator[list[bytes]]:
+        ``since_ms`` is when the caller started: a failure marked before it does
+        not hold the lock against this caller.
+        """
+        lock = self.layout.lock(data_source_id, key)
+        return bool(await self._call(self.redis.eval(_ACQUIRE, 1, lock, token, ttl_ms, since_ms)))
+
+    async def release(self, data_source_id: uuid.UUID, key: str, token: str) -> None:
+        lock = self.layout.lock(data_source_id, key)
+        await self._call(self.redis.eval(_RELEASE, 1, lock, token))
+
+    async def mark_failed(
+        self, data_source_id: uuid.UUID, key: str, token: str, error: dict[str, Any], hold_ms: int
+    ) -> None:
+        """Leave the holder's failure for ``hold_ms`` so waiters share it instead of stampeding."""
+        lock = self.layout.lock(data_source_id, key)
+        marker = b"%s%d %s" % (FAILED_MARK, time.time() * 1000, orjson.dumps(error))
+        await self._call(self.redis.eval(_MARK_FAILED, 1, lock, token, marker, hold_ms))
+
+    async def lock_state(self, data_source_id: uuid.UUID, key: str, since_ms: int) -> LockState:
+        """The entry and the lock of a key in one round trip (one slot on a cluster).
+
+        A failure marked before ``since_ms`` is not this caller's to share.
+        """
+        entry_key = self.layout.cache_entry(data_source_id, key)
+        lock_key = self.layout.lock(data_source_id, key)
+        raw_entry, raw_lock = await self._call(self.redis.mget(entry_key, lock_key))
+        entry = None if raw_entry is None else CacheEntry.decode(_bytes(raw_entry))
+        if raw_lock is not None and _bytes(raw_lock).startswith(FAILED_MARK):
+            failed_at, _, error = _bytes(raw_lock)[1:].partition(b" ")
+            failure = orjson.loads(error) if int(failed_at) >= since_ms else None
+            return LockState(entry, held=False, failure=failure)
+        return LockState(entry, held=raw_lock is not None, failure=None)
+
+
+def _bytes(value: bytes | str) -> bytes:
+    """The client is made without decode_responses: replies are always bytes."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+async def _batches(redis: RedisClient, pattern: str, size: int = 500) -> AsyncIterator[list[bytes]]:
     batch: list[bytes] = []
-    async for key in redis.scan_iter(match=pattern, count=size):
-        batch.append(key)
-        if len(batch) == size:
-            yield batch
-            batch = []
+    try:
+        async for key in redis.scan_iter(match=pattern, count=size):
+            batch.append(key)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except RedisError as exc:
+        raise CacheUnavailable(type(exc).__name__) from exc
     if batch:
         yield batch

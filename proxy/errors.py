@@ -11,7 +11,10 @@
     │   ├── UpstreamTimeout ....... 502 TIMEOUT
     │   ├── UpstreamConnectError .. 502 CONNECTION_ERROR
     │   ├── UpstreamHTTPError ..... 502 HTTP_ERROR         (+ upstream_status)
-    │   └── ResponseTooLarge ...... 502 RESPONSE_TOO_LARGE
+    │   ├── ResponseTooLarge ...... 502 RESPONSE_TOO_LARGE
+    │   └── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    ├── RelayedError .............. another fetch's failure, shared with its waiters
+    ├── AuditBacklogFull .......... 503 AUDIT_BACKLOG_FULL
     ├── ParseError ................ 500 PARSE_ERROR
     ├── InternalError ............. 500 INTERNAL
     └── AdminError ................ admin routes only
@@ -28,12 +31,12 @@ never carry a secret: callers build them from names, never from values.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 
 class BrokerError(Exception):
-    code: ClassVar[str] = "INTERNAL"
-    status: ClassVar[int] = 500
+    code: str = "INTERNAL"
+    status: int = 500
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -114,6 +117,34 @@ class ResponseTooLarge(UpstreamError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"upstream body exceeds {limit} bytes", limit=limit)
+
+
+class EgressDenied(UpstreamError):
+    """The egress policy refuses the destination: nothing was sent, so nothing is retried."""
+
+    code = "EGRESS_DENIED"
+    status = 403
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"egress to {host!r} refused: {reason}", host=host)
+        self.host = host
+
+
+class RelayedError(BrokerError):
+    """The failure of a fetch another sidecar made for the same key, as it reported it."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        fields = {k: v for k, v in error.items() if k not in ("code", "message", "status")}
+        super().__init__(str(error.get("message", "the shared fetch failed")), **fields)
+        self.code = str(error.get("code", "INTERNAL"))
+        self.status = int(error.get("status", 502))
+
+
+class AuditBacklogFull(BrokerError):
+    """The outbox is at its bound: refusing beats answering without a record."""
+
+    code = "AUDIT_BACKLOG_FULL"
+    status = 503
 
 
 class ParseError(BrokerError):

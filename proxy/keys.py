@@ -1,12 +1,18 @@
 """Cache keys and the Redis key layout: every key family the broker owns.
 
-| family                               | value                      | TTL              | owner          |
-| ------------------------------------ | -------------------------- | ---------------- | -------------- |
-| ``{prefix}cache:{source_id}:{key}``  | a cache entry (cache.py)   | the source's TTL | proxy.cache    |
-| ``{prefix}events:registry`` (channel)| a data_source_id that changed | —             | proxy.registry |
+================================  ==========================  =====================  ==================
+family                            value                       expiry                 owner
+================================  ==========================  =====================  ==================
+``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
+``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
+``{prefix}events:registry``       (pub/sub channel)           —                      proxy.registry
+================================  ==========================  =====================  ==================
 
-Other families (locks, tokens) go beside ``cache:`` under the same prefix,
-never inside it, so ``--pattern '{prefix}cache:*'`` flushes cache entries only.
+Other families go beside ``cache:`` under the same prefix, never inside it, so
+``--pattern '{prefix}cache:*'`` flushes cache entries only. On Redis Cluster
+the source id is wrapped in a hash tag (``cache:{<sid>}:<key>``) so one
+source's entries and locks share a slot: multi-key commands and per-source
+flushes stay on one node.
 """
 
 from __future__ import annotations
@@ -33,12 +39,19 @@ def make_cache_key(data_source_id: uuid.UUID | str, configured_params: dict[str,
 class KeyLayout:
     """Builds every Redis key from one prefix."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, cluster: bool = False) -> None:
         self.prefix = prefix
+        self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
 
+    def _source(self, data_source_id: uuid.UUID | str) -> str:
+        return f"{{{data_source_id}}}" if self.cluster else str(data_source_id)
+
     def cache_entry(self, data_source_id: uuid.UUID | str, key: str) -> str:
-        return f"{self.prefix}cache:{data_source_id}:{key}"
+        return f"{self.prefix}cache:{self._source(data_source_id)}:{key}"
+
+    def lock(self, data_source_id: uuid.UUID | str, key: str) -> str:
+        return f"{self.prefix}lock:{self._source(data_source_id)}:{key}"
 
     def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
         """A SCAN pattern for every cache entry, or for one source's entries.
@@ -46,7 +59,9 @@ class KeyLayout:
         The prefix is a name, not a pattern: its glob characters are escaped, so a
         prefix like ``a?:`` never matches (and flushes) another prefix's keys.
         """
-        source = "*" if data_source_id is None else f"{_glob_escape(str(data_source_id))}:*"
+        source = (
+            "*" if data_source_id is None else f"{_glob_escape(self._source(data_source_id))}:*"
+        )
         return f"{_glob_escape(self.prefix)}cache:{source}"
 
 

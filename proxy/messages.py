@@ -74,18 +74,21 @@ def success(
     value_json: bytes,
     start_time: float | None,
     end_time: float | None,
+    stale: bool = False,
 ) -> bytes:
-    return orjson.dumps(
-        {
-            "data_object_id": data_object_id,
-            "origin": origin,
-            "key": key,
-            "value": orjson.Fragment(value_json),
-            "start_time": start_time,
-            "end_time": end_time,
-            "error": None,
-        }
-    )
+    """The answer; ``stale`` marks a cached value served past its TTL because the upstream failed."""
+    body: dict[str, Any] = {
+        "data_object_id": data_object_id,
+        "origin": origin,
+        "key": key,
+        "value": orjson.Fragment(value_json),
+        "start_time": start_time,
+        "end_time": end_time,
+        "error": None,
+    }
+    if stale:
+        body["stale"] = True
+    return orjson.dumps(body)
 
 
 def failure(

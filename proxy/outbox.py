@@ -120,6 +120,8 @@ class Outbox:
         self._fd: int | None = None
         self._path: Path | None = None
         self._written = 0
+        self.appended_bytes = 0
+        """Every byte this process ever journaled: lets the backlog be known between scans."""
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -138,6 +140,7 @@ class Outbox:
         while view:
             view = view[os.write(self._fd, view) :]
         self._written += len(data)
+        self.appended_bytes += len(data)
 
     def seal(self) -> None:
         """Close the open segment for shipping and start a fresh one (if it holds anything)."""

@@ -46,3 +46,10 @@ class Retrying:
         """
         base = min(self.backoff_factor * 2.0**attempt, MAX_BACKOFF_SECONDS)
         return base / 2 + (rand or _RANDOM).uniform(0, base / 2)
+
+    def deadline(self, timeout: float) -> float:
+        """The longest a fetch may take: every attempt's timeout plus every backoff at its longest."""
+        backoffs = sum(
+            min(self.backoff_factor * 2.0**i, MAX_BACKOFF_SECONDS) for i in range(self.max_retries)
+        )
+        return timeout * (self.max_retries + 1) + backoffs

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proxy.egress import ALLOW_VARIABLE, DENY_VARIABLE, rules_validator
 
 MiB = 1024 * 1024
 
@@ -26,8 +29,12 @@ class Settings(BaseSettings):
     default_timeout: float = Field(default=10.0, gt=0, le=600)
     outbox_flush_interval: float = Field(default=0.2, gt=0, le=60)
     outbox_batch_size: int = Field(default=2000, gt=0)
+    outbox_max_bytes: int = Field(default=512 * MiB, gt=0)
     registry_refresh_interval: float = Field(default=30.0, gt=0)
     shutdown_grace: float = Field(default=15.0, ge=0)
+    # Comma-separated CIDRs and host names, added to the built-in denies / winning over them.
+    egress_deny: Annotated[str, AfterValidator(rules_validator(DENY_VARIABLE))] = ""
+    egress_allow: Annotated[str, AfterValidator(rules_validator(ALLOW_VARIABLE))] = ""
 
     @field_validator("database_url", "redis_url", "admin_token", "secret_key", mode="before")
     @classmethod

@@ -48,6 +48,10 @@ class HTTPSource(_Strict):
     )
     max_response_bytes: int | None = Field(default=None, gt=0)
     max_concurrency: int | None = Field(default=None, gt=0, le=10_000)
+    follow_redirects: bool = Field(
+        default=False,
+        description="Follow up to 5 redirects, each hop checked by the egress policy.",
+    )
 
 
 class CachingTTL(_Strict):

@@ -79,7 +79,8 @@ class OutboxWriter:
         self.sink = sink
         self.interval = interval
         self.records_written = 0
-        self.backlog_bytes = 0
+        self._scanned_backlog = 0
+        self._appended_at_scan = 0
         self._failing = False
         self._stopping = asyncio.Event()
 
@@ -97,8 +98,16 @@ class OutboxWriter:
         try:
             return await self._ship()
         finally:
-            self.backlog_bytes = await asyncio.to_thread(self.outbox.pending_bytes)
-            OUTBOX_BACKLOG_BYTES.set(self.backlog_bytes)
+            # Race window: bytes appended during the scan are counted twice until the
+            # next scan; the backlog errs on the full side, never the empty one.
+            self._appended_at_scan = self.outbox.appended_bytes
+            self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
+            OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Journaled and not yet committed: the last directory scan plus what was appended since."""
+        return self._scanned_backlog + self.outbox.appended_bytes - self._appended_at_scan
 
     async def _ship(self) -> bool:
         with self.outbox.claim() as paths:

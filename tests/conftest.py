@@ -28,6 +28,9 @@ from proxy.database import migrate
 from proxy.settings import Settings
 from tests.servers import Upstream, serve_in_thread, upstream_app
 
+# Private PostgreSQL/Redis instances and the sidecar subprocess, for fault tests.
+pytest_plugins = ("tests.instances",)
+
 PG_HOST = os.environ.get("DATABROKER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
 REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -7,15 +7,10 @@ Also the embedded default (SQLite and in-process Redis, nothing configured) and
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,84 +25,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.conftest import ADMIN_TOKEN, PG_HOST, PG_PORT, REDIS_URL, TABLES, _pg_user
+from tests.instances import (
+    EXIT_DEADLINE,
+    clean_env,
+    databroker,
+    log_of,
+    publish,
+    serving,
+    terminate,
+)
 from tests.servers import Upstream, async_wait_for, free_port
 
 pytestmark = pytest.mark.slow
-
-DATABROKER = Path(sys.executable).with_name("databroker")
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-EXIT_DEADLINE = 60.0
-
-
-def clean_env(**databroker: str) -> dict[str, str]:
-    """The test's environment without any DATABROKER_* variable, plus the given ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABROKER_")}
-    env.update({f"DATABROKER_{k.upper()}": v for k, v in databroker.items()})
-    return env
-
-
-@contextmanager
-def databroker(
-    args: list[str], env: dict[str, str], cwd: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run the console script; its output goes to ``cwd/databroker.log``; always killed."""
-    with (cwd / "databroker.log").open("wb") as log:
-        process = subprocess.Popen(
-            [str(DATABROKER), *args], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            yield process
-        finally:
-            process.kill()
-            process.wait(timeout=EXIT_DEADLINE)
-
-
-def log_of(cwd: Path) -> str:
-    return (cwd / "databroker.log").read_text(errors="replace")
-
-
-@asynccontextmanager
-async def serving(
-    env: dict[str, str], cwd: Path, **limits: int
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
-    """``databroker serve`` on a free port, healthy, with a client for it."""
-    port = free_port()
-    with databroker(["serve", "--port", str(port)], env, cwd) as process:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
-            timeout=30,
-            limits=httpx.Limits(**limits) if limits else httpx.Limits(),
-        ) as client:
-
-            async def healthy() -> bool:
-                assert process.poll() is None, f"databroker exited early:\n{log_of(cwd)}"
-                try:
-                    return (await client.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await async_wait_for(healthy, timeout=30)
-            yield process, client
-
-
-async def publish(client: httpx.AsyncClient, spec: dict[str, Any]) -> str:
-    created = await client.post("/data-sources", json=spec, headers=ADMIN)
-    assert created.status_code == 200, created.text
-    sid: str = created.json()["data_source_id"]
-    published = await client.post(f"/data-sources/{sid}/publish", headers=ADMIN)
-    assert published.status_code == 200, published.text
-    return sid
-
-
-def terminate(process: subprocess.Popen[bytes], cwd: Path, signalled: bool = False) -> None:
-    """SIGTERM (unless already sent), then a clean exit within the deadline."""
-    if not signalled:
-        process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=EXIT_DEADLINE)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"databroker did not exit after SIGTERM:\n{log_of(cwd)}") from None
-    assert code == 0, f"exit code {code}:\n{log_of(cwd)}"
 
 
 def slow_json(upstream: Upstream, path: str) -> str:

@@ -33,16 +33,15 @@ async def _database_ok(request: Request) -> None:
 
 async def readyz(request: Request) -> Response:
     """Ready when Redis and the database answer; each check is bounded."""
+    backlog = request.state.writer.backlog_bytes
     checks = {
         "redis": await _check(request.state.redis.ping()),
         "database": await _check(_database_ok(request)),
+        # At the bound the broker refuses upstream calls (AUDIT_BACKLOG_FULL).
+        "outbox": "full" if backlog >= request.state.settings.outbox_max_bytes else "ok",
     }
     ready = all(v == "ok" for v in checks.values())
-    body = {
-        "status": "ready" if ready else "degraded",
-        **checks,
-        "outbox_backlog_bytes": request.state.writer.backlog_bytes,
-    }
+    body = {"status": "ready" if ready else "degraded", **checks, "outbox_backlog_bytes": backlog}
     return JSONResponse(body, 200 if ready else 503)
 
 
