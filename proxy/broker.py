@@ -25,14 +25,12 @@ from proxy.errors import (
     InternalError,
     MissingParams,
     MissingVariables,
-    ParseError,
     UnknownParams,
-    UpstreamError,
 )
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.metrics import BROKER_REQUESTS, UPSTREAM_SECONDS
-from proxy.outbox import DataObjectRecord, Outbox, Record, RunDataRequestRecord
+from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord
 from proxy.registry import Registry, Source
 from proxy.singleflight import Flights, Shared, across_sidecars
 from proxy.templates import render
