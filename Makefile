@@ -28,5 +28,15 @@ test: install services lint
 	$(BIN)/pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
 
+# wrk from Debian's packages (installed when missing), matplotlib and py-spy from the
+# `bench` extra. Pass options with BENCH_ARGS, e.g. BENCH_ARGS="--memory --profile".
+$(VENV)/.bench: $(BIN)/databroker
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: install services $(VENV)/.bench
+	@command -v wrk >/dev/null 2>&1 || { apt-get update && apt-get install -y wrk; }
+	$(BIN)/databroker bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .databroker .pytest_cache .mypy_cache .ruff_cache

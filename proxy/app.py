@@ -23,7 +23,7 @@ from proxy.egress import EgressPolicy
 from proxy.keys import KeyLayout
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
-from proxy.redis_pool import create_redis
+from proxy.redis_pool import create_redis, is_cluster
 from proxy.registry import Registry
 from proxy.routes import admin, health, internal
 from proxy.secrets import load_secret_box
@@ -64,7 +64,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[s
 
     redis = create_redis(settings)
     stack.push_async_callback(redis.aclose)
-    layout = KeyLayout(settings.redis_prefix)
+    layout = KeyLayout(settings.redis_prefix, cluster=is_cluster(settings))
     cache = RedisCache(redis, layout)
 
     client = create_client(EgressPolicy.from_settings(settings))

@@ -266,23 +266,28 @@ def rss_kib(status: str) -> int:
 
 
 _LINE_NUMBER = re.compile(r":\d+\)$")
+_FILE = re.compile(r"\((.*)\)$")
 
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """py-spy samples folded by function: self time, inclusive time and self time per package."""
+    """py-spy samples folded by function, as shares (%) of the CPU samples.
+
+    ``inclusive`` covers our own code only (``proxy/``): everything else is either
+    the process's root chain (in every stack) or shown by its self time.
+    """
 
     samples: int
     self_time: list[tuple[str, float]]
     inclusive: list[tuple[str, float]]
-    packages: list[tuple[str, float]]
+    modules: list[tuple[str, float]]
 
 
 def fold_profile(collapsed: str, top: int = 15) -> Profile:
-    """Shares (%) of CPU samples from py-spy's ``--format raw`` output (collapsed stacks)."""
+    """Fold py-spy's ``--format raw`` output: ``frame;frame;… count`` per line, root first."""
     own: Counter[str] = Counter()
-    anywhere: Counter[str] = Counter()
-    package: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    module: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -292,35 +297,24 @@ def fold_profile(collapsed: str, top: int = 15) -> Profile:
         frames = [_LINE_NUMBER.sub(")", f) for f in stack.split(";")]
         total += count
         own[frames[-1]] += count
-        package[_package(frames[-1])] += count
+        found = _FILE.search(frames[-1])
+        module[found.group(1) if found else frames[-1]] += count
         for frame in set(frames):
-            anywhere[frame] += count
+            if "(proxy/" in frame:
+                ours[frame] += count
 
-    def shares(counter: Counter[str], n: int) -> list[tuple[str, float]]:
-        return [(name, 100 * c / total) for name, c in counter.most_common(n)]
+    def shares(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(name, 100 * c / total) for name, c in counter.most_common(top)]
 
-    return Profile(total, shares(own, top), shares(anywhere, top), shares(package, top))
-
-
-def _package(frame: str) -> str:
-    """``redis`` for ``…/site-packages/redis/asyncio/client.py``, ``proxy/broker.py`` for ours."""
-    match = re.search(r"\((.*)\)$", frame)
-    path = match.group(1) if match else frame
-    if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    if "/proxy/" in path or path.startswith("proxy/"):
-        return "proxy/" + path.rsplit("/proxy/", 1)[-1].removeprefix("proxy/")
-    if "/lib/python" in path:
-        return "stdlib " + path.rsplit("/", 1)[-1]
-    return path
+    return Profile(total, shares(own), shares(ours), shares(module))
 
 
 def format_profile(profile: Profile) -> str:
     out = [f"{profile.samples} samples (CPU only, idle excluded)"]
     for title, rows in (
         ("self time by function", profile.self_time),
-        ("inclusive time by function", profile.inclusive),
-        ("self time by package/module", profile.packages),
+        ("inclusive time, our code", profile.inclusive),
+        ("self time by module", profile.modules),
     ):
         out.append(f"-- {title}")
         out += [f"{share:6.1f}%  {name}" for name, share in rows]

@@ -248,7 +248,7 @@ class _Call:
                     timeout=source.http.timeout or broker.limits.default_timeout,
                     retrying=source.retrying,
                     max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
-                    follow_redirects=source.http.follow_redirects,
+                    follow_redirects=bool(source.http.follow_redirects),
                 )
         finally:
             self.end_time = time.time()

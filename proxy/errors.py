@@ -74,12 +74,22 @@ class MissingParams(BrokerError):
         super().__init__(f"configured_params lacks: {', '.join(names)}", params=names)
 
 
+def shortlist(names: list[str], count: int = 20, width: int = 100) -> list[str]:
+    """The first names, each cut short: names from a caller must not make an answer (or
+    its audit row) as large as the request; 60k keys or one 900 KB key are a short list."""
+    return [n if len(n) <= width else n[:width] + "…" for n in names[:count]]
+
+
 class UnknownParams(BrokerError):
     code = "UNKNOWN_PARAMS"
     status = 400
 
     def __init__(self, names: list[str]) -> None:
-        super().__init__(f"configured_params has undeclared: {', '.join(names)}", params=names)
+        listed = shortlist(names)
+        more = f" and {len(names) - len(listed)} more" if len(names) > len(listed) else ""
+        super().__init__(
+            f"configured_params has undeclared: {', '.join(listed)}{more}", params=listed
+        )
 
 
 class InvalidParam(BrokerError):

@@ -1,7 +1,8 @@
 """Turn an upstream body into a JSON value according to the source's ``response_type``.
 
 Pure functions, no I/O. Every failure surfaces as :class:`proxy.errors.ParseError` with a
-short reason that never echoes the body, so an error response cannot leak upstream data.
+short reason that never echoes the body or a header, so an error response cannot leak
+upstream data (nor a secret the upstream reflected back).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def parse_body(
     except DefusedXmlException as exc:  # its repr names entities and URLs from the body
         raise _error(response_type, f"forbidden XML construct ({type(exc).__name__})") from exc
     except (ValueError, LookupError) as exc:  # expat: unsupported declared encoding
-        raise _error(response_type, str(exc)) from exc
+        # Not str(exc): it quotes the encoding name, which is the upstream's text.
+        raise _error(response_type, "the XML declaration names an unsupported encoding") from exc
 
 
 def _error(response_type: ResponseType, reason: str) -> ParseError:
@@ -69,7 +71,8 @@ def _decode(content: bytes, charset: str | None, response_type: ResponseType) ->
         codec = codecs.lookup(name).name
         return content.decode("utf-8-sig" if codec == "utf-8" else name)
     except LookupError as exc:
-        raise _error(response_type, f"unknown charset {name[:40]!r}") from exc
+        # The name is not quoted: it is the upstream's text, and may reflect a secret it was sent.
+        raise _error(response_type, "unknown charset in the Content-Type header") from exc
     except UnicodeDecodeError as exc:
         raise _error(response_type, f"not valid {name} at byte {exc.start}") from exc
 

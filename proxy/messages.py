@@ -6,16 +6,20 @@ Pure functions over bytes. Answers embed the value's JSON as an
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from proxy.errors import BrokerError, InvalidRequest
+from proxy.errors import BrokerError, InvalidRequest, shortlist
 from proxy.types import Origin
 
 MAX_NAME_LENGTH = 200
+MAX_DEPTH = 64
+"""Nesting a request body may have: far beyond real params, far below the recursion limits
+of the stdlib ``json`` (the cache key) and of orjson's writer (254 levels)."""
 FIELDS = frozenset({"data_source_name", "configured_params", "run_id", "project_id"})
 
 
@@ -36,16 +40,51 @@ def _uuid(value: Any, field: str) -> uuid.UUID:
         raise InvalidRequest(f"{field} is not a UUID", field=field) from exc
 
 
+def loads_strict(body: bytes) -> Any:
+    """JSON as every route reads it; a ValueError says why, never quoting the body.
+
+    orjson refuses what is not UTF-8, NaN and Infinity, numbers beyond a double and
+    lone surrogates. On top of that: nesting past MAX_DEPTH, and duplicate keys,
+    which parsers resolve differently (first or last wins), so two readers of the
+    same body could disagree on what it asks for.
+    """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"body is not valid JSON ({exc.msg})") from exc
+    _check_depth(value)
+    json.loads(body, object_pairs_hook=_unique_keys)  # safe: the depth is bounded now
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"body is nested deeper than {MAX_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> None:
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise ValueError("body repeats a key in one object")
+
+
 def parse_request(body: bytes) -> BrokerRequest:
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("body is not valid JSON") from exc
+        data = loads_strict(body)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object")
     unknown = sorted(data.keys() - FIELDS)
     if unknown:
-        raise InvalidRequest(f"unknown fields: {', '.join(unknown)}", fields=unknown)
+        listed = shortlist(unknown)
+        raise InvalidRequest(f"unknown fields: {', '.join(listed)}", fields=listed)
     missing = sorted({"data_source_name", "configured_params", "run_id"} - data.keys())
     if missing:
         raise InvalidRequest(f"missing fields: {', '.join(missing)}", fields=missing)

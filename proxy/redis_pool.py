@@ -1,26 +1,84 @@
-"""The one Redis client: a real server from ``DATABROKER_REDIS_URL``, else in-process."""
+"""The one Redis client, chosen by ``DATABROKER_REDIS_URL``.
+
+- unset: in-process (fakeredis), for the embedded default;
+- ``redis://``, ``rediss://``, ``unix://``: one server;
+- ``redis+cluster://host:port[,host:port…]``: Redis Cluster, discovered from those nodes;
+- ``redis+sentinel://host:port[,host:port…]/service_name[/db]``: the master Sentinel names.
+
+Passwords go in the usual place (``redis+cluster://:secret@host:port``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 
 from proxy.settings import Settings
 
 # Explicit timeouts: a hung Redis must cost a request milliseconds, not forever.
 SOCKET_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 1.0
+CLUSTER_SCHEME = "redis+cluster://"
+SENTINEL_SCHEME = "redis+sentinel://"
 
 
-def create_redis(settings: Settings) -> Redis:
-    if settings.redis_url is None:
+def is_cluster(settings: Settings) -> bool:
+    return (settings.redis_url or "").startswith(CLUSTER_SCHEME)
+
+
+@dataclass(frozen=True)
+class _Nodes:
+    password: str | None
+    nodes: list[tuple[str, int]]
+    path: list[str]
+
+
+def _parse_nodes(url: str, scheme: str) -> _Nodes:
+    """``scheme[:password@]host:port,host:port/path…``: the forms urllib cannot split."""
+    rest = url[len(scheme) :]
+    netloc, _, path = rest.partition("/")
+    password = None
+    if "@" in netloc:
+        credentials, _, netloc = netloc.rpartition("@")
+        password = unquote(credentials.partition(":")[2]) or None
+    nodes = []
+    for node in netloc.split(","):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"DATABROKER_REDIS_URL: {node!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    return _Nodes(password, nodes, [p for p in path.split("/") if p])
+
+
+def create_redis(settings: Settings) -> Redis | RedisCluster:
+    url = settings.redis_url
+    if url is None:
         import fakeredis
 
         redis: Redis = fakeredis.FakeAsyncRedis()
         return redis
-    return Redis.from_url(
-        settings.redis_url,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        health_check_interval=30,
-        max_connections=256,
-    )
+    timeouts: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+    }
+    if url.startswith(CLUSTER_SCHEME):
+        parsed = _parse_nodes(url, CLUSTER_SCHEME)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+            password=parsed.password,
+            **timeouts,
+        )
+    if url.startswith(SENTINEL_SCHEME):
+        parsed = _parse_nodes(url, SENTINEL_SCHEME)
+        if not parsed.path:
+            raise ValueError("DATABROKER_REDIS_URL: redis+sentinel:// needs /service_name")
+        db = int(parsed.path[1]) if len(parsed.path) > 1 else 0
+        sentinel = Sentinel(parsed.nodes, sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
+        master: Redis = sentinel.master_for(parsed.path[0], password=parsed.password, db=db)
+        return master
+    return Redis.from_url(url, health_check_interval=30, max_connections=256, **timeouts)

@@ -16,9 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from proxy.cache import RedisClient
 from proxy.keys import KeyLayout
 from proxy.retry import Retrying
 from proxy.secrets import SecretBox
@@ -80,7 +80,7 @@ def _index(sources: list[Source]) -> dict[tuple[uuid.UUID | None, str], Source]:
 
 
 class Registry:
-    def __init__(self, store: SourceStore, box: SecretBox, redis: Redis, layout: KeyLayout) -> None:
+    def __init__(self, store: SourceStore, box: SecretBox, redis: RedisClient, layout: KeyLayout) -> None:
         self._store = store
         self._box = box
         self._redis = redis

@@ -48,9 +48,12 @@ class HTTPSource(_Strict):
     )
     max_response_bytes: int | None = Field(default=None, gt=0)
     max_concurrency: int | None = Field(default=None, gt=0, le=10_000)
-    follow_redirects: bool = Field(
-        default=False,
-        description="Follow up to 5 redirects, each hop checked by the egress policy.",
+    # None (unset) rather than False by default: stored sources and admin answers keep
+    # the reference's shape unless a source opts in.
+    follow_redirects: bool | None = Field(
+        default=None,
+        description="true: follow up to 5 redirects, each hop checked by the egress policy; "
+        "unset or false: a 3xx is the answer (HTTP_ERROR).",
     )
 
 

@@ -10,6 +10,7 @@ opened through the egress backend (``proxy.egress``), redirect hops included.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -18,6 +19,7 @@ import httpx
 
 from proxy.egress import EgressBackend, EgressPolicy
 from proxy.errors import (
+    InternalError,
     ResponseTooLarge,
     UpstreamConnectError,
     UpstreamError,
@@ -26,6 +28,12 @@ from proxy.errors import (
 )
 from proxy.retry import Retrying
 from proxy.templates import RenderedRequest
+
+# httpx logs every request at INFO with its full URL, and httpcore every response's headers
+# at DEBUG: URLs carry variables (API keys in a query or path), so every line would hold a
+# secret. Warnings still pass.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,11 @@ class Upstream:
                 error = UpstreamConnectError(f"upstream connection failed: {type(exc).__name__}")
                 retry = retrying.retries_transport_error(attempt)
                 cause = exc
+            except httpx.InvalidURL as exc:
+                # Not str(exc): it quotes the bad part of the URL, which may be a variable.
+                raise InternalError(
+                    "the rendered URL is not valid: check the source's url and variables"
+                ) from exc
             else:
                 if 200 <= status < 300:
                     return Fetched(status, content, content_type, attempt + 1)

@@ -225,7 +225,7 @@ def test_unvalidated_settings_still_fail_loudly(settings: Settings) -> None:
 
 def test_follow_redirects_is_off_by_default_and_fixed_once_published() -> None:
     spec = DataSourceSpec.model_validate({"name": "s", "source": {"url": "http://h/"}})
-    assert spec.source.follow_redirects is False
+    assert not spec.source.follow_redirects
     following = DataSourceSpec.model_validate(
         {"name": "s", "source": {"url": "http://h/", "follow_redirects": True}}
     )

@@ -310,8 +310,9 @@ def test_non_utf8_xml_without_declaration() -> None:
 @pytest.mark.parametrize("charset", ["klingon-8", "base64", "rot13"])
 @pytest.mark.parametrize("response_type", ["JSON", "XML", "CSV", "PLAIN_TEXT"])
 def test_unknown_charset(response_type: ResponseType, charset: str) -> None:
-    with pytest.raises(ParseError, match=f"unknown charset '{charset}'"):
+    with pytest.raises(ParseError, match="unknown charset") as info:
         parse_body(b"{}", response_type, charset)
+    assert charset not in info.value.message  # the upstream's text is never quoted
 
 
 def test_format_body_answers_the_parsed_value_as_json_bytes() -> None:

@@ -80,7 +80,7 @@ BROKER_CASES: dict[str, tuple[bytes, str | None]] = {
     "deep-array-100k": (b"[" * 100_000, JSON),
     "deep-object-100k": (b'{"a":' * 100_000, JSON),
     "deep-params-500": (raw().replace(b'"1"', nested(500)), JSON),
-    "deep-params-40": (raw().replace(b'"1"', nested(40)), JSON),
+    "deep-params-70": (raw().replace(b'"1"', nested(70)), JSON),
     "non-utf8": (raw().replace(b'"a"', b'"\xff\xfe"'), JSON),
     "utf16": (orjson.dumps(request()).decode().encode("utf-16"), JSON),
     "lone-surrogate": (raw().replace(b'"a"', b'"\\ud800"'), JSON),

@@ -451,7 +451,7 @@ async def test_no_secret_leaves_an_in_thread_broker(
     assert len(caplog.records) > 0
     logs = caplog.text + "".join(repr(vars(r)) for r in caplog.records)
     leaks = await search_everything(seen, logs, db, redis_prefix, messages, tmp_path)
-    assert leaks == []
+    assert leaks == [], "secrets found in:\n" + "\n".join(leaks)
 
 
 @pytest.mark.slow
@@ -477,7 +477,7 @@ async def test_no_secret_leaves_the_console_script(
     logs = log_of(tmp_path)
     assert "Uvicorn running" in logs or "Application startup complete" in logs, logs
     leaks = await search_everything(seen, logs, db, redis_prefix, messages, tmp_path)
-    assert leaks == []
+    assert leaks == [], "secrets found in:\n" + "\n".join(leaks)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from starlette.routing import Route
 
 from proxy.cache import CacheUnavailable
 from proxy.errors import AdminDisabled, AdminError, NotFound, Unauthorized, ValidationFailed
-from proxy.routes.bodies import read_capped
+from proxy.messages import loads_strict
+from proxy.routes.bodies import read_json
 from proxy.sources import SourceStore, VariableValue, to_api
 from proxy.spec import DataSourceSpec
 from proxy.types import Status
@@ -57,10 +58,15 @@ def admin(handler: Handler) -> Handler:
     return guarded
 
 
-async def _parse(request: Request, parse: Callable[[bytes], Any]) -> Any:
-    body = await read_capped(request, ValidationFailed)
+async def _parse(request: Request, validate: Callable[[Any], Any]) -> Any:
+    """Read and validate a body: the same strict JSON as the broker route, then the model."""
+    body = await read_json(request, ValidationFailed)
     try:
-        return parse(body)
+        data = loads_strict(body)
+    except ValueError as exc:
+        raise ValidationFailed(str(exc)) from exc
+    try:
+        return validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False, include_context=False)
         raise ValidationFailed(
@@ -104,7 +110,7 @@ async def list_sources(request: Request) -> Response:
 
 @admin
 async def create_source(request: Request) -> Response:
-    spec = await _parse(request, DataSourceSpec.model_validate_json)
+    spec = await _parse(request, DataSourceSpec.model_validate)
     row = await _store(request).create(spec, request.state.settings.project_id)
     await request.state.registry.changed(row.data_source_id)
     return _json(to_api(row))
@@ -117,7 +123,7 @@ async def get_source(request: Request) -> Response:
 
 @admin
 async def replace_source(request: Request) -> Response:
-    spec = await _parse(request, DataSourceSpec.model_validate_json)
+    spec = await _parse(request, DataSourceSpec.model_validate)
     row = await _store(request).replace(
         _source_id(request), spec, request.state.settings.project_id
     )
@@ -153,7 +159,7 @@ async def get_variables(request: Request) -> Response:
 
 @admin
 async def set_variables(request: Request) -> Response:
-    desired = await _parse(request, _VARIABLES.validate_json)
+    desired = await _parse(request, _VARIABLES.validate_python)
     data_source_id = _source_id(request)
     await _store(request).set_variables(data_source_id, desired)
     await request.state.registry.changed(data_source_id)

@@ -1,4 +1,4 @@
-"""Reading request bodies with a size cap, before any parsing."""
+"""Reading JSON request bodies: the declared type first, then a size cap, before any parsing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,26 @@ from starlette.requests import Request
 from proxy.errors import BrokerError
 
 MAX_BODY_BYTES = 1024 * 1024
+
+
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or ``application/…+json``, parameters (charset) aside."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def read_json(request: Request, error: type[BrokerError]) -> bytes:
+    """The body of a route that takes JSON; ``error`` unless it is declared JSON.
+
+    Declared JSON is required, not guessed: a browser page may post text/plain, a
+    form or a typeless body to 127.0.0.1 without a CORS preflight, and must not be
+    able to make the sidecar spend a paid call.
+    """
+    if not is_json(request.headers.get("content-type")):
+        raise error("Content-Type must be application/json")
+    return await read_capped(request, error)
 
 
 async def read_capped(request: Request, error: type[BrokerError]) -> bytes:

@@ -8,12 +8,12 @@ from starlette.routing import Route
 
 from proxy import messages
 from proxy.errors import InvalidRequest
-from proxy.routes.bodies import read_capped
+from proxy.routes.bodies import read_json
 
 
 async def data_broker(request: Request) -> Response:
     try:
-        body = await read_capped(request, InvalidRequest)
+        body = await read_json(request, InvalidRequest)
     except InvalidRequest as exc:
         return Response(messages.failure(exc), exc.status, media_type="application/json")
     answer = await request.state.broker.handle(body)

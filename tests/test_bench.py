@@ -1,0 +1,136 @@
+"""The benchmark's pure parts: wrk scripts and output, medians, ratios, the table, profiles.
+
+Nothing here starts a server or times anything; ``make bench`` runs the benchmark.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.bench import (
+    MARK,
+    STOPPED,
+    Summary,
+    WrkRun,
+    fold_profile,
+    format_table,
+    lua_script,
+    parse_wrk,
+    ratios,
+    rss_kib,
+    summarize,
+)
+
+WRK_OUTPUT = f"""Running 10s test @ http://127.0.0.1:40000/internal/data-broker
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.10ms  400.00us  12.00ms   90.00%
+  50000 requests in 10.00s, 20.00MB read
+Requests/sec:   5000.00
+{MARK}{{"requests":50000,"duration_us":10000000,"p50_us":2000,"p90_us":2500,"p99_us":4100,"max_us":12000,"connect":0,"read":1,"write":0,"status":2,"timeout":0}}
+"""
+
+
+def run(rps: float, p50: float, p99: float, errors: int = 0) -> WrkRun:
+    return WrkRun(int(rps * 10), 10.0, p50, p50, p99, p99, errors)
+
+
+def test_parse_wrk_reads_the_done_hook_line() -> None:
+    result = parse_wrk(WRK_OUTPUT)
+    assert result == WrkRun(50000, 10.0, 2.0, 2.5, 4.1, 12.0, errors=3)
+    assert result.rps == 5000
+
+
+def test_parse_wrk_without_the_line_says_so() -> None:
+    with pytest.raises(ValueError, match="@@bench"):
+        parse_wrk("Running 10s test\nunable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_lua_script_posts_one_body_and_reports() -> None:
+    script = lua_script([b'{"data_source_name":"s"}'])
+    assert 'wrk.method = "POST"' in script
+    assert 'wrk.body = [==[{"data_source_name":"s"}]==]' in script
+    assert "latency:percentile(99)" in script
+    assert MARK in script
+    assert "response" not in script  # no per-response Lua call on the timed runs
+
+
+def test_lua_script_rotates_bodies_and_stops_at_a_limit() -> None:
+    script = lua_script([b'{"a":1}', b'{"b":2}'], limit=500)
+    assert "request = function()" in script
+    assert "answered == 500" in script
+    assert STOPPED in script and "wrk.thread:stop()" in script
+
+
+def test_lua_script_refuses_what_it_cannot_embed() -> None:
+    with pytest.raises(ValueError):
+        lua_script([])
+    with pytest.raises(ValueError):
+        lua_script([b'{"a": "]==]"}'])
+
+
+def test_summarize_takes_medians_and_sums_errors() -> None:
+    summary = summarize([run(1000, 1.0, 5.0), run(3000, 3.0, 9.0, errors=1), run(2000, 2.0, 7.0)])
+    assert summary == Summary(rps=2000, p50_ms=2.0, p99_ms=7.0, errors=1, runs=3)
+
+
+def test_ratios_pair_each_target_with_its_reference() -> None:
+    table = {
+        ("ceiling", 16): Summary(10000, 1.0, 2.0, 0, 2),
+        ("hits", 16): Summary(9000, 1.2, 2.5, 0, 2),
+        ("direct", 16): Summary(4000, 3.0, 6.0, 0, 2),
+        ("misses", 16): Summary(3500, 3.4, 7.0, 0, 2),
+        ("ceiling", 1): Summary(3000, 0.3, 0.5, 0, 2),
+    }
+    got = ratios(table)
+    assert got["hits_rps_over_ceiling"] == {16: pytest.approx(0.9)}
+    assert got["hits_p99_over_ceiling"] == {16: pytest.approx(1.25)}
+    assert got["misses_p50_minus_direct_ms"] == {16: pytest.approx(0.4)}
+
+
+def test_format_table_lists_every_row_and_judges_the_targets() -> None:
+    table = {
+        ("ceiling", 16): Summary(10000, 1.0, 2.0, 0, 2),
+        ("hits", 16): Summary(8000, 1.2, 3.5, 0, 2),
+        ("direct", 16): Summary(4000, 3.0, 6.0, 0, 2),
+        ("misses", 16): Summary(3500, 3.4, 7.0, 4, 2),
+    }
+    text = format_table(table, ratios(table))
+    lines = text.splitlines()
+    assert lines[0].split() == ["target", "c", "req/s", "p50", "ms", "p99", "ms", "errors"]
+    assert lines[1].split() == ["ceiling", "16", "10000", "1.00", "2.00", "0"]
+    assert lines[4].split() == ["misses", "16", "3500", "3.40", "7.00", "4"]
+    assert "c=16 0.80 MISSED" in text
+    assert "at c=16 (target <= 1.5): 1.75 MISSED" in text
+    assert "c=16 +0.40 ms ok" in text
+
+
+def test_rss_kib_reads_vmrss() -> None:
+    status = "Name:\tdatabroker\nVmPeak:\t  200000 kB\nVmRSS:\t   81234 kB\nThreads:\t3\n"
+    assert rss_kib(status) == 81234
+    with pytest.raises(ValueError):
+        rss_kib("Name:\tkthreadd\n")
+
+
+def test_fold_profile_shares_self_inclusive_and_modules() -> None:
+    collapsed = "\n".join(
+        [
+            "main (a.py:1);handle (proxy/broker.py:10);get (redis/client.py:5) 6",
+            "main (a.py:1);handle (proxy/broker.py:12);append (proxy/outbox.py:3) 3",
+            "main (a.py:1);send (uvicorn/h.py:9) 1",
+            "garbage line",
+        ]
+    )
+    profile = fold_profile(collapsed, top=3)
+    assert profile.samples == 10
+    assert profile.self_time[0] == ("get (redis/client.py)", 60.0)
+    # Line numbers are folded: both lines of ``handle`` count once per stack.
+    assert profile.inclusive == [
+        ("handle (proxy/broker.py)", 90.0),
+        ("append (proxy/outbox.py)", 30.0),
+    ]
+    assert dict(profile.modules) == {
+        "redis/client.py": 60.0,
+        "proxy/outbox.py": 30.0,
+        "uvicorn/h.py": 10.0,
+    }
