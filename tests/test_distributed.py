@@ -99,7 +99,7 @@ async def test_cache_on_a_redis_cluster(
             "name": "clustered",
             "source": {"url": f"{upstream.url}/c/{{{{ n }}}}", "response_type": "JSON"},
             "caching": {"enabled": True, "ttl": 60},
-        }  # noqa: E501
+        }
         source_draft = await broker.register(spec | {"name": "clustered-draft"}, publish=False)
         await broker.call("clustered-draft", {"n": "1"})
         draft_id = source_draft["data_source_id"]
