@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
-from urllib.parse import quote, quote_plus, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
 import orjson
@@ -35,6 +35,11 @@ _FORM = "application/x-www-form-urlencoded"
 _CASTS = {"str": "str", "string": "str", "int": "int", "integer": "int", "float": "float"}
 _CASTS |= {"number": "float", "bool": "bool", "boolean": "bool", "auto": ""}
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
+MAX_URL_LENGTH = 16 * 1024
+"""A runtime value may not push the URL (query params included) past this: servers refuse
+request lines of 8-16 KiB, so a longer URL is a mistake or an attack, not a call to pay for."""
+MAX_HEADER_VALUE = 8 * 1024
+"""The longest runtime value a header takes, for the same reason."""
 
 
 class TemplateError(ValueError):
@@ -105,6 +110,7 @@ class CompiledSource:
     path: Text
     query: Text  # from the first ? or # on
     url_name: str | None  # named when the URL's origin moves; None: nothing inserted after it
+    url_params: tuple[str, ...]  # runtime params in the path, the query or the query params
     headers: tuple[tuple[str, Text], ...]
     added_headers: tuple[tuple[str, str], ...]
     params: tuple[tuple[str, Node], ...]
@@ -256,7 +262,9 @@ def compile_source(
             content_type = "".join(p for p in text if isinstance(p, str)).lower()
         headers.append((name, text))
 
+    start = len(comp.used)
     params = comp.pairs(source.params, "param")
+    url_params = dict.fromkeys(r.name for r in (*tail, *comp.used[start:]) if r.is_param)
     comp.where = "body"
     body, added = _compile_body(comp, source.body, content_type)
     return CompiledSource(
@@ -265,6 +273,7 @@ def compile_source(
         path=path,
         query=query,
         url_name=url_name,
+        url_params=tuple(url_params),
         headers=tuple(headers),
         added_headers=added,
         params=params,
@@ -314,10 +323,14 @@ def render(
     if missing := [name for name in c.var_names if name not in variables]:
         raise MissingVariables(missing)
     prefix = _join(c.prefix, params, variables, _plain)
-    url = prefix + _join(c.path, params, variables, _enc_path)
+    url = prefix + _join_path(c.path, params, variables)
     url += _join(c.query, params, variables, _enc_query)
     if c.url_name is not None and _origin(url) != _origin(prefix):
         raise InvalidParam(c.url_name, "would change the URL's scheme, host or port")
+    query_params = tuple(_pairs(c.params, params, variables))
+    if c.url_params and len(url) + len(urlencode(query_params)) > MAX_URL_LENGTH:
+        longest = max(c.url_params, key=lambda name: len(_text(params[name])))
+        raise InvalidParam(longest, f"would make the URL longer than {MAX_URL_LENGTH} characters")
     headers = tuple(
         [(name, _join(text, params, variables, _enc_header)) for name, text in c.headers]
     )
@@ -325,9 +338,26 @@ def render(
         method=c.method,
         url=url,
         headers=headers + c.added_headers,
-        params=tuple(_pairs(c.params, params, variables)),
+        params=query_params,
         content=c.body(params, variables),
     )
+
+
+def _join_path(parts: Text, params: _Values, variables: _Values) -> str:
+    """The URL path, where no runtime value makes a ``.`` or ``..`` segment, alone or with
+    its neighbours (``/f/.{{ ext }}`` with ``ext="."``): clients and servers resolve those
+    upward. A runtime value holds no ``/`` once encoded, so it sits in one segment."""
+    texts = [
+        p if isinstance(p, str) else _enc_path(p, _text(_value(p, params, variables)))
+        for p in parts
+    ]
+    path = "".join(texts)
+    segments, index = path.split("/"), 0
+    for part, text in zip(parts, texts, strict=True):
+        if isinstance(part, _Ref) and part.is_param and unquote(segments[index]) in (".", ".."):
+            raise InvalidParam(part.name, "would climb out of its path segment")
+        index += text.count("/")
+    return path
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None] | None:
@@ -419,8 +449,6 @@ def _plain(ref: _Ref, text: str) -> str:
 def _enc_path(ref: _Ref, text: str) -> str:
     if not ref.is_param:
         return quote(text, safe="/")  # an operator's variable may hold several segments
-    if text in (".", ".."):
-        raise InvalidParam(ref.name, "would climb out of its path segment")
     return quote(text, safe="")
 
 
@@ -432,6 +460,8 @@ def _enc_header(ref: _Ref, text: str) -> str:
     if _HEADER_UNSAFE.search(text):
         unsafe = "would inject a header" if _CONTROL.search(text) else "is not ASCII"
         raise InvalidParam(ref.name, unsafe)
+    if ref.is_param and len(text) > MAX_HEADER_VALUE:
+        raise InvalidParam(ref.name, f"is longer than a header takes ({MAX_HEADER_VALUE})")
     return text
 
 

@@ -41,11 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import redis as sync_redis
 from cryptography.fernet import Fernet
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from tests.conftest import ADMIN_TOKEN
 from tests.servers import async_wait_for, free_port, wait_for
@@ -135,14 +137,13 @@ class PostgresInstance:
     async def create_database(self, name: str | None = None, template: str | None = None) -> str:
         """A new database, empty or a copy of ``template``; returns its SQLAlchemy URL."""
         name = name or f"databroker_{uuid.uuid4().hex[:12]}"
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=self.port, user="postgres", database="postgres"
-        )
+        copy = f' TEMPLATE "{template}"' if template else ""
+        engine = create_async_engine(self.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
         try:
-            copy = f' TEMPLATE "{template}"' if template else ""
-            await conn.execute(f'CREATE DATABASE "{name}"{copy}')
+            async with engine.connect() as conn:
+                await conn.execute(text(f'CREATE DATABASE "{name}"{copy}'))
         finally:
-            await conn.close()
+            await engine.dispose()
         return self.url(name)
 
     def destroy(self) -> None:

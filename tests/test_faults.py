@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from tests.instances import (
     RedisCluster,
     RedisInstance,
     Sidecar,
+    publish,
     sidecar,
     sidecar_env,
 )
@@ -96,8 +97,10 @@ async def fire(
 ) -> list[tuple[uuid.UUID, httpx.Response]]:
     """Send one request per params dict at once, each with a run_id of its own."""
     run_ids = [uuid.uuid4() for _ in params]
-    answers = await asyncio.gather(*(node.call(name, p, r) for p, r in zip(params, run_ids)))
-    return list(zip(run_ids, answers))
+    answers = await asyncio.gather(
+        *(node.call(name, p, r) for p, r in zip(params, run_ids, strict=True))
+    )
+    return list(zip(run_ids, answers, strict=True))
 
 
 # --- kill -9 under load ------------------------------------------------------------------
@@ -116,7 +119,547 @@ async def test_kill_9_under_load_loses_and_doubles_nothing(
     total = 400
     run_ids = [uuid.uuid4() for _ in range(total)]
     answered: dict[uuid.UUID, dict[str, Any]] = {}
-    cut: list[BaseException] = []
+    cut: list[uuid.UUID] = []
 
     async with sidecar(env, tmp_path, max_connections=total) as first:
-        sid = await first.client.post  # placeholder replaced below
+        sid = await publish(first.client, counted_spec("load", url))
+
+        async def call(i: int) -> None:
+            try:
+                answer = await first.call("load", {"n": str(i)}, run_ids[i])
+            except httpx.TransportError:  # in flight or queued when the process died
+                cut.append(run_ids[i])
+                return
+            answered[run_ids[i]] = {"status": answer.status_code, "n": str(i), **answer.json()}
+
+        calls = [asyncio.create_task(call(i)) for i in range(total)]
+        try:
+
+            async def a_quarter_answered() -> bool:
+                return len(answered) >= total // 4
+
+            await async_wait_for(a_quarter_answered, timeout=30, interval=0.005)
+            first.kill()
+            await asyncio.gather(*calls)
+        finally:
+            for task in calls:
+                task.cancel()
+    calls_before_restart = upstream.hits("/load")
+
+    assert len(answered) + len(cut) == total
+    assert cut, "the kill landed after the load: nothing was in flight"
+    for answer in answered.values():
+        assert answer["status"] == 200, answer
+        assert answer["origin"] == "REQUEST" and answer["value"] == {"n": answer["n"]}, answer
+
+    # The same outbox directory: the new process ships what the killed one left.
+    async with sidecar(env, tmp_path) as second:
+        await async_wait_for(lambda: _drained(second, outbox), timeout=30)
+
+    per_run, objects = await audit_counts(private_db)
+    lost = set(answered) - set(per_run)
+    duplicates = sum(count - 1 for count in per_run.values())
+    journaled_unanswered = set(per_run) - set(answered)
+    stored = {
+        str(r["data_object_id"]): r
+        for r in await rows(
+            private_db, "SELECT data_object_id, data_source_id, value FROM data_object"
+        )
+    }
+    report(
+        "kill_9_under_load",
+        requests=total,
+        answered=len(answered),
+        cut_by_the_kill=len(cut),
+        records_lost=len(lost),
+        duplicates=duplicates,
+        journaled_but_unanswered=len(journaled_unanswered),
+        upstream_calls=calls_before_restart,
+        upstream_calls_without_record=calls_before_restart - len(per_run),
+    )
+    assert lost == set()
+    assert duplicates == 0
+    # A row no client saw is a response lost in the kill, never a request that was not made.
+    assert journaled_unanswered <= set(cut)
+    # Each audit row has its DataObject, each DataObject its audit row; the answered ones match.
+    audit = await rows(private_db, "SELECT run_id, data_object_id FROM run_data_request")
+    assert {str(r["data_object_id"]) for r in audit} == set(stored) and len(stored) == len(objects)
+    for row in audit:
+        answer = answered.get(row["run_id"])  # type: ignore[call-overload]
+        if answer is not None:
+            assert str(row["data_object_id"]) == answer["data_object_id"]
+            assert json.loads(stored[answer["data_object_id"]]["value"]) == answer["value"]  # type: ignore[arg-type]
+    assert {str(r["data_source_id"]) for r in stored.values()} == {sid}
+    assert upstream.hits("/load") == calls_before_restart  # the replay called nobody
+
+
+async def _drained(node: Sidecar, outbox: Path) -> bool:
+    """Nothing left on disk (the live segment is empty) and the writer agrees."""
+    if outbox_bytes(outbox) != 0:
+        return False
+    _, ready = await node.readyz()
+    return bool(ready["outbox_backlog_bytes"] == 0)
+
+
+# --- PostgreSQL outage under load --------------------------------------------------------
+
+
+async def test_postgres_outage_under_load_then_everything_is_written(
+    private_pg: PostgresInstance,
+    private_pg_url: str,
+    private_db: AsyncEngine,
+    private_redis: RedisInstance,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    env = sidecar_env(
+        private_pg_url, private_redis.url, tmp_path / "outbox", outbox_flush_interval="0.05"
+    )
+    url = slow_json(upstream, "/outage")
+    warm, waves, per_wave = 20, 10, 40
+    answered: list[tuple[uuid.UUID, httpx.Response]] = []
+    async with sidecar(env, tmp_path, max_connections=per_wave) as node:
+        await publish(node.client, counted_spec("outage", url))
+        answered += await fire(node, "outage", [{"n": str(i)} for i in range(warm)])
+        assert all(a.status_code == 200 for _, a in answered)
+
+        private_pg.stop("fast")
+        down = time.monotonic()
+        backlog: list[int] = []
+        during: list[httpx.Response] = []
+        fresh = iter(range(warm, warm + waves * per_wave))
+        for _ in range(waves):
+            # Half hits on warmed keys, half misses on new ones.
+            params = [{"n": str(i % warm)} for i in range(per_wave // 2)]
+            params += [{"n": str(next(fresh))} for _ in range(per_wave // 2)]
+            wave = await fire(node, "outage", params)
+            answered += wave
+            during += [a for _, a in wave]
+            grown = await async_wait_for(lambda: _backlog_above(node, max(backlog, default=0)))
+            status, ready = grown
+            assert status == 503 and ready["status"] == "degraded", ready
+            assert ready["database"].startswith("unavailable") and ready["redis"] == "ok", ready
+            backlog.append(ready["outbox_backlog_bytes"])
+        outage_seconds = time.monotonic() - down
+
+        ok = [a for a in during if a.status_code == 200]
+        origins = Counter(a.json()["origin"] for a in ok)
+        misses = warm + waves * per_wave // 2
+
+        private_pg.start()
+        up = time.monotonic()
+
+        async def all_written() -> bool:
+            per_run, objects = await audit_counts(private_db)
+            return sum(per_run.values()) == len(answered) and len(objects) == misses
+
+        await async_wait_for(all_written, timeout=30, interval=0.01)
+        recovery_seconds = time.monotonic() - up
+        await async_wait_for(lambda: _ready_and_drained(node), timeout=30)
+
+    per_run, objects = await audit_counts(private_db)
+    report(
+        "postgres_outage",
+        requests_during_outage=len(during),
+        answered_200_during_outage=len(ok),
+        hits_during_outage=origins["CACHE"],
+        misses_during_outage=origins["REQUEST"],
+        outage_seconds=round(outage_seconds, 2),
+        outbox_backlog_bytes_at_end=backlog[-1],
+        recovery_seconds=round(recovery_seconds, 3),
+        rows=sum(per_run.values()),
+        answered=len(answered),
+    )
+    assert len(ok) == len(during) == waves * per_wave
+    assert origins == {"CACHE": waves * per_wave // 2, "REQUEST": waves * per_wave // 2}
+    assert backlog == sorted(set(backlog)), "the backlog grew with every wave"
+    assert set(per_run) == {run_id for run_id, _ in answered} and max(per_run.values()) == 1
+    assert objects == {
+        uuid.UUID(a.json()["data_object_id"])
+        for _, a in answered
+        if a.json()["origin"] == "REQUEST"
+    }
+    assert upstream.hits("/outage") == misses
+
+
+async def _backlog_above(node: Sidecar, floor: int) -> tuple[int, dict[str, Any]] | None:
+    status, ready = await node.readyz()
+    return (status, ready) if ready["outbox_backlog_bytes"] > floor else None
+
+
+async def _ready_and_drained(node: Sidecar) -> bool:
+    status, ready = await node.readyz()
+    return status == 200 and ready["outbox_backlog_bytes"] == 0
+
+
+# --- Redis outage ------------------------------------------------------------------------
+
+
+def redis_warnings(node: Sidecar) -> list[str]:
+    return [
+        line for line in node.log().splitlines() if "WARNING" in line and "redis" in line.lower()
+    ]
+
+
+async def test_redis_outage_answers_from_upstream_and_the_cache_comes_back(
+    private_pg_url: str,
+    private_db: AsyncEngine,
+    private_redis: RedisInstance,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    env = sidecar_env(private_pg_url, private_redis.url, tmp_path / "outbox")
+    url = slow_json(upstream, "/redis-outage")
+    run_ids: list[uuid.UUID] = []
+
+    async def origin(node: Sidecar, n: int) -> str:
+        run_ids.append(uuid.uuid4())
+        answer = await node.call("cached", {"n": str(n)}, run_ids[-1])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["value"] == {"n": str(n)}
+        return str(answer.json()["origin"])
+
+    async with sidecar(env, tmp_path) as node:
+        await publish(node.client, counted_spec("cached", url))
+        assert [await origin(node, 0), await origin(node, 0)] == ["REQUEST", "CACHE"]
+        assert redis_warnings(node) == []
+
+        private_redis.stop()
+        during = 30
+        started = time.monotonic()
+        origins = [await origin(node, n % 10) for n in range(during)]  # n=0 was cached
+        seconds_per_request = (time.monotonic() - started) / during
+        assert origins == ["REQUEST"] * during
+        assert upstream.hits("/redis-outage") == 1 + during
+        status, ready = await node.readyz()
+        assert status == 503 and ready["status"] == "degraded", ready
+        assert ready["redis"].startswith("unavailable") and ready["database"] == "ok", ready
+        warnings_during = redis_warnings(node)
+
+        private_redis.start()  # same port, empty: the sidecar is not restarted
+        back = time.monotonic()
+        fresh = iter(range(1000, 2000))
+
+        async def cache_works() -> bool:
+            n = next(fresh)
+            return [await origin(node, n), await origin(node, n)] == ["REQUEST", "CACHE"]
+
+        await async_wait_for(cache_works, timeout=30)
+        recovery_seconds = time.monotonic() - back
+        warnings_after = redis_warnings(node)
+
+        async def all_written() -> bool:
+            per_run, _ = await audit_counts(private_db)
+            return sum(per_run.values()) == len(run_ids)
+
+        await async_wait_for(all_written, timeout=30)
+
+    per_run, _ = await audit_counts(private_db)
+    report(
+        "redis_outage",
+        requests_during_outage=during,
+        answered_200_during_outage=len(origins),
+        upstream_calls_during_outage=during,
+        warnings_during_outage=len(warnings_during),
+        mean_seconds_per_request_during_outage=round(seconds_per_request, 4),
+        cache_recovery_seconds=round(recovery_seconds, 3),
+    )
+    assert len(warnings_during) == 1, warnings_during
+    assert "Redis unavailable" in warnings_during[0]
+    assert len(warnings_after) == 2 and "Redis reachable again" in warnings_after[1], warnings_after
+    assert set(per_run) == set(run_ids) and max(per_run.values()) == 1
+
+
+# --- hostile upstreams -------------------------------------------------------------------
+
+
+class RawUpstream:
+    """A raw TCP server in the test's loop that misbehaves below HTTP; counts connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/raw"
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.connections += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await self.behaviour(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the broker gave up on us: that is the point
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    server = RawUpstream()
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def _hang(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+    await reader.read()  # answers nothing; returns when the broker hangs up
+
+
+def _reset_after(
+    sent: bytes,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def behaviour(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(sent)
+        await writer.drain()
+        # SO_LINGER 0: close() sends a TCP RST, not a FIN.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    return behaviour
+
+
+async def _drip(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    )
+    while True:  # a byte every 50 ms: each read is quick, the whole never ends
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def assert_failed_once(
+    broker: Broker, db: AsyncEngine, redis_prefix: str, answer: httpx.Response, code: str
+) -> dict[str, Any]:
+    """The documented code, exactly one audit row carrying it, nothing cached."""
+    body: dict[str, Any] = answer.json()
+    assert body["error"]["code"] == code, body
+    assert body["origin"] == "REQUEST" and body["value"] is None
+    await async_wait_for(lambda: rows(db, "SELECT 1 FROM run_data_request"))
+
+    async def drained() -> bool:
+        return bool((await broker.client.get("/readyz")).json()["outbox_backlog_bytes"] == 0)
+
+    await async_wait_for(drained)
+    audit = await rows(db, "SELECT error, data_origin FROM run_data_request")
+    assert len(audit) == 1, audit
+    assert audit[0]["error"]["code"] == code and audit[0]["data_origin"] == "REQUEST"  # type: ignore[index]
+    cached = sync_redis.Redis.from_url(REDIS_URL).keys(f"{redis_prefix}cache:*")
+    assert cached == []
+    return body
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "code"),
+    [
+        pytest.param(_hang, "TIMEOUT", id="hangs"),
+        pytest.param(
+            _reset_after(b"HTTP/1.1 200 OK\r\nContent-Type: appli"),
+            "CONNECTION_ERROR",
+            id="resets-in-headers",
+        ),
+        pytest.param(
+            _reset_after(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"partial": "'
+            ),
+            "CONNECTION_ERROR",
+            id="resets-in-body",
+        ),
+        pytest.param(_drip, "TIMEOUT", id="drips-bytes"),
+    ],
+)
+async def test_upstream_breaking_the_connection(
+    broker: Broker,
+    db: AsyncEngine,
+    redis_prefix: str,
+    raw_upstream: RawUpstream,
+    behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    code: str,
+) -> None:
+    raw_upstream.behaviour = behaviour
+    await broker.register(
+        {
+            "name": "hostile",
+            "source": {"url": raw_upstream.url, "response_type": "JSON", "timeout": 0.5},
+            "caching": {"enabled": True, "ttl": 60},
+        }
+    )
+    answer = await broker.call("hostile")
+    assert answer.status_code == 502
+    await assert_failed_once(broker, db, redis_prefix, answer, code)
+    assert raw_upstream.connections == 1
+    assert await rows(db, "SELECT 1 FROM data_object") == []
+
+
+@pytest.mark.parametrize(("failures", "code"), [(4, "HTTP_ERROR"), (2, None)])
+async def test_5xx_burst_with_retries(
+    broker: Broker,
+    upstream: Upstream,
+    db: AsyncEngine,
+    redis_prefix: str,
+    failures: int,
+    code: str | None,
+) -> None:
+    max_retries = 3
+    statuses = iter([503] * failures)
+
+    async def burst(_: Request) -> Response:
+        return Response(b'{"ok": 1}', next(statuses, 200), media_type="application/json")
+
+    url = upstream.on("/burst", burst)
+    await broker.register(
+        {
+            "name": "bursty",
+            "source": {
+                "url": url,
+                "response_type": "JSON",
+                "retry": {"max_retries": max_retries, "backoff_factor": 0.01},
+            },
+            "caching": {"enabled": True, "ttl": 60},
+        }
+    )
+    answer = await broker.call("bursty")
+    hits = upstream.hits("/burst")
+    report(f"5xx_burst_of_{failures}", max_retries=max_retries, upstream_calls=hits)
+    if code is None:  # the burst ends within the retries: answered, and cached
+        assert answer.status_code == 200 and answer.json()["value"] == {"ok": 1}
+        assert hits == failures + 1
+        cached = sync_redis.Redis.from_url(REDIS_URL).keys(f"{redis_prefix}cache:*")
+        assert len(cached) == 1
+        return
+    assert answer.status_code == 502
+    body = await assert_failed_once(broker, db, redis_prefix, answer, code)
+    assert body["error"]["upstream_status"] == 503
+    assert hits == max_retries + 1
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["chunked", "content-length"])
+async def test_a_1_gb_answer_is_abandoned_while_streaming(
+    broker: Broker, upstream: Upstream, db: AsyncEngine, redis_prefix: str, declared: bool
+) -> None:
+    chunk = b"x" * MiB  # one buffer, yielded a thousand times: 1 GiB never exists
+    sent = [0]
+    finished = threading.Event()
+
+    async def gigabyte() -> AsyncIterator[bytes]:
+        try:
+            for _ in range(GiB // MiB):
+                yield chunk
+                sent[0] += len(chunk)
+        finally:
+            finished.set()
+
+    async def handler(_: Request) -> Response:
+        headers = {"Content-Length": str(GiB)} if declared else None
+        return StreamingResponse(gigabyte(), media_type="application/json", headers=headers)
+
+    url = upstream.on("/gigabyte", handler)
+    await broker.register(
+        {
+            "name": "huge",
+            "source": {"url": url, "response_type": "JSON"},
+            "caching": {"enabled": True},
+        }
+    )
+    answer = await broker.call("huge")
+    assert answer.status_code == 502
+    body = await assert_failed_once(broker, db, redis_prefix, answer, "RESPONSE_TOO_LARGE")
+    assert body["error"]["limit"] == broker.settings.max_response_bytes == 10 * MiB
+    # The upstream's generator ends (closed by the hang-up), far from its gigabyte.
+    wait_for(finished.is_set, timeout=30)
+    report(
+        f"1_gb_answer_{'content_length' if declared else 'chunked'}",
+        upstream_bytes_sent=sent[0],
+        upstream_calls=upstream.hits("/gigabyte"),
+    )
+    assert sent[0] < GiB
+    assert upstream.hits("/gigabyte") == 1
+    assert await rows(db, "SELECT 1 FROM data_object") == []
+
+
+@pytest.mark.parametrize(
+    ("response_type", "content_type", "content"),
+    [
+        pytest.param("JSON", "application/json", b'{"half": ', id="json"),
+        pytest.param("XML", "application/xml", b"<a><b>unclosed</a>", id="xml"),
+        pytest.param(
+            "CSV", "text/csv", b'id,blob\n1,"' + b"x" * 200_000 + b'"\n', id="csv-field-over-limit"
+        ),
+        pytest.param("PLAIN_TEXT", "text/plain", "Grüße".encode("latin-1"), id="text-not-utf8"),
+        pytest.param(
+            "JSON", "application/json", '{"name": "José"}'.encode("latin-1"), id="json-not-utf8"
+        ),
+    ],
+)
+async def test_unparseable_answers(
+    broker: Broker,
+    upstream: Upstream,
+    db: AsyncEngine,
+    redis_prefix: str,
+    response_type: str,
+    content_type: str,
+    content: bytes,
+) -> None:
+    url = upstream.answer("/garbage", content, content_type=content_type)
+    await broker.register(
+        {
+            "name": "garbage",
+            "source": {"url": url, "response_type": response_type},
+            "caching": {"enabled": True, "ttl": 60},
+        }
+    )
+    answer = await broker.call("garbage")
+    assert answer.status_code == 500
+    body = await assert_failed_once(broker, db, redis_prefix, answer, "PARSE_ERROR")
+    assert upstream.hits("/garbage") == 1
+    # The raw bytes are kept for audit, exactly as received.
+    stored = await rows(db, "SELECT data_object_id, value FROM data_object")
+    assert stored == [{"data_object_id": uuid.UUID(body["data_object_id"]), "value": content}]
+
+
+# --- the infrastructure the distributed tests stand on -----------------------------------
+
+
+async def test_private_redis_cluster_spreads_keys_and_a_node_rejoins(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Guards ``redis_cluster``: three masters really share the slots, and a restart rejoins."""
+    client = sync_redis.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
+    try:
+        for i in range(60):
+            client.set(f"spread:{{{i}}}", i)
+        sizes = [node.client().dbsize() for node in redis_cluster.nodes]
+        assert sum(sizes) == 60 and all(size > 0 for size in sizes), sizes
+        restarted = redis_cluster.nodes[1]
+        restarted.kill()
+        restarted.start()  # empty (no persistence), same port, same nodes.conf
+        started = time.monotonic()
+        wait_for(redis_cluster.healthy, timeout=30)
+        report("redis_cluster_node_rejoin", seconds=round(time.monotonic() - started, 2))
+    finally:
+        client.close()
+
+
+def test_the_private_instances_are_not_the_shared_ones(
+    private_pg: PostgresInstance, private_redis: RedisInstance
+) -> None:
+    assert private_pg.port != 5432 and private_redis.port != 6379
+    assert private_pg.running and private_redis.running

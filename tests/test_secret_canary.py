@@ -420,7 +420,7 @@ async def search_everything(
     assert messages, "no registry announcement seen: the Pub/Sub search would prove nothing"
     return [
         *in_responses(seen.responses),
-        *found("logs", logs),
+        *(leak for line in logs.splitlines() for leak in found(f"log line {line[:200]!r}", line)),
         *in_redis(prefix),
         *(leak for m in messages for leak in found("a published message", m)),
         *await in_database(db),
