@@ -50,6 +50,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from proxy.bench_apps import UPSTREAM_BODY
 from proxy.database import create_engine, migrate
 from proxy.outbox import Outbox, RunDataRequestRecord
 from proxy.writer import DatabaseSink, OutboxWriter
@@ -309,15 +310,23 @@ def fold_profile(collapsed: str, top: int = 15) -> Profile:
     return Profile(total, shares(own), shares(ours), shares(module))
 
 
-def format_profile(profile: Profile) -> str:
-    out = [f"{profile.samples} samples (CPU only, idle excluded)"]
+def format_profile(profile: Profile, cpu_us_per_request: float | None = None) -> str:
+    """The three lists; with the CPU time a request cost, each share in µs per request too."""
+    head = f"{profile.samples} samples (CPU only, idle excluded)"
+    if cpu_us_per_request is not None:
+        head += f", {cpu_us_per_request:.0f} µs of CPU per request"
+    out = [head]
     for title, rows in (
         ("self time by function", profile.self_time),
         ("inclusive time, our code", profile.inclusive),
         ("self time by module", profile.modules),
     ):
         out.append(f"-- {title}")
-        out += [f"{share:6.1f}%  {name}" for name, share in rows]
+        for name, share in rows:
+            cost = (
+                "" if cpu_us_per_request is None else f" {share * cpu_us_per_request / 100:6.1f} µs"
+            )
+            out.append(f"{share:6.1f}%{cost}  {name}")
     return "\n".join(out)
 
 
@@ -351,7 +360,7 @@ class Results:
     writer: dict[str, Any] = field(default_factory=dict)
     outbox_backlog: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] | None = None
-    profile: dict[str, Any] | None = None
+    profile: dict[str, dict[str, Any]] | None = None
 
 
 def _local(url: str) -> str:
@@ -591,6 +600,7 @@ class Bench:
         self.admin_token = uuid.uuid4().hex
         self.broker_env = self._broker_env()
         self.scripts: dict[str, Path] = {}
+        self.pids: dict[str, int] = {}
 
     def url(self, name: str, path: str = PATH) -> str:
         return f"http://{LOOPBACK}:{self.ports[name]}{path}"
@@ -616,15 +626,13 @@ class Bench:
             DATABROKER_BENCH_KEY=f"{self.prefix}bench:ceiling",
             DATABROKER_BENCH_UPSTREAM_URL=self.url("upstream", "/users/42"),
         )
-        from proxy.bench_apps import UPSTREAM_BODY
-
         client = sync_redis.Redis.from_url(self.options.redis, socket_timeout=5)
         try:
             client.set(env["DATABROKER_BENCH_KEY"], UPSTREAM_BODY)
         finally:
             client.close()
         for name in ("upstream", "ceiling", "direct"):
-            self.processes.start(
+            self.pids[name] = self.processes.start(
                 name, _uvicorn(f"proxy.bench_apps:{name}", self.ports[name]), env, self.ports[name]
             )
         self.start_broker()
@@ -633,7 +641,7 @@ class Bench:
     def start_broker(self) -> int:
         argv = [*_databroker(), "serve", "--host", LOOPBACK, "--port", str(self.ports["broker"])]
         pid = self.processes.start("broker", argv, self.broker_env, self.ports["broker"])
-        self.broker_pid = pid
+        self.pids["broker"] = pid
         return pid
 
     def _register(self) -> None:
@@ -752,53 +760,40 @@ class Bench:
             "runs": backlog,
         }
 
-    def profile(self, out: TextIO) -> dict[str, Any]:
-        """py-spy on the broker while wrk drives hits at c=16."""
+    def profile(self, target: str, out: TextIO) -> dict[str, Any]:
+        """py-spy on ``target``'s server while wrk drives it at c=16."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(spy).exists():
             raise SystemExit("bench: --profile needs py-spy (pip install -e '.[bench]')")
-        duration = self.options.duration
-        raw = self.work / "profile.txt"
-        argv = ["wrk", "-t1", "-c16", f"-d{duration + 2}s", "-s", str(self.scripts["hits"])]
+        duration, rate = self.options.duration, 200
+        server = "broker" if target in ("hits", "misses") else target
+        raw = self.work / f"profile-{target}.txt"
+        wrk = ["wrk", "-t1", "-c16", f"-d{duration + 2}s", "-s", str(self.scripts[target])]
+        spy_argv = [spy, "record", "-p", str(self.pids[server]), "-d", str(duration)]
+        spy_argv += ["-r", str(rate), "-f", "raw", "-o", str(raw)]
         with subprocess.Popen(
-            [*argv, self.target_url("hits")], stdout=subprocess.PIPE, text=True
+            [*wrk, self.target_url(target)], stdout=subprocess.PIPE, text=True
         ) as load:
             try:
                 time.sleep(1)
-                subprocess.run(
-                    [
-                        spy,
-                        "record",
-                        "-p",
-                        str(self.broker_pid),
-                        "-d",
-                        str(duration),
-                        "-r",
-                        "200",
-                        "-f",
-                        "raw",
-                        "-o",
-                        str(raw),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=duration + 60,
-                )
+                subprocess.run(spy_argv, check=True, capture_output=True, timeout=duration + 60)
                 stdout, _ = load.communicate(timeout=duration + 60)
             finally:
                 if load.poll() is None:
                     load.kill()
         run = parse_wrk(stdout)
-        profile = fold_profile(raw.read_text())
-        text = format_profile(profile)
-        print(
-            f"\nprofile of the hit path at c=16 ({run.rps:.0f} req/s under py-spy)\n{text}",
-            file=out,
-        )
+        collapsed = raw.read_text()
+        profile = fold_profile(collapsed)
+        # Each sample stands for 1/rate s of one busy thread; py-spy saw ``duration`` s of load.
+        cpu_us = profile.samples * 1e6 / rate / (run.rps * duration) if run.rps else None
+        text = format_profile(profile, cpu_us)
+        print(f"profile: {target} at c=16, {run.rps:.0f} req/s under py-spy", file=out, flush=True)
         return {
+            "target": target,
             "rps_under_profiler": run.rps,
+            "cpu_us_per_request": cpu_us,
             "text": text,
-            "collapsed": raw.read_text(),
+            "collapsed": collapsed,
             **asdict(profile),
         }
 
@@ -817,7 +812,7 @@ class Bench:
         threads = 2
         marks: dict[str, Any] = {"requests": total, "pid": pid}
         started = time.perf_counter()
-        for label, count in (("first", first), ("rest", total - first)):
+        for label, count in (("after_first", first), ("after_all", total - first)):
             script = self._script(f"memory-{label}", bodies, limit=-(-count // threads))
             run = self._wrk_until_stopped(script, threads, 16)
             time.sleep(1)
@@ -830,7 +825,7 @@ class Bench:
                 flush=True,
             )
         marks["seconds"] = time.perf_counter() - started
-        marks["growth"] = marks["rss_kib_rest"] / marks["rss_kib_first"]
+        marks["growth"] = marks["rss_kib_after_all"] / marks["rss_kib_after_first"]
         return marks
 
     def _wrk_until_stopped(self, script: Path, threads: int, concurrency: int) -> WrkRun:
@@ -940,7 +935,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             if not options.skip_load:
                 bench.load(results, out)
             if options.profile:
-                results.profile = bench.profile(out)
+                results.profile = {t: bench.profile(t, out) for t in ("hits", "ceiling")}
             if options.memory:
                 results.memory = bench.memory(out)
         except BaseException:
@@ -949,14 +944,18 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             raise
         finally:
             bench.processes.stop_all()
+            results.machine["load_average_end"] = os.getloadavg()
     _report(results, options.out, stamp, out)
     return 0
 
 
 def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> None:
     name = f"bench-{stamp.strftime('%Y%m%d-%H%M%S')}"
+    machine = results.machine
     lines = [
-        f"databroker bench, {results.date}, {results.machine['cores']} cores ({results.machine['cpu']})"
+        f"databroker bench, {results.date}, {machine['cores']} cores ({machine['cpu']}), "
+        f"load average {machine['load_average'][0]:.1f} at start, "
+        f"{machine['load_average_end'][0]:.1f} at end"
     ]
     if results.table:
         lines += [results.table]
@@ -975,9 +974,15 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
     if results.memory:
         m = results.memory
         lines.append(
-            f"memory: RSS {m['rss_kib_first'] / 1024:.1f} MiB after {m['requests'] // 10} requests, "
-            f"{m['rss_kib_rest'] / 1024:.1f} MiB after {m['requests']}: x{m['growth']:.3f} "
+            f"memory: RSS {m['rss_kib_after_first'] / 1024:.1f} MiB after {m['requests'] // 10} "
+            f"mixed requests, {m['rss_kib_after_all'] / 1024:.1f} MiB after {m['requests']}: "
+            f"x{m['growth']:.3f} "
             f"(target <= {MEMORY_GROWTH_TARGET}: {_verdict(m['growth'] <= MEMORY_GROWTH_TARGET)})"
+        )
+    for profile in (results.profile or {}).values():
+        lines.append(
+            f"\nprofile: {profile['target']} at c=16 "
+            f"({profile['rps_under_profiler']:.0f} req/s under py-spy)\n{profile['text']}"
         )
     report = "\n".join(lines)
     print("\n" + report, file=out)

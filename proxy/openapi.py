@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from proxy import __version__
 from proxy.sources import VariableValue
 from proxy.spec import DataSourceSpec
+from proxy.types import Status
 
 _REF = "#/components/schemas/{model}"
 
@@ -76,7 +77,12 @@ def _op(
         op["requestBody"] = {"required": True, **_json(body)}
     if params:
         op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "format": "uuid"},
+            }
             for p in params
         ]
     return op
@@ -100,8 +106,12 @@ def document() -> dict[str, Any]:
     }
     listing = _op("List data sources", {"type": "array", "items": {"type": "object"}})
     listing["parameters"] = [
-        {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
-        for n in ("include_archived", "status", "project_id")
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (
+            ("include_archived", {"type": "boolean"}),
+            ("status", {"enum": list(get_args(Status))}),
+            ("project_id", {"type": "string", "format": "uuid"}),
+        )
     ]
     sources = {
         "get": listing,

@@ -5,7 +5,7 @@
 - ``redis+cluster://host:port[,host:port…]``: Redis Cluster, discovered from those nodes;
 - ``redis+sentinel://host:port[,host:port…]/service_name[/db]``: the master Sentinel names.
 
-Passwords go in the usual place (``redis+cluster://:secret@host:port``).
+Credentials go in the usual place (``redis+cluster://[user]:secret@host:port``).
 """
 
 from __future__ import annotations
@@ -34,25 +34,27 @@ def is_cluster(settings: Settings) -> bool:
 @dataclass(frozen=True)
 class _Nodes:
     password: str | None
+    username: str | None
     nodes: list[tuple[str, int]]
     path: list[str]
 
 
 def _parse_nodes(url: str, scheme: str) -> _Nodes:
-    """``scheme[:password@]host:port,host:port/path…``: the forms urllib cannot split."""
+    """``scheme[[user]:password@]host:port,host:port/path…``: the forms urllib cannot split."""
     rest = url[len(scheme) :]
     netloc, _, path = rest.partition("/")
-    password = None
+    username = password = None
     if "@" in netloc:
         credentials, _, netloc = netloc.rpartition("@")
-        password = unquote(credentials.partition(":")[2]) or None
+        user, _, secret = credentials.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None  # an ACL user
     nodes = []
     for node in netloc.split(","):
         host, _, port = node.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"DATABROKER_REDIS_URL: {node!r} is not host:port")
         nodes.append((host.strip("[]"), int(port)))
-    return _Nodes(password, nodes, [p for p in path.split("/") if p])
+    return _Nodes(password, username, nodes, [p for p in path.split("/") if p])
 
 
 def create_redis(settings: Settings) -> Redis | RedisCluster:
@@ -70,6 +72,7 @@ def create_redis(settings: Settings) -> Redis | RedisCluster:
         parsed = _parse_nodes(url, CLUSTER_SCHEME)
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+            username=parsed.username,
             password=parsed.password,
             **timeouts,
         )
@@ -79,6 +82,8 @@ def create_redis(settings: Settings) -> Redis | RedisCluster:
             raise ValueError("DATABROKER_REDIS_URL: redis+sentinel:// needs /service_name")
         db = int(parsed.path[1]) if len(parsed.path) > 1 else 0
         sentinel = Sentinel(parsed.nodes, sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
-        master: Redis = sentinel.master_for(parsed.path[0], password=parsed.password, db=db)
+        master: Redis = sentinel.master_for(
+            parsed.path[0], username=parsed.username, password=parsed.password, db=db
+        )
         return master
     return Redis.from_url(url, health_check_interval=30, max_connections=256, **timeouts)

@@ -65,7 +65,7 @@ class Source:
             runtime_params=frozenset(runtime_params),
             variables=tuple(variables),
             compiled=compile_source(spec.source, runtime_params, variables),
-            retrying=Retrying.from_policy(spec.source.retry),
+            retrying=Retrying.from_policy(spec.source.retry, spec.source.method),
             updated_at=row.last_updated_at.timestamp(),
             values=values,
         )
@@ -80,7 +80,9 @@ def _index(sources: list[Source]) -> dict[tuple[uuid.UUID | None, str], Source]:
 
 
 class Registry:
-    def __init__(self, store: SourceStore, box: SecretBox, redis: RedisClient, layout: KeyLayout) -> None:
+    def __init__(
+        self, store: SourceStore, box: SecretBox, redis: RedisClient, layout: KeyLayout
+    ) -> None:
         self._store = store
         self._box = box
         self._redis = redis

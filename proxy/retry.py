@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from proxy.spec import DEFAULT_STATUS_FORCELIST, RetryPolicy
 
 MAX_BACKOFF_SECONDS = 30.0
+NON_IDEMPOTENT = frozenset({"POST", "PATCH"})
 _RANDOM = random.Random()
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT; a malformed one may lack the zone
+        return None
+    return max(when.timestamp() - now, 0.0)
 
 
 @dataclass(frozen=True)
@@ -18,25 +36,41 @@ class Retrying:
     max_retries: int = 0
     backoff_factor: float = 0.0
     status_forcelist: frozenset[int] = frozenset(DEFAULT_STATUS_FORCELIST)
+    method: str = "GET"
+    non_idempotent: bool = False
+    """Whether a POST/PATCH may be sent again after the upstream may have received it."""
 
     @classmethod
-    def from_policy(cls, policy: RetryPolicy | None) -> Retrying:
+    def from_policy(cls, policy: RetryPolicy | None, method: str = "GET") -> Retrying:
         if policy is None:
-            return cls()
+            return cls(method=method)
         statuses = policy.status_forcelist
         return cls(
             max_retries=policy.max_retries,
             backoff_factor=policy.backoff_factor or 0.0,
             status_forcelist=frozenset(DEFAULT_STATUS_FORCELIST if statuses is None else statuses),
+            method=method,
+            non_idempotent=bool(policy.non_idempotent),
         )
+
+    def _may_resend(self) -> bool:
+        # A POST the upstream received may have been acted on (and billed): sent twice, twice.
+        return self.method not in NON_IDEMPOTENT or self.non_idempotent
 
     def retries_status(self, status: int, attempt: int) -> bool:
         """Retry an HTTP answer only if its status is listed; other 4xx never."""
-        return attempt < self.max_retries and status in self.status_forcelist
+        return attempt < self.max_retries and status in self.status_forcelist and self._may_resend()
 
-    def retries_transport_error(self, attempt: int) -> bool:
-        """Timeouts and connection errors are always worth another attempt."""
-        return attempt < self.max_retries
+    def retries_transport_error(self, attempt: int, sent: bool = True) -> bool:
+        """Timeouts and connection errors are worth another attempt; once the request may
+        have reached the upstream (``sent``), only for methods safe to send twice."""
+        return attempt < self.max_retries and (not sent or self._may_resend())
+
+    def wait(self, attempt: int, retry_after: float | None, remaining: float) -> float | None:
+        """Seconds before attempt ``attempt + 1``: the backoff, or longer if the upstream asked;
+        None when that would not leave the deadline room for another attempt."""
+        delay = max(self.backoff(attempt), retry_after or 0.0)
+        return delay if delay < remaining else None
 
     def backoff(self, attempt: int, rand: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt ``attempt`` (0-based).

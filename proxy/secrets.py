@@ -46,7 +46,12 @@ class SecretBox:
 
     def rotate(self, token: str) -> str:
         """Re-encrypt with the newest key."""
-        return self._fernet.rotate(token.encode()).decode()
+        try:
+            return self._fernet.rotate(token.encode()).decode()
+        except InvalidToken as exc:
+            raise SecretKeyError(
+                "a stored variable cannot be decrypted with any key of DATABROKER_SECRET_KEY"
+            ) from exc
 
 
 def load_secret_box(settings: Settings) -> SecretBox:

@@ -217,6 +217,24 @@ class SourceStore:
             variables = list((await session.scalars(select(DataSourceEnvVar))).all())
         return sources, variables
 
+    async def rotate_secrets(self) -> int:
+        """Re-encrypt every stored variable with the newest key; how many were.
+
+        One transaction: a value no key decrypts (SecretKeyError) leaves every row as it was.
+        """
+        async with self._sessions() as session, session.begin():
+            # FOR UPDATE (Postgres): an admin PUT of the same rows waits for this commit, so
+            # it is not overwritten by the value read before it. A row inserted meanwhile is
+            # not rotated, but was encrypted by a sidecar that already has the new key first.
+            # SQLite has no row locks: a concurrent write makes this commit fail; run it again.
+            variables = await session.scalars(select(DataSourceEnvVar).with_for_update())
+            rotated = 0
+            for var in variables:
+                if var.value is not None:
+                    var.value = self._box.rotate(var.value)
+                    rotated += 1
+        return rotated
+
     async def get_variables(self, data_source_id: uuid.UUID) -> list[dict[str, Any]]:
         """Names and whether each is set; values never leave the store."""
         async with self._sessions() as session:

@@ -24,6 +24,10 @@ class RetryPolicy(_Strict):
     max_retries: int = Field(ge=0, le=10)
     backoff_factor: float | None = Field(default=None, ge=0, le=60)
     status_forcelist: list[int] | None = None
+    non_idempotent: bool | None = Field(
+        default=None,
+        description="Retry POST/PATCH even after the upstream may have received the request.",
+    )
 
     @field_validator("status_forcelist")
     @classmethod

@@ -30,7 +30,9 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 _SCHEME = re.compile(r"(?i)https?://")
 _HEADER_UNSAFE = re.compile(r"[^\t\x20-\x7e]")  # httpx sends header values as ASCII
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_XML_QUOTES = {'"': "&quot;", "'": "&apos;"}
+# Quotes for attributes; whitespace as references, which attribute normalisation keeps.
+_XML_ENTITIES = {'"': "&quot;", "'": "&apos;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
+_XML_UNWRITABLE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _FORM = "application/x-www-form-urlencoded"
 _CASTS = {"str": "str", "string": "str", "int": "int", "integer": "int", "float": "float"}
 _CASTS |= {"number": "float", "bool": "bool", "boolean": "bool", "auto": ""}
@@ -465,8 +467,16 @@ def _enc_header(ref: _Ref, text: str) -> str:
     return text
 
 
+def _enc_xml(ref: _Ref, text: str) -> str:
+    """XML 1.0 cannot hold most control characters, even as references: refused, since
+    the upstream would reject or misread an ill-formed document."""
+    if _XML_UNWRITABLE.search(text):
+        raise InvalidParam(ref.name, "cannot be written in XML")
+    return escape(text, _XML_ENTITIES)
+
+
 _TEXT_BODY_ENCODERS: tuple[tuple[str, _Enc], ...] = (
-    ("xml", lambda ref, text: escape(text, _XML_QUOTES)),
+    ("xml", _enc_xml),
     ("json", lambda ref, text: orjson.dumps(text)[1:-1].decode()),
     (_FORM, lambda ref, text: quote_plus(text, safe="")),
 )

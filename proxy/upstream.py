@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import httpcore
 import httpx
 
+from proxy.decoding import ACCEPT_ENCODING, decoded
 from proxy.egress import EgressBackend, EgressPolicy
 from proxy.errors import (
     InternalError,
@@ -26,7 +29,7 @@ from proxy.errors import (
     UpstreamHTTPError,
     UpstreamTimeout,
 )
-from proxy.retry import Retrying
+from proxy.retry import Retrying, parse_retry_after
 from proxy.templates import RenderedRequest
 
 # httpx logs every request at INFO with its full URL, and httpcore every response's headers
@@ -72,12 +75,24 @@ def create_client(egress: EgressPolicy | None = None) -> httpx.AsyncClient:
         httpx.Limits(max_connections=512, max_keepalive_connections=128),
     )
     # Redirects are not followed here: a 3xx is an answer, unless the source asks (fetch).
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=transport,
         follow_redirects=False,
         timeout=httpx.Timeout(10.0),
         trust_env=False,
+        headers={"Accept-Encoding": ACCEPT_ENCODING},
     )
+    # The client is shared by every source and tenant: a cookie one upstream sets must
+    # never ride along on another source's request. (httpx copies a jar passed to it,
+    # dropping its policy, so the policy is set on the client's own jar.)
+    client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    return client
+
+
+def _maybe_sent(exc: Exception) -> bool:
+    """Whether the upstream may have received the request: only a connection that was
+    never made (refused, unresolvable, connect or pool timeout) proves it did not."""
+    return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 class Upstream:
@@ -93,23 +108,32 @@ class Upstream:
         max_bytes: int,
         follow_redirects: bool = False,
     ) -> Fetched:
-        """Raises an UpstreamError; EgressDenied and ResponseTooLarge pass through, unretried."""
+        """Raises an UpstreamError; EgressDenied and ResponseTooLarge pass through, unretried.
+
+        All attempts and waits fit in ``retrying.deadline(timeout)``: an attempt gets
+        at most what is left of it, and a ``Retry-After`` that does not fit ends the
+        retries with the answer that asked for it.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + retrying.deadline(timeout)
         attempt = 0
         while True:
+            budget = min(timeout, give_up - loop.time())
+            retry_after = None
             try:
-                async with asyncio.timeout(timeout):
-                    status, content, content_type = await self._attempt(
-                        request, timeout, max_bytes, follow_redirects
+                async with asyncio.timeout(budget):
+                    status, content, headers = await self._attempt(
+                        request, budget, max_bytes, follow_redirects
                     )
             except (TimeoutError, httpx.TimeoutException) as exc:
                 error: UpstreamError = UpstreamTimeout(
                     f"upstream did not answer within {timeout:g}s"
                 )
-                retry = retrying.retries_transport_error(attempt)
+                retry = retrying.retries_transport_error(attempt, sent=_maybe_sent(exc))
                 cause: BaseException = exc
             except httpx.TransportError as exc:
                 error = UpstreamConnectError(f"upstream connection failed: {type(exc).__name__}")
-                retry = retrying.retries_transport_error(attempt)
+                retry = retrying.retries_transport_error(attempt, sent=_maybe_sent(exc))
                 cause = exc
             except httpx.InvalidURL as exc:
                 # Not str(exc): it quotes the bad part of the URL, which may be a variable.
@@ -118,18 +142,20 @@ class Upstream:
                 ) from exc
             else:
                 if 200 <= status < 300:
-                    return Fetched(status, content, content_type, attempt + 1)
+                    return Fetched(status, content, headers.get("content-type"), attempt + 1)
                 error = UpstreamHTTPError(status)
                 retry = retrying.retries_status(status, attempt)
+                retry_after = parse_retry_after(headers.get("retry-after"), time.time())
                 cause = error
-            if not retry:
+            delay = retrying.wait(attempt, retry_after, give_up - loop.time()) if retry else None
+            if delay is None:
                 raise error from cause
-            await asyncio.sleep(retrying.backoff(attempt))
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def _attempt(
         self, request: RenderedRequest, timeout: float, max_bytes: int, follow_redirects: bool
-    ) -> tuple[int, bytes, str | None]:
+    ) -> tuple[int, bytes, httpx.Headers]:
         url = httpx.URL(request.url)
         if request.params:
             # Appended, as the seed's requests does: httpx 0.28 drops the URL's own query
@@ -158,17 +184,19 @@ class Upstream:
             hops += 1
         try:
             if not 200 <= response.status_code < 300:
-                return response.status_code, b"", None
+                return response.status_code, b"", response.headers
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise ResponseTooLarge(max_bytes)
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_bytes():
+            # Not aiter_bytes: httpx inflates each read whole, a bomb before the cap sees it.
+            encoding = response.headers.get("content-encoding")
+            async for chunk in decoded(response.aiter_raw(), encoding):
                 size += len(chunk)
                 if size > max_bytes:
                     raise ResponseTooLarge(max_bytes)
                 chunks.append(chunk)
-            return response.status_code, b"".join(chunks), response.headers.get("content-type")
+            return response.status_code, b"".join(chunks), response.headers
         finally:
             await response.aclose()

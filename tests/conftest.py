@@ -89,6 +89,10 @@ async def db(pg_url: str) -> AsyncIterator[AsyncEngine]:
 def redis_prefix() -> Iterator[str]:
     prefix = f"dbtest:{uuid.uuid4().hex[:12]}:"
     yield prefix
+    _drop_prefix(prefix)
+
+
+def _drop_prefix(prefix: str) -> None:
     client = sync_redis.Redis.from_url(REDIS_URL)
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
@@ -111,18 +115,39 @@ def upstream(upstream_server: Upstream) -> Upstream:
     return upstream_server
 
 
-@pytest.fixture
-def settings(pg_url: str, redis_prefix: str, tmp_path: Path) -> Settings:
+def make_settings(pg_url: str, redis_prefix: str, root: Path) -> Settings:
+    """A test broker's settings: the test database, its own Redis prefix, files under root."""
     return Settings(
         database_url=pg_url,
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         admin_token=ADMIN_TOKEN,
         secret_key=Fernet.generate_key().decode(),
-        data_dir=tmp_path / "data",
-        outbox_dir=tmp_path / "outbox",
+        data_dir=root / "data",
+        outbox_dir=root / "outbox",
         outbox_flush_interval=0.05,
     )
+
+
+@pytest.fixture
+def settings(pg_url: str, redis_prefix: str, tmp_path: Path) -> Settings:
+    return make_settings(pg_url, redis_prefix, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_server(
+    pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Settings]]:
+    """One broker for a whole module, for tests that each make a few requests (a broker per
+    test would be most of their time). Its tests name their sources uniquely; no table is
+    emptied for them, and its Redis prefix is dropped at the end."""
+    prefix = f"dbtest:{uuid.uuid4().hex[:12]}:"
+    settings = make_settings(pg_url, prefix, tmp_path_factory.mktemp("module_server"))
+    try:
+        with serve_in_thread(create_app(settings)) as url:
+            yield url, settings
+    finally:
+        _drop_prefix(prefix)
 
 
 @dataclass
@@ -165,6 +190,14 @@ class Broker:
             assert published.status_code == 200, published.text
             source = published.json()
         return source
+
+
+@pytest.fixture
+async def shared_broker(module_server: tuple[str, Settings]) -> AsyncIterator[Broker]:
+    """The module's broker (``module_server``) with a client of this test's event loop."""
+    url, settings = module_server
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        yield Broker(url, settings, client)
 
 
 @pytest.fixture

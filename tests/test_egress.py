@@ -415,15 +415,19 @@ def redirect(server: UpstreamServer, path: str, location: str) -> str:
     return server.on(path, handler)
 
 
-async def test_redirect_is_not_followed_by_default(
+async def test_redirect_to_metadata_is_an_answer_or_refused_before_connecting(
     upstream: UpstreamServer, dialled: list[str]
 ) -> None:
     url = redirect(upstream, "/moved", METADATA_URL)
     async with create_client() as client:
-        with pytest.raises(UpstreamHTTPError) as caught:
-            await fetch(client, url)
-    assert caught.value.upstream_status == 302
-    assert dialled == ["127.0.0.1"]
+        with pytest.raises(UpstreamHTTPError) as answered:
+            await fetch(client, url)  # not followed by default: the 302 is the answer
+        with pytest.raises(EgressDenied) as refused:
+            await fetch(client, url, follow_redirects=True)
+    assert answered.value.upstream_status == 302
+    assert refused.value.host == "169.254.169.254"
+    assert upstream.hits("/moved") == 2  # once each: the refusal is not retried
+    assert set(dialled) == {"127.0.0.1"}  # never 169.254.169.254
 
 
 async def test_followed_redirect_to_an_allowed_host(
@@ -435,18 +439,6 @@ async def test_followed_redirect_to_an_allowed_host(
         fetched = await fetch(client, url, follow_redirects=True)
     assert fetched.content == b'{"here": 1}'
     assert upstream.hits("/moved") == upstream.hits("/target") == 1
-
-
-async def test_followed_redirect_to_metadata_is_refused_before_connecting(
-    upstream: UpstreamServer, dialled: list[str]
-) -> None:
-    url = redirect(upstream, "/moved", METADATA_URL)
-    async with create_client() as client:
-        with pytest.raises(EgressDenied) as caught:
-            await fetch(client, url, follow_redirects=True)
-    assert caught.value.host == "169.254.169.254"
-    assert upstream.hits("/moved") == 1  # refused, not retried
-    assert dialled == ["127.0.0.1"]  # never 169.254.169.254
 
 
 async def test_followed_redirect_to_a_denied_name_is_refused(

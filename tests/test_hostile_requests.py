@@ -22,7 +22,7 @@ from tests.servers import Upstream
 BROKER = "/internal/data-broker"
 JSON = "application/json"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-SOURCE = "hostile"
+SOURCE = "hostile_requests"
 
 
 def request(**over: Any) -> dict[str, Any]:
@@ -53,10 +53,13 @@ async def chunks(total: int, size: int = 64 * 1024) -> AsyncIterator[bytes]:
 
 
 @pytest.fixture
-async def hostile(broker: Broker, upstream: Upstream) -> Broker:
+async def hostile(shared_broker: Broker, upstream: Upstream) -> Broker:
     """A published source using a runtime param in the path, the query, a header and the body."""
     upstream.answer("/h/1", b'{"ok": true}')
-    await broker.register(
+    listed = await shared_broker.admin("GET", "/data-sources")
+    if SOURCE in {source["name"] for source in listed.json()}:
+        return shared_broker
+    await shared_broker.register(
         {
             "name": SOURCE,
             "source": {
@@ -69,7 +72,7 @@ async def hostile(broker: Broker, upstream: Upstream) -> Broker:
             "caching": {"enabled": True, "ttl": 60},
         }
     )
-    return broker
+    return shared_broker
 
 
 # Each: a body and its Content-Type (None: no header at all).
@@ -100,7 +103,9 @@ BROKER_CASES: dict[str, tuple[bytes, str | None]] = {
 
 
 @pytest.mark.parametrize("case", list(BROKER_CASES))
-async def test_broker_refuses_hostile_bodies(hostile: Broker, upstream: Upstream, case: str) -> None:
+async def test_broker_refuses_hostile_bodies(
+    hostile: Broker, upstream: Upstream, case: str
+) -> None:
     body, content_type = BROKER_CASES[case]
     headers = {} if content_type is None else {"content-type": content_type}
     answer = await hostile.client.post(BROKER, content=body, headers=headers)
@@ -122,11 +127,13 @@ async def test_json_with_a_charset_and_a_suffix_is_json(hostile: Broker) -> None
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 @pytest.mark.parametrize("path", [BROKER, "/data-sources", "/data-sources/"])
-async def test_oversized_bodies_are_refused(broker: Broker, path: str, chunked: bool) -> None:
+async def test_oversized_bodies_are_refused(
+    shared_broker: Broker, path: str, chunked: bool
+) -> None:
     size = 2 * MAX_BODY_BYTES
     content: bytes | AsyncIterator[bytes] = chunks(size) if chunked else b" " * size
     headers = {"content-type": JSON, **AUTH}
-    answer = await _post_tolerating_early_answer(broker, path, content, headers)
+    answer = await _post_tolerating_early_answer(shared_broker, path, content, headers)
     if path == BROKER:
         assert answer.status_code == 400
         assert answer.json()["error"]["code"] == "INVALID_REQUEST"
@@ -215,7 +222,10 @@ ADMIN_CASES: dict[str, tuple[bytes, str | None]] = {
     "not-json": (b"{not json", JSON),
     "deep-array-100k": (b"[" * 100_000, JSON),
     "deep-object-100k": (b'{"a":' * 100_000, JSON),
-    "deep-metadata-500": (orjson.dumps(SPEC)[:-1] + b',"metadata":{"m":' + nested(500) + b"}}", JSON),
+    "deep-metadata-500": (
+        orjson.dumps(SPEC)[:-1] + b',"metadata":{"m":' + nested(500) + b"}}",
+        JSON,
+    ),
     "non-utf8": (orjson.dumps(SPEC).replace(b"admin_hostile", b"\xff\xfe"), JSON),
     "utf16": (orjson.dumps(SPEC).decode().encode("utf-16"), JSON),
     "lone-surrogate": (orjson.dumps(SPEC).replace(b"admin_hostile", b"\\ud800"), JSON),
@@ -235,7 +245,8 @@ ADMIN_CASES: dict[str, tuple[bytes, str | None]] = {
 
 
 @pytest.mark.parametrize("case", list(ADMIN_CASES))
-async def test_admin_refuses_hostile_bodies(broker: Broker, case: str) -> None:
+async def test_admin_refuses_hostile_bodies(shared_broker: Broker, case: str) -> None:
+    broker = shared_broker
     body, content_type = ADMIN_CASES[case]
     headers = AUTH if content_type is None else {**AUTH, "content-type": content_type}
     created = await broker.client.post("/data-sources", content=body, headers=headers)
@@ -243,13 +254,15 @@ async def test_admin_refuses_hostile_bodies(broker: Broker, case: str) -> None:
     assert created.json()["code"] == "VALIDATION_ERROR"
 
     # The same bytes as a replacement and as variables: every body-reading admin route.
-    source = await broker.register(SPEC, publish=False)
-    for path in (f"/data-sources/{source['data_source_id']}", f"/data-sources/{source['data_source_id']}/variables"):
+    draft = await broker.register({**SPEC, "name": f"draft {case}"}, publish=False)
+    sid = draft["data_source_id"]
+    for path in (f"/data-sources/{sid}", f"/data-sources/{sid}/variables"):
         answer = await broker.client.put(path, content=body, headers=headers)
         assert answer.status_code == 422, (path, answer.text[:500])
         assert answer.json()["code"] == "VALIDATION_ERROR"
+    assert (await broker.admin("GET", f"/data-sources/{sid}")).json() == draft
     listed = await broker.admin("GET", "/data-sources")
-    assert [s["name"] for s in listed.json()] == ["admin_hostile"]
+    assert SPEC["name"] not in {source["name"] for source in listed.json()}
 
 
 @pytest.mark.parametrize(
@@ -262,12 +275,15 @@ async def test_admin_refuses_hostile_bodies(broker: Broker, case: str) -> None:
     ],
     ids=["nan", "overflow", "duplicate", "unknown-field"],
 )
-async def test_admin_variables_refuse_hostile_values(broker: Broker, items: bytes) -> None:
+async def test_admin_variables_refuse_hostile_values(shared_broker: Broker, items: bytes) -> None:
+    broker = shared_broker
     source = await broker.register(
-        {"name": "vars", "source": {"url": "http://127.0.0.1:9/{{ env.TOKEN }}"}}, publish=False
+        {"name": f"vars {uuid.uuid4()}", "source": {"url": "http://127.0.0.1:9/{{ env.TOKEN }}"}},
+        publish=False,
     )
     path = f"/data-sources/{source['data_source_id']}/variables"
     answer = await broker.client.put(path, content=items, headers={**AUTH, "content-type": JSON})
     assert answer.status_code == 422, answer.text
     assert answer.json()["code"] == "VALIDATION_ERROR"
-    assert (await broker.admin("GET", path)).json() == [{"name": "TOKEN", "is_set": False}]
+    stored = (await broker.admin("GET", path)).json()
+    assert [(v["name"], v["is_set"]) for v in stored] == [("TOKEN", False)]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+from email.utils import formatdate
 
 import pytest
 
-from proxy.retry import MAX_BACKOFF_SECONDS, Retrying
+from proxy.retry import MAX_BACKOFF_SECONDS, Retrying, parse_retry_after
 from proxy.spec import RetryPolicy
 
 DEFAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -149,3 +150,49 @@ class _Fixed(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return a + (b - a) * self.fraction
+
+
+# --- Retry-After, deadline, methods ----------------------------------------------------------
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 3 ", 3.0),
+        (formatdate(NOW + 30, usegmt=True), 30.0),
+        (formatdate(NOW - 30, usegmt=True), 0.0),
+        ("soon", None),
+        ("-5", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(header, NOW) == seconds
+
+
+def test_wait_is_the_longer_of_backoff_and_retry_after_within_the_deadline() -> None:
+    retrying = Retrying(max_retries=3, backoff_factor=0.0)
+    assert retrying.wait(0, 2.0, remaining=10.0) == 2.0
+    assert retrying.wait(0, None, remaining=10.0) == 0.0
+    assert retrying.wait(0, 20.0, remaining=10.0) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "non_idempotent", "resend"),
+    [
+        ("GET", False, True),
+        ("PUT", False, True),
+        ("DELETE", False, True),
+        ("POST", False, False),
+        ("PATCH", False, False),
+        ("POST", True, True),
+    ],
+)
+def test_what_may_be_sent_twice(method: str, non_idempotent: bool, resend: bool) -> None:
+    retrying = Retrying(max_retries=3, method=method, non_idempotent=non_idempotent)
+    assert retrying.retries_status(503, 0) is resend
+    assert retrying.retries_transport_error(0, sent=True) is resend
+    assert retrying.retries_transport_error(0, sent=False)  # never reached: always safe

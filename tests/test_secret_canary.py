@@ -11,6 +11,7 @@ cache entry or a DataObject holding one is a leak too. Zero occurrences is the o
 
 from __future__ import annotations
 
+import base64
 import logging
 import socket
 import uuid
@@ -36,8 +37,8 @@ from proxy.formats import parse_body
 from proxy.secrets import SecretBox
 from proxy.settings import Settings
 from tests.conftest import ADMIN_TOKEN, REDIS_URL, TABLES
+from tests.instances import clean_env, log_of, serving, terminate
 from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread
-from tests.test_shutdown import clean_env, log_of, serving, terminate
 
 CANARY = "canary-7f3a9c"
 SECRETS = {
@@ -46,6 +47,7 @@ SECRETS = {
     "PATH_SECRET": f"{CANARY}-SECRET-path",
     "JSON_SECRET": f"{CANARY}-SECRET-json",
     "FORM_SECRET": f"{CANARY}-SECRET-form",
+    "USERINFO": f"{CANARY}-SECRET-user:{CANARY}-SECRET-password",
 }
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 NOT_RESOLVED = {"INVALID_REQUEST", "DATA_SOURCE_NOT_FOUND"}
@@ -184,6 +186,10 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
         },
     }
     form_id = await register(form, pick("FORM_SECRET"))
+    upstream.on("/basic", ok_json)
+    host = base.removeprefix("http://")
+    basic = {"name": "basic", "source": {"url": f"http://{{{{ env.USERINFO }}}}@{host}/basic"}}
+    await register(basic, pick("USERINFO"))
 
     upstream.on("/fail", echo_500)
     upstream.on("/moved", redirect_echo)
@@ -213,6 +219,12 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
             {"name": "crlf", "source": {"url": f"{base}/never", "headers": {"X": "{{ env.BAD }}"}}},
             {"BAD": f"{CANARY}-SECRET-crlf\r\nX-Injected: 1"},
         ),
+        # Credentials in the URL's userinfo, to an address the egress policy refuses.
+        "egress_denied": (
+            "EGRESS_DENIED",
+            failing("egress_denied", "http://{{ env.USERINFO }}@169.254.169.254/latest"),
+            pick("HEADER_SECRET", "QUERY_SECRET", "USERINFO"),
+        ),
         "half_set": (
             "MISSING_VARIABLES",
             {
@@ -239,6 +251,7 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
     ]:
         assert (await call("everywhere", params))["error"]["code"] == code
     assert (await call("form"))["value"] == {"ok": True}
+    assert (await call("basic"))["value"] == '{"ok": true}'  # PLAIN_TEXT
     for name, (code, _, _) in expected.items():
         answer = await call(name)
         assert answer["error"] is not None and answer["error"]["code"] == code, answer
@@ -318,6 +331,8 @@ def assert_secrets_reached_upstream(upstream: Upstream) -> None:
     assert any(SECRETS["PATH_SECRET"] in r["path"] for r in sent)
     assert any(SECRETS["JSON_SECRET"].encode() in r["body"] for r in sent)
     assert any(f"client_secret={SECRETS['FORM_SECRET']}".encode() in r["body"] for r in sent)
+    userinfo = base64.b64encode(SECRETS["USERINFO"].encode()).decode()
+    assert any(r["headers"].get("authorization") == f"Basic {userinfo}" for r in sent)
 
 
 # --- the search ----------------------------------------------------------------------------

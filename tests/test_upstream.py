@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
@@ -373,3 +374,110 @@ async def test_chunked_body_has_no_content_length(upstream: UpstreamServer) -> N
         response = await client.get(url)
     assert "content-length" not in response.headers
     assert response.headers.get("transfer-encoding") == "chunked"
+
+
+# --- Retry-After, the total deadline, methods safe to send twice --------------------------
+
+
+def request(method: str, url: str) -> RenderedRequest:
+    return RenderedRequest(method=method, url=url, headers=(), params=(), content=b"{}")
+
+
+def then_ok(server: UpstreamServer, path: str, first: Response) -> str:
+    answers = [first]
+
+    async def handler(_: Request) -> Response:
+        return answers.pop() if answers else Response(b"{}", 200)
+
+    return server.on(path, handler)
+
+
+async def test_retry_after_is_honoured(fetcher: Upstream, upstream: UpstreamServer) -> None:
+    url = then_ok(upstream, "/later", Response(b"busy", 503, headers={"Retry-After": "1"}))
+    started = time.monotonic()
+    fetched = await fetcher.fetch(
+        request("GET", url),
+        timeout=5,
+        retrying=Retrying(max_retries=1, backoff_factor=0.01),
+        max_bytes=100,
+    )
+    assert fetched.attempts == 2 and upstream.hits("/later") == 2
+    assert time.monotonic() - started >= 1.0  # it waited as asked, not its 10 ms backoff
+
+
+async def test_retry_after_past_the_deadline_ends_the_retries(
+    fetcher: Upstream, upstream: UpstreamServer
+) -> None:
+    url = then_ok(upstream, "/much-later", Response(b"busy", 503, headers={"Retry-After": "3600"}))
+    with pytest.raises(UpstreamHTTPError) as caught:
+        await fetcher.fetch(
+            request("GET", url),
+            timeout=1,
+            retrying=Retrying(max_retries=3, backoff_factor=0.01),
+            max_bytes=100,
+        )
+    assert caught.value.upstream_status == 503
+    assert upstream.hits("/much-later") == 1
+
+
+async def test_post_is_not_resent_after_the_upstream_saw_it(
+    fetcher: Upstream, upstream: UpstreamServer
+) -> None:
+    url = then_ok(upstream, "/charge", Response(b"busy", 503))
+    retrying = Retrying(max_retries=3, backoff_factor=0.01, method="POST")
+    with pytest.raises(UpstreamHTTPError):
+        await fetcher.fetch(request("POST", url), timeout=5, retrying=retrying, max_bytes=100)
+    assert upstream.hits("/charge") == 1
+
+
+async def test_post_is_resent_when_the_source_allows_it(
+    fetcher: Upstream, upstream: UpstreamServer
+) -> None:
+    url = then_ok(upstream, "/idempotent-post", Response(b"busy", 503))
+    retrying = Retrying(max_retries=3, backoff_factor=0.01, method="POST", non_idempotent=True)
+    fetched = await fetcher.fetch(request("POST", url), timeout=5, retrying=retrying, max_bytes=100)
+    assert fetched.attempts == 2 and upstream.hits("/idempotent-post") == 2
+
+
+async def test_post_is_not_resent_after_a_hang_up(
+    fetcher: Upstream,
+    hangup_server: tuple[str, list[int]],
+) -> None:
+    url, accepted = hangup_server
+    retrying = Retrying(max_retries=3, backoff_factor=0.01, method="POST")
+    with pytest.raises(UpstreamConnectError):
+        await fetcher.fetch(request("POST", url), timeout=5, retrying=retrying, max_bytes=100)
+    assert len(accepted) == 1  # the request went out on that connection: not sent again
+
+
+async def test_post_is_retried_when_no_connection_was_made(fetcher: Upstream) -> None:
+    calls: list[int] = []
+
+    class Counting(Retrying):
+        def backoff(self, attempt: int, rand: object = None) -> float:
+            calls.append(attempt)
+            return 0.0
+
+    retrying = Counting(max_retries=2, method="POST")
+    with pytest.raises(UpstreamConnectError):
+        await fetcher.fetch(
+            request("POST", f"http://127.0.0.1:{free_port()}/x"),
+            timeout=5,
+            retrying=retrying,
+            max_bytes=100,
+        )
+    assert calls == [0, 1]
+
+
+async def test_cookies_set_by_an_upstream_are_never_sent_back(
+    fetcher: Upstream, upstream: UpstreamServer
+) -> None:
+    async def sets_cookie(_: Request) -> Response:
+        response = Response(b"{}")
+        response.set_cookie("session", "tenant-a-session")
+        return response
+
+    url = upstream.on("/cookie", sets_cookie)
+    for _ in range(2):
+        await fetch(fetcher, url)
+    assert [r["headers"].get("cookie") for r in upstream.received] == [None, None]

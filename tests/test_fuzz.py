@@ -1,0 +1,153 @@
+"""Fuzzing the broker's own OpenAPI document against a running broker: no server errors.
+
+schemathesis generates requests from ``proxy.openapi.document()`` — valid ones and,
+in negative mode, ones that break the schema — for the broker route and every admin
+route, and sends them over a real socket. Any 5xx fails, except a 502 carrying an
+upstream code from the broker route: that is the upstream's verdict, not ours.
+
+To get past DATA_SOURCE_NOT_FOUND, part of the broker requests are aimed at sources
+registered for the module (their params filled with the generated values, so those
+reach the templates and the upstream); part of the id-taking admin requests name a
+real draft. Runs are derandomized and bounded, so CI sees the same requests each time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import Case, GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.openapi import document
+from proxy.settings import Settings
+from tests.conftest import ADMIN_TOKEN
+from tests.servers import Upstream
+
+SCHEMA = schemathesis.openapi.from_dict(document())
+BROKER = "/internal/data-broker"
+OPERATIONS = [
+    (path, method.upper())
+    for path, item in document()["paths"].items()
+    if path == BROKER or path.startswith("/data-sources")
+    for method in item
+]
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+UPSTREAM_VERDICTS = {"TIMEOUT", "CONNECTION_ERROR", "HTTP_ERROR", "RESPONSE_TOO_LARGE"}
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    session: requests.Session
+    draft_id: str
+
+
+# Sources the broker requests are aimed at: params in the query, a header and the body;
+# a param in the path (mostly 404 upstream: a 502); no params at all.
+AIMED: dict[str, dict[str, Any]] = {
+    "fuzz_query": {
+        "url": "{up}/fuzz?q={{{{ id }}}}",
+        "method": "POST",
+        "headers": {"X-Id": "{{ id }}"},
+        "body": {"id": "{{ id }}", "text": "<{{ id }}>"},
+        "response_type": "JSON",
+    },
+    "fuzz_path": {"url": "{up}/fuzz/{{{{ id }}}}", "response_type": "JSON"},
+    "fuzz_plain": {"url": "{up}/fuzz", "response_type": "JSON"},
+}
+
+
+async def _answer(request: Request) -> Response:
+    return Response(b'{"ok": true, "n": [1, 2.5, null]}', media_type="application/json")
+
+
+@pytest.fixture(scope="module")
+def target(module_server: tuple[str, Settings], upstream_server: Upstream) -> Iterator[Target]:
+    url, _ = module_server
+    upstream_server.handlers["/fuzz"] = _answer
+    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as admin:
+        for name, source in AIMED.items():
+            spec = {**source, "url": source["url"].format(up=upstream_server.url)}
+            sid = _ok(admin.post("/data-sources", json={"name": name, "source": spec}))
+            _ok(admin.post(f"/data-sources/{sid}/publish"))
+        draft = {"name": "fuzz_draft", "source": {"url": "http://127.0.0.1:9/{{ env.K }}"}}
+        draft_id = _ok(admin.post("/data-sources", json=draft))
+    with requests.Session() as session:
+        yield Target(url, session, draft_id)
+
+
+def _ok(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    data_source_id: str = answer.json()["data_source_id"]
+    return data_source_id
+
+
+def _aim(drawn: tuple[Case, str | None]) -> Case:
+    """Point a generated broker request at a registered source, keeping its other fields."""
+    case, name = drawn
+    if name is None or not isinstance(case.body, dict):
+        return case
+    params = case.body.get("configured_params")
+    value = next(iter(params.values())) if isinstance(params, dict) and params else "x"
+    aimed = {} if name == "fuzz_plain" else {"id": value}
+    case.body = {**case.body, "data_source_name": name, "configured_params": aimed}
+    return case
+
+
+def _strategy(path: str, method: str, mode: GenerationMode, draft_id: str) -> st.SearchStrategy[Case]:
+    operation = SCHEMA[path][method]
+    generated = operation.as_strategy(generation_mode=mode)
+    if path == BROKER:
+        names = st.sampled_from([None, *AIMED])
+        return st.tuples(generated, names).map(_aim)
+    if "{data_source_id}" in path:
+        fixed = {"data_source_id": draft_id}
+        return generated | operation.as_strategy(generation_mode=mode, path_parameters=fixed)
+    return generated
+
+
+def _check(case: Case, response: Any) -> None:
+    if case.operation.path == BROKER and response.status_code == 502:
+        assert response.json()["error"]["code"] in UPSTREAM_VERDICTS, response.text
+        return
+    case.validate_response(response, checks=CHECKS)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize(("path", "method"), OPERATIONS)
+def test_no_server_errors(target: Target, path: str, method: str, mode: GenerationMode) -> None:
+    @FUZZ
+    @given(case=_strategy(path, method, mode, target.draft_id))
+    def fuzz(case: Case) -> None:
+        response = case.call(base_url=target.url, session=target.session, headers=AUTH, timeout=30)
+        _check(case, response)
+
+    fuzz()
