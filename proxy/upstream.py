@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
 
 import httpcore
