@@ -138,8 +138,11 @@ class Registry:
                         if message is not None or time.monotonic() >= deadline:
                             await self._reload_logged()
                             deadline = time.monotonic() + interval
-            except (RedisError, OSError):
-                # Redis is down: keep the periodic reload going without it.
+            except Exception as exc:
+                # Redis is down (or the subscription broke): keep the periodic reload
+                # going without it; this task must outlive anything Redis does.
+                if not isinstance(exc, RedisError | OSError):
+                    logger.warning("registry subscription failed: %s", type(exc).__name__)
                 await asyncio.sleep(interval)
                 await self._reload_logged()
 
