@@ -167,8 +167,8 @@ class EgressPolicy:
             network = self.deny.network_of(form)
             if network is not None:
                 if host is None or _literal(host) == ip:
-                    raise EgressDenied(host or str(ip), f"{ip} is in denied range {network}")
-                raise EgressDenied(host, f"it resolves to {ip}, in denied range {network}")
+                    raise EgressDenied(host or str(ip), f"the address is in denied range {network}")
+                raise EgressDenied(host, f"the host resolves into denied range {network}")
 
 
 def _literal(host: str) -> Address | None:

@@ -136,7 +136,8 @@ class EgressDenied(UpstreamError):
     status = 403
 
     def __init__(self, host: str, reason: str) -> None:
-        super().__init__(f"egress to {host!r} refused: {reason}", host=host)
+        # The host stays out of the message: a variable may have put it in the URL.
+        super().__init__(f"egress refused: {reason}")
         self.host = host
 
 

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from proxy.types import Method, ResponseType
 
 DEFAULT_STATUS_FORCELIST = (429, 500, 502, 503, 504)
+MAX_SECONDS = 2**31 - 1
+"""The longest ttl and stale_if_error (68 years): their columns are 32-bit integers."""
 
 
 class _Strict(BaseModel):
@@ -75,14 +77,14 @@ class CachingTTL(_Strict):
 class CachingOptions(_Strict):
     enabled: bool = False
     ttl: CachingTTL | int | None = None
-    stale_if_error: int | None = Field(default=None, ge=0)
+    stale_if_error: int | None = Field(default=None, ge=0, le=MAX_SECONDS)
 
     @field_validator("ttl")
     @classmethod
     def _ttl_positive(cls, value: CachingTTL | int | None) -> CachingTTL | int | None:
         seconds = value.total_seconds if isinstance(value, CachingTTL) else value
-        if seconds is not None and seconds <= 0:
-            raise ValueError("ttl must be a positive number of seconds, or null for no expiry")
+        if seconds is not None and not 0 < seconds <= MAX_SECONDS:
+            raise ValueError(f"ttl must be 1 to {MAX_SECONDS} seconds, or null for no expiry")
         return value
 
     @property

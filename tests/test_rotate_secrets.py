@@ -127,6 +127,8 @@ async def test_one_value_no_key_decrypts_leaves_every_value_as_it_was(
         )
         row = await store.create(source, None)
         await store.set_variables(row.data_source_id, [VariableValue(name="V", value=name)])
+    # Rewritten last, this row is met last by the scan (Postgres appends the new version):
+    # the other value is rotated in the transaction before this one fails it.
     lost = next(iter(await tokens(db)))
     async with db.begin() as conn:
         await conn.execute(

@@ -89,7 +89,7 @@ def _store(request: Request) -> SourceStore:
 
 def _project(request: Request) -> uuid.UUID | None:
     given = request.query_params.get("project_id")
-    if not given:
+    if given is None:
         project: uuid.UUID | None = request.state.settings.project_id
         return project
     try:
@@ -103,8 +103,14 @@ async def list_sources(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in get_args(Status):
         raise ValidationFailed(f"status must be one of {', '.join(get_args(Status))}")
-    include_archived = request.query_params.get("include_archived", "false").lower() == "true"
-    rows = await _store(request).list_sources(_project(request), include_archived, status)  # type: ignore[arg-type]
+    include_archived = request.query_params.get("include_archived", "false").lower()
+    if include_archived not in ("true", "false"):
+        raise ValidationFailed("include_archived must be true or false")
+    rows = await _store(request).list_sources(
+        _project(request),
+        include_archived == "true",
+        status,  # type: ignore[arg-type]
+    )
     return _json([to_api(row) for row in rows])
 
 
