@@ -12,8 +12,8 @@ it measures. Everything runs on 127.0.0.1, in a private Postgres database and
 under a private Redis prefix, both removed at the end, and every process
 started here is stopped in a ``finally``.
 
-The top half of this module is pure (wrk output, medians, ratios, the table,
-profiles) and tested in tests/test_bench.py; the bottom half does the I/O.
+The pure half (wrk scripts and output, medians, ratios, the table, profiles)
+is ``proxy.bench_stats``; this module does the I/O.
 """
 
 from __future__ import annotations
@@ -24,18 +24,15 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -50,287 +47,14 @@ from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from proxy import bench_stats as stats
 from proxy.bench_apps import UPSTREAM_BODY
 from proxy.database import create_engine, migrate
 from proxy.outbox import Outbox, RunDataRequestRecord
 from proxy.writer import DatabaseSink, OutboxWriter
 
-TARGETS = ("ceiling", "hits", "direct", "misses")
-"""Run order within a round: each measured target sits next to its reference."""
-
-CONCURRENCY = (1, 16, 64)
-MARK = "@@bench "
-STOPPED = "@@stopped"
 PATH = "/internal/data-broker"
 LOOPBACK = "127.0.0.1"
-
-# The issue's targets, so the table can say which ratios pass.
-HIT_THROUGHPUT_TARGET = 0.85
-HIT_P99_TARGET = 1.5
-MISS_OVERHEAD_TARGET_MS = 1.0
-WRITER_TARGET = 20_000
-MEMORY_GROWTH_TARGET = 1.10
-
-
-# ---------------------------------------------------------------- pure parts
-
-
-@dataclass(frozen=True, slots=True)
-class WrkRun:
-    """One wrk run, from the line its ``done`` hook prints."""
-
-    requests: int
-    seconds: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-    errors: int
-    """Socket errors (connect, read, write, timeout) and HTTP statuses above 399."""
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """The median of a target's runs at one concurrency."""
-
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    runs: int
-
-
-def lua_script(bodies: Sequence[bytes], *, limit: int | None = None) -> str:
-    """A wrk script POSTing ``bodies`` (in turn when several) and printing one result line.
-
-    With ``limit``, each wrk thread stops after that many responses and says so
-    on stdout: wrk's own clock only knows durations, so the caller interrupts it
-    once every thread has stopped.
-    """
-    if not bodies:
-        raise ValueError("a wrk script needs at least one body")
-    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"']
-    if len(bodies) == 1:
-        lines.append(f"wrk.body = {_lua_string(bodies[0])}")
-    else:
-        lines += [
-            "local bodies = {" + ", ".join(_lua_string(b) for b in bodies) + "}",
-            "local prepared = {}",
-            "local next_request = 0",
-            "init = function(args)",
-            "  for i, body in ipairs(bodies) do prepared[i] = wrk.format(nil, nil, nil, body) end",
-            "end",
-            "request = function()",
-            "  next_request = next_request % #prepared + 1",
-            "  return prepared[next_request]",
-            "end",
-        ]
-    if limit is not None:
-        lines += [
-            "local answered = 0",
-            "response = function(status, headers, body)",
-            "  answered = answered + 1",
-            f"  if answered == {int(limit)} then",
-            f'    io.write("{STOPPED}\\n"); io.flush(); wrk.thread:stop()',
-            "  end",
-            "end",
-        ]
-    result = (
-        '{"requests":%d,"duration_us":%d,"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,'
-        '"max_us":%.0f,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}'
-    )
-    lines += [
-        "done = function(summary, latency, requests)",
-        "  local e = summary.errors",
-        f"  io.write(string.format('{MARK}{result}\\n',",
-        "    summary.requests, summary.duration,",
-        "    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,",
-        "    e.connect, e.read, e.write, e.status, e.timeout))",
-        "end",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _lua_string(data: bytes) -> str:
-    """A Lua long string holding ``data`` verbatim (JSON bodies never contain its closing)."""
-    text = data.decode()
-    if "]==]" in text or "\n" in text:
-        raise ValueError("body cannot be embedded in a Lua long string")
-    return f"[==[{text}]==]"
-
-
-def parse_wrk(output: str) -> WrkRun:
-    """The result line our ``done`` hook printed; wrk's own report is for humans."""
-    for line in output.splitlines():
-        if line.startswith(MARK):
-            f = orjson.loads(line[len(MARK) :])
-            return WrkRun(
-                requests=f["requests"],
-                seconds=f["duration_us"] / 1e6,
-                p50_ms=f["p50_us"] / 1000,
-                p90_ms=f["p90_us"] / 1000,
-                p99_ms=f["p99_us"] / 1000,
-                max_ms=f["max_us"] / 1000,
-                errors=sum(f[k] for k in ("connect", "read", "write", "status", "timeout")),
-            )
-    raise ValueError(f"no {MARK.strip()} line in wrk's output:\n{output}")
-
-
-def summarize(runs: Sequence[WrkRun]) -> Summary:
-    if not runs:
-        raise ValueError("no runs to summarize")
-    return Summary(
-        rps=statistics.median(r.rps for r in runs),
-        p50_ms=statistics.median(r.p50_ms for r in runs),
-        p99_ms=statistics.median(r.p99_ms for r in runs),
-        errors=sum(r.errors for r in runs),
-        runs=len(runs),
-    )
-
-
-Table = Mapping[tuple[str, int], Summary]
-
-
-def ratios(table: Table) -> dict[str, dict[int, float]]:
-    """The issue's ratios at every concurrency both sides were measured at."""
-    out: dict[str, dict[int, float]] = {
-        "hits_rps_over_ceiling": {},
-        "hits_p99_over_ceiling": {},
-        "misses_p50_minus_direct_ms": {},
-    }
-    for c in sorted({c for _, c in table}):
-        hits, ceiling = table.get(("hits", c)), table.get(("ceiling", c))
-        if hits and ceiling:
-            if ceiling.rps:
-                out["hits_rps_over_ceiling"][c] = hits.rps / ceiling.rps
-            if ceiling.p99_ms:
-                out["hits_p99_over_ceiling"][c] = hits.p99_ms / ceiling.p99_ms
-        misses, direct = table.get(("misses", c)), table.get(("direct", c))
-        if misses and direct:
-            out["misses_p50_minus_direct_ms"][c] = misses.p50_ms - direct.p50_ms
-    return out
-
-
-def _verdict(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
-def format_table(table: Table, ratio: Mapping[str, Mapping[int, float]]) -> str:
-    """The results as aligned text, then each ratio against its target."""
-    rows = [f"{'target':<8} {'c':>3} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
-    for c in sorted({c for _, c in table}):
-        for target in TARGETS:
-            s = table.get((target, c))
-            if s is not None:
-                rows.append(
-                    f"{target:<8} {c:>3} {s.rps:>9.0f} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f} {s.errors:>6}"
-                )
-    rps, p99, gap = (
-        ratio.get("hits_rps_over_ceiling", {}),
-        ratio.get("hits_p99_over_ceiling", {}),
-        ratio.get("misses_p50_minus_direct_ms", {}),
-    )
-    rows.append("")
-    if rps:
-        rows.append(
-            f"hits / ceiling req/s (target >= {HIT_THROUGHPUT_TARGET}): "
-            + "  ".join(
-                f"c={c} {v:.2f} {_verdict(v >= HIT_THROUGHPUT_TARGET)}" for c, v in rps.items()
-            )
-        )
-    if 16 in p99:
-        rows.append(
-            f"hits p99 / ceiling p99 at c=16 (target <= {HIT_P99_TARGET}): "
-            f"{p99[16]:.2f} {_verdict(p99[16] <= HIT_P99_TARGET)}"
-        )
-    if gap:
-        rows.append(
-            f"misses p50 - direct p50 (target <= {MISS_OVERHEAD_TARGET_MS:g} ms): "
-            + "  ".join(
-                f"c={c} {v:+.2f} ms {_verdict(v <= MISS_OVERHEAD_TARGET_MS)}"
-                for c, v in gap.items()
-            )
-        )
-    return "\n".join(rows)
-
-
-def rss_kib(status: str) -> int:
-    """VmRSS from the text of ``/proc/<pid>/status``, in KiB."""
-    match = re.search(r"^VmRSS:\s+(\d+)\s+kB$", status, re.MULTILINE)
-    if match is None:
-        raise ValueError("no VmRSS line")
-    return int(match.group(1))
-
-
-_LINE_NUMBER = re.compile(r":\d+\)$")
-_FILE = re.compile(r"\((.*)\)$")
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """py-spy samples folded by function, as shares (%) of the CPU samples.
-
-    ``inclusive`` covers our own code only (``proxy/``): everything else is either
-    the process's root chain (in every stack) or shown by its self time.
-    """
-
-    samples: int
-    self_time: list[tuple[str, float]]
-    inclusive: list[tuple[str, float]]
-    modules: list[tuple[str, float]]
-
-
-def fold_profile(collapsed: str, top: int = 15) -> Profile:
-    """Fold py-spy's ``--format raw`` output: ``frame;frame;… count`` per line, root first."""
-    own: Counter[str] = Counter()
-    ours: Counter[str] = Counter()
-    module: Counter[str] = Counter()
-    total = 0
-    for line in collapsed.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_LINE_NUMBER.sub(")", f) for f in stack.split(";")]
-        total += count
-        own[frames[-1]] += count
-        found = _FILE.search(frames[-1])
-        module[found.group(1) if found else frames[-1]] += count
-        for frame in set(frames):
-            if "(proxy/" in frame:
-                ours[frame] += count
-
-    def shares(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(name, 100 * c / total) for name, c in counter.most_common(top)]
-
-    return Profile(total, shares(own), shares(ours), shares(module))
-
-
-def format_profile(profile: Profile, cpu_us_per_request: float | None = None) -> str:
-    """The three lists; with the CPU time a request cost, each share in µs per request too."""
-    head = f"{profile.samples} samples (CPU only, idle excluded)"
-    if cpu_us_per_request is not None:
-        head += f", {cpu_us_per_request:.0f} µs of CPU per request"
-    out = [head]
-    for title, rows in (
-        ("self time by function", profile.self_time),
-        ("inclusive time, our code", profile.inclusive),
-        ("self time by module", profile.modules),
-    ):
-        out.append(f"-- {title}")
-        for name, share in rows:
-            cost = (
-                "" if cpu_us_per_request is None else f" {share * cpu_us_per_request / 100:6.1f} µs"
-            )
-            out.append(f"{share:6.1f}%{cost}  {name}")
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------- I/O
 
 
 @dataclass(frozen=True, slots=True)
@@ -688,13 +412,13 @@ class Bench:
 
     def _script(self, name: str, bodies: Sequence[bytes], limit: int | None = None) -> Path:
         path = self.work / f"{name}.lua"
-        path.write_text(lua_script(bodies, limit=limit))
+        path.write_text(stats.lua_script(bodies, limit=limit))
         return path
 
     def target_url(self, target: str) -> str:
         return self.url("broker" if target in ("hits", "misses") else target)
 
-    def wrk(self, target: str, concurrency: int, duration: int) -> WrkRun:
+    def wrk(self, target: str, concurrency: int, duration: int) -> stats.WrkRun:
         threads = min(self.options.threads, concurrency)
         argv = [
             "wrk",
@@ -710,18 +434,18 @@ class Bench:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
         if done.returncode != 0:
             raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr}")
-        return parse_wrk(done.stdout)
+        return stats.parse_wrk(done.stdout)
 
     def load(self, results: Results, out: TextIO) -> None:
         """Warm up, then the rounds; the medians, ratios and backlog go into ``results``."""
         options = self.options
-        for target in TARGETS:
+        for target in stats.TARGETS:
             self.wrk(target, 16, min(3, options.duration))
-        runs: dict[tuple[str, int], list[WrkRun]] = {}
+        runs: dict[tuple[str, int], list[stats.WrkRun]] = {}
         backlog: list[dict[str, Any]] = []
         for round_ in range(1, options.rounds + 1):
-            for c in CONCURRENCY:
-                for target in TARGETS:
+            for c in stats.CONCURRENCY:
+                for target in stats.TARGETS:
                     if target == "hits":
                         with _BacklogSampler(self.url("broker", "/readyz")) as sampler:
                             run = self.wrk(target, c, options.duration)
@@ -748,12 +472,12 @@ class Bench:
                         file=out,
                         flush=True,
                     )
-        table = {key: summarize(value) for key, value in runs.items()}
+        table = {key: stats.summarize(value) for key, value in runs.items()}
         results.summary = [
             {"target": t, "concurrency": c, **asdict(s)} for (t, c), s in sorted(table.items())
         ]
-        results.ratios = ratios(table)
-        results.table = format_table(table, results.ratios)
+        results.ratios = stats.ratios(table)
+        results.table = stats.format_table(table, results.ratios)
         results.outbox_backlog = {
             "max_bytes": max((b["max_bytes"] for b in backlog), default=None),
             "final_bytes": backlog[-1]["final_bytes"] if backlog else None,
@@ -781,12 +505,12 @@ class Bench:
             finally:
                 if load.poll() is None:
                     load.kill()
-        run = parse_wrk(stdout)
+        run = stats.parse_wrk(stdout)
         collapsed = raw.read_text()
-        profile = fold_profile(collapsed)
+        profile = stats.fold_profile(collapsed)
         # Each sample stands for 1/rate s of one busy thread; py-spy saw ``duration`` s of load.
         cpu_us = profile.samples * 1e6 / rate / (run.rps * duration) if run.rps else None
-        text = format_profile(profile, cpu_us)
+        text = stats.format_profile(profile, cpu_us)
         print(f"profile: {target} at c=16, {run.rps:.0f} req/s under py-spy", file=out, flush=True)
         return {
             "target": target,
@@ -816,7 +540,7 @@ class Bench:
             script = self._script(f"memory-{label}", bodies, limit=-(-count // threads))
             run = self._wrk_until_stopped(script, count, threads, 16)
             time.sleep(1)
-            marks[f"rss_kib_{label}"] = rss_kib(Path(f"/proc/{pid}/status").read_text())
+            marks[f"rss_kib_{label}"] = stats.rss_kib(Path(f"/proc/{pid}/status").read_text())
             marks[f"run_{label}"] = asdict(run)
             print(
                 f"memory: {label} {run.requests} requests ({run.rps:.0f} req/s, "
@@ -830,7 +554,7 @@ class Bench:
 
     def _wrk_until_stopped(
         self, script: Path, requests: int, threads: int, concurrency: int
-    ) -> WrkRun:
+    ) -> stats.WrkRun:
         """wrk with a per-thread response limit; interrupted once every thread has stopped.
 
         Its duration is only a bound (200 req/s at worst) should the broker stall.
@@ -846,7 +570,7 @@ class Bench:
                 stopped = 0
                 for line in load.stdout:
                     lines.append(line)
-                    if line.strip() == STOPPED:
+                    if line.strip() == stats.STOPPED:
                         stopped += 1
                         if stopped == threads:
                             load.send_signal(signal.SIGINT)
@@ -854,7 +578,7 @@ class Bench:
             finally:
                 if load.poll() is None:
                     load.kill()
-        return parse_wrk("".join(lines))
+        return stats.parse_wrk("".join(lines))
 
 
 def _plot(results: Results, path: Path) -> bool:
@@ -867,7 +591,7 @@ def _plot(results: Results, path: Path) -> bool:
     except ImportError:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for target in TARGETS:
+    for target in stats.TARGETS:
         rows = [s for s in results.summary if s["target"] == target]
         cs = [s["concurrency"] for s in rows]
         (line,) = left.plot(cs, [s["rps"] for s in rows], marker="o", label=target)
@@ -888,12 +612,13 @@ def _plot(results: Results, path: Path) -> bool:
         )
     for ax, label in ((left, "requests/s"), (right, "latency (ms)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
+        ax.set_xticks(list(stats.CONCURRENCY), [str(c) for c in stats.CONCURRENCY])
         ax.set_xlabel("concurrency")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    right.set_yscale("log")
-    left.legend()
+    for ax in (left, right):
+        ax.set_yscale("log")
+    left.legend(loc="lower left")
     right.legend(fontsize="small", ncol=2)
     fig.suptitle(f"databroker bench {results.date} ({results.machine['cores']} cores)")
     fig.tight_layout()
@@ -968,8 +693,8 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
     writer = results.writer
     lines.append(
         f"outbox writer: {writer['records_per_s']:.0f} records/s "
-        f"({writer['records']} audit rows in {writer['seconds']:.2f}s; target >= {WRITER_TARGET}: "
-        f"{_verdict(writer['records_per_s'] >= WRITER_TARGET)})"
+        f"({writer['records']} audit rows in {writer['seconds']:.2f}s; target >= {stats.WRITER_TARGET}: "
+        f"{stats.verdict(writer['records_per_s'] >= stats.WRITER_TARGET)})"
     )
     backlog = results.outbox_backlog
     if backlog.get("max_bytes") is not None:
@@ -983,7 +708,7 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
             f"memory: RSS {m['rss_kib_after_first'] / 1024:.1f} MiB after {m['requests'] // 10} "
             f"mixed requests, {m['rss_kib_after_all'] / 1024:.1f} MiB after {m['requests']}: "
             f"x{m['growth']:.3f} "
-            f"(target <= {MEMORY_GROWTH_TARGET}: {_verdict(m['growth'] <= MEMORY_GROWTH_TARGET)})"
+            f"(target <= {stats.MEMORY_GROWTH_TARGET}: {stats.verdict(m['growth'] <= stats.MEMORY_GROWTH_TARGET)})"
         )
     for profile in (results.profile or {}).values():
         lines.append(

@@ -102,7 +102,7 @@ def document() -> dict[str, Any]:
     one = ("data_source_id",)
     broker_errors = {
         str(status): {"description": "Error", **_json(BROKER_RESPONSE)}
-        for status in (400, 404, 500, 502)
+        for status in (400, 403, 404, 500, 502, 503)
     }
     listing = _op("List data sources", {"type": "array", "items": {"type": "object"}})
     listing["parameters"] = [

@@ -99,7 +99,8 @@ class DataSourceSpec(_Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
     source: HTTPSource
     caching: CachingOptions = Field(default_factory=CachingOptions)
-    description: str | None = Field(default=None, max_length=10_000)
+    # No NUL: Postgres text cannot hold one (the insert would fail as a 500).
+    description: str | None = Field(default=None, max_length=10_000, pattern=r"^[^\x00]*$")
     metadata: dict[str, Any] | None = None
     runtime_params: list[str] | None = None
     variables: list[str] | None = None

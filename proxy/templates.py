@@ -347,7 +347,7 @@ def render(
 
 def _join_path(parts: Text, params: _Values, variables: _Values) -> str:
     """The URL path, where no runtime value makes a ``.`` or ``..`` segment, alone or with
-    its neighbours (``/f/.{{ ext }}`` with ``ext="."``): clients and servers resolve those
+    its neighbours (``/f/.{{ ext }}`` with ``ext=""``): clients and servers resolve those
     upward. A runtime value holds no ``/`` once encoded, so it sits in one segment."""
     texts = [
         p if isinstance(p, str) else _enc_path(p, _text(_value(p, params, variables)))

@@ -1,4 +1,5 @@
-"""The benchmark's pure parts: wrk scripts and output, medians, ratios, the table, profiles.
+"""The benchmark's pure half (proxy.bench_stats): wrk scripts and output, medians,
+ratios, the table, profiles.
 
 Nothing here starts a server or times anything; ``make bench`` runs the benchmark.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.bench import (
+from proxy.bench_stats import (
     MARK,
     STOPPED,
     Summary,

@@ -237,6 +237,18 @@ async def test_bodies_that_do_not_parse(
     await assert_recorded(db, redis_prefix, run_id, "PARSE_ERROR", stored=True)
 
 
+async def test_a_corrupt_gzip_body_is_a_parse_error(
+    broker: Broker, upstream: Upstream, db: AsyncEngine, redis_prefix: str
+) -> None:
+    async def corrupt(_: Request) -> Response:
+        return Response(b"\x1f\x8b not gzip", headers={"Content-Encoding": "gzip"})
+
+    answer, status, run_id = await fetch(broker, upstream, corrupt, "JSON")
+    assert (status, answer["error"]["code"]) == (500, "PARSE_ERROR")
+    assert answer["error"]["message"] == "upstream body is not valid gzip"
+    await assert_recorded(db, redis_prefix, run_id, "PARSE_ERROR", stored=False)
+
+
 @pytest.mark.parametrize("handler", [_bomb, _endless], ids=["gzip-bomb-50mb", "endless-stream"])
 async def test_unbounded_bodies_stop_at_the_cap_in_bounded_memory(
     broker: Broker,
@@ -260,9 +272,9 @@ async def test_unbounded_bodies_stop_at_the_cap_in_bounded_memory(
         "message": f"upstream body exceeds {CAP} bytes",
         "limit": CAP,
     }
-    # The cap is 1 MiB; a decoded bomb would be 50. Allow for the test's own client and
-    # servers, which share the process, and for buffers of a few chunks.
-    assert peak < 8 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
+    # The cap is 1 MiB and this stays near 2; inflating each read whole, as httpx does,
+    # peaked at 128. The margin is for whatever else this process's threads allocate.
+    assert peak < 32 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
     await assert_recorded(db, redis_prefix, run_id, "RESPONSE_TOO_LARGE", stored=False)
 
 

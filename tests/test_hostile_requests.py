@@ -7,6 +7,7 @@ real socket, so uvicorn's own handling of the bytes is part of what is proven.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -143,6 +144,30 @@ async def test_oversized_bodies_are_refused(
     assert str(MAX_BODY_BYTES) in answer.text
 
 
+@pytest.mark.parametrize("path", [BROKER, "/data-sources"])
+async def test_an_endless_body_is_answered_without_waiting_for_its_end(
+    shared_broker: Broker, path: str
+) -> None:
+    """Over a raw socket, the chunked body never ends: the answer comes at the cap."""
+    url = httpx.URL(shared_broker.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        for _ in range(2 * MAX_BODY_BYTES // 65536):
+            writer.write(chunk)
+            await writer.drain()
+        # No last chunk: the body is still "being sent" while the answer is read.
+        async with asyncio.timeout(30):  # a guard against hanging, not a timing claim
+            status = await reader.readline()
+    finally:
+        writer.close()
+    assert status.split()[1] == (b"400" if path == BROKER else b"422")
+
+
 async def test_a_body_just_under_the_cap_is_read(hostile: Broker) -> None:
     """The cap is on bytes, not on a guess: padding up to it still parses."""
     body = raw()
@@ -236,6 +261,10 @@ ADMIN_CASES: dict[str, tuple[bytes, str | None]] = {
     ),
     "overflowing-metadata": (orjson.dumps(SPEC)[:-1] + b',"metadata":{"m":1e400}}', JSON),
     "duplicate-key": (orjson.dumps(SPEC)[:-1] + b',"name":"other"}', JSON),
+    "huge-name": (orjson.dumps({**SPEC, "name": "n" * 900_000}), JSON),
+    "huge-description": (orjson.dumps({**SPEC, "description": "d" * 900_000}), JSON),
+    "nul-in-description": (orjson.dumps({**SPEC, "description": "a\u0000b"}), JSON),
+    "huge-ttl": (orjson.dumps({**SPEC, "caching": {"ttl": {"days": 10**9}}}), JSON),
     "unknown-field": (orjson.dumps({**SPEC, "ttl_seconds": 5}), JSON),
     "unknown-nested-field": (orjson.dumps({**SPEC, "source": {"url": "http://a", "x": 1}}), JSON),
     "form": (b"name=admin_hostile", "application/x-www-form-urlencoded"),
@@ -272,8 +301,9 @@ async def test_admin_refuses_hostile_bodies(shared_broker: Broker, case: str) ->
         b'[{"name": "TOKEN", "value": 1e400}]',
         b'[{"name": "TOKEN", "value": "a", "value": "b"}]',
         b'[{"name": "TOKEN", "value": "a", "secret": true}]',
+        b'[{"name": "TOKEN\\u0000", "value": "a"}]',
     ],
-    ids=["nan", "overflow", "duplicate", "unknown-field"],
+    ids=["nan", "overflow", "duplicate", "unknown-field", "nul-in-name"],
 )
 async def test_admin_variables_refuse_hostile_values(shared_broker: Broker, items: bytes) -> None:
     broker = shared_broker

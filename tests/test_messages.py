@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from proxy.errors import InvalidRequest, UpstreamHTTPError
-from proxy.messages import failure, parse_request, success
+from proxy.messages import failure, loads_strict, parse_request, success
 
 RUN = str(uuid.uuid4())
 
@@ -87,3 +87,34 @@ def test_failure_carries_code_message_and_extra() -> None:
         "message": "upstream answered HTTP 503",
         "upstream_status": 503,
     }
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"a": 1, "a": 2}', "repeats a key"),
+        (b'{"a": {"b": 1, "b": 1}}', "repeats a key"),
+        (b'[{"x": 1}, {"x": 2, "y": 3, "x": 4}]', "repeats a key"),
+        (b"[" * 65 + b"]" * 65, "deeper than 64"),
+        (b'{"a": ' * 100_000, "not valid JSON"),
+        (b'{"a": NaN}', "not valid JSON"),
+        (b'{"a": 1e400}', "not valid JSON"),
+        (b'{"a": "\xff"}', "not valid JSON"),
+        (b'{"a": "\\ud800"}', "not valid JSON"),
+    ],
+)
+def test_loads_strict_refuses(body: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        loads_strict(body)
+
+
+def test_loads_strict_reads_what_is_fine() -> None:
+    """Equal keys in different objects are not duplicates; 64 levels are allowed."""
+    assert loads_strict(b'{"a": {"a": 1}, "b": [{"a": 2}]}') == {"a": {"a": 1}, "b": [{"a": 2}]}
+    assert loads_strict(b"[" * 64 + b"]" * 64) is not None
+
+
+def test_parse_request_refuses_what_loads_strict_refuses() -> None:
+    body = b'{"data_source_name": "a", "data_source_name": "b", "configured_params": {}}'
+    with pytest.raises(InvalidRequest, match="repeats a key"):
+        parse_request(body)

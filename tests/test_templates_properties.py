@@ -237,3 +237,29 @@ def test_an_xml_body_is_well_formed_holding_the_text(value: Any) -> None:
     root = ElementTree.fromstring(rendered.content)
     assert reads_as(root.get("a") or "", value)
     assert reads_as(root.findtext("v") or "", value)
+
+
+# --- the rules above, one example each ------------------------------------------------------
+
+
+def test_a_value_too_long_for_a_header_is_refused() -> None:
+    source = compiled(headers={"X": "{{ p }}"})
+    assert attempt(source, "v" * (MAX_HEADER_VALUE + 1), *HEADER_REASONS) is None
+    rendered = attempt(source, "v" * MAX_HEADER_VALUE, *HEADER_REASONS)
+    assert rendered is not None and rendered.headers == (("X", "v" * MAX_HEADER_VALUE),)
+
+
+def test_an_empty_value_beside_a_literal_dot_is_refused() -> None:
+    """``/files/.{{ p }}`` with ``p=""`` is ``/files/.``, which resolves to ``/files/``."""
+    source = compiled(url="https://api.example.com/files/.{{ p }}/raw")
+    assert attempt(source, "", *URL_REASONS) is None
+    assert attempt(source, "x", *URL_REASONS) is not None
+
+
+def test_xml_keeps_whitespace_and_refuses_control_characters() -> None:
+    source = compiled(
+        method="POST", headers={"Content-Type": "text/xml"}, body={"xml": '<r a="{{ p }}"/>'}
+    )
+    assert attempt(source, "a\x01b", "cannot be written in XML") is None
+    rendered = attempt(source, "a\tb\r\nc")
+    assert rendered is not None and rendered.content == b'<r a="a&#9;b&#13;&#10;c"/>'
