@@ -122,15 +122,15 @@ class RedisCache:
         return removed
 
     async def acquire(
-        self, data_source_id: uuid.UUID, key: str, token: str, ttl_ms: int, since_ms: int
+        self, data_source_id: uuid.UUID, key: str, token: str, ttl_ms: int, since_us: int
     ) -> bool:
         """Take the fetch lock of a key; it expires by itself if its holder dies.
 
-        ``since_ms`` is when the caller started: a failure marked before it does
+        ``since_us`` is when the caller started: a failure marked before it does
         not hold the lock against this caller.
         """
         lock = self.layout.lock(data_source_id, key)
-        return bool(await self._call(self.redis.eval(_ACQUIRE, 1, lock, token, ttl_ms, since_ms)))
+        return bool(await self._call(self.redis.eval(_ACQUIRE, 1, lock, token, ttl_ms, since_us)))
 
     async def release(self, data_source_id: uuid.UUID, key: str, token: str) -> None:
         lock = self.layout.lock(data_source_id, key)
@@ -141,13 +141,14 @@ class RedisCache:
     ) -> None:
         """Leave the holder's failure for ``hold_ms`` so waiters share it instead of stampeding."""
         lock = self.layout.lock(data_source_id, key)
-        marker = b"%s%d %s" % (FAILED_MARK, time.time() * 1000, orjson.dumps(error))
+        # Microseconds: a caller arriving right after the failure must not share it.
+        marker = b"%s%d %s" % (FAILED_MARK, time.time() * 1_000_000, orjson.dumps(error))
         await self._call(self.redis.eval(_MARK_FAILED, 1, lock, token, marker, hold_ms))
 
-    async def lock_state(self, data_source_id: uuid.UUID, key: str, since_ms: int) -> LockState:
+    async def lock_state(self, data_source_id: uuid.UUID, key: str, since_us: int) -> LockState:
         """The entry and the lock of a key in one round trip (one slot on a cluster).
 
-        A failure marked before ``since_ms`` is not this caller's to share.
+        A failure marked before ``since_us`` is not this caller's to share.
         """
         entry_key = self.layout.cache_entry(data_source_id, key)
         lock_key = self.layout.lock(data_source_id, key)
@@ -155,7 +156,7 @@ class RedisCache:
         entry = None if raw_entry is None else CacheEntry.decode(_bytes(raw_entry))
         if raw_lock is not None and _bytes(raw_lock).startswith(FAILED_MARK):
             failed_at, _, error = _bytes(raw_lock)[1:].partition(b" ")
-            failure = orjson.loads(error) if int(failed_at) >= since_ms else None
+            failure = orjson.loads(error) if int(failed_at) >= since_us else None
             return LockState(entry, held=False, failure=failure)
         return LockState(entry, held=raw_lock is not None, failure=None)
 

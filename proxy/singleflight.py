@@ -89,20 +89,20 @@ async def across_sidecars(
     waiters' patience.
     """
     token = uuid.uuid4().hex
-    since_ms = int(time.time() * 1000)
+    since_us = int(time.time() * 1_000_000)
     give_up = time.monotonic() + deadline
     delay = POLL_START
     while True:
         try:
             acquired = await cache.acquire(
-                data_source_id, key, token, int(deadline * 1000) + 1000, since_ms
+                data_source_id, key, token, int(deadline * 1000) + 1000, since_us
             )
         except CacheUnavailable:
             return await _alone(fetch, store)
         if acquired:
             return await _hold(cache, data_source_id, key, token, fetch, store, is_fresh)
         try:
-            state = await cache.lock_state(data_source_id, key, since_ms)
+            state = await cache.lock_state(data_source_id, key, since_us)
         except CacheUnavailable:
             return await _alone(fetch, store)
         if state.entry is not None and is_fresh(state.entry):

@@ -146,7 +146,7 @@ async def test_holders_failure_goes_to_its_waiters_not_to_later_callers(cache: R
 
 
 async def test_a_crashed_holder_blocks_nobody_past_its_lock_expiry(cache: RedisCache) -> None:
-    assert await cache.acquire(SOURCE, "k", "dead-holder", ttl_ms=200, since_ms=0)
+    assert await cache.acquire(SOURCE, "k", "dead-holder", ttl_ms=200, since_us=0)
     upstream = Upstream()
     upstream.release.set()
     shared = await sidecar_call(cache, upstream)
@@ -154,7 +154,7 @@ async def test_a_crashed_holder_blocks_nobody_past_its_lock_expiry(cache: RedisC
 
 
 async def test_waiters_time_out_cleanly(cache: RedisCache) -> None:
-    assert await cache.acquire(SOURCE, "k", "slow-holder", ttl_ms=10_000, since_ms=0)
+    assert await cache.acquire(SOURCE, "k", "slow-holder", ttl_ms=10_000, since_us=0)
     upstream = Upstream()
     with pytest.raises(UpstreamTimeout, match="another sidecar"):
         await sidecar_call(cache, upstream, deadline=0.2)
