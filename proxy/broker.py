@@ -29,7 +29,7 @@ from proxy.errors import (
 )
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
-from proxy.metrics import BROKER_REQUESTS, UPSTREAM_SECONDS
+from proxy.metrics import UPSTREAM_SECONDS, requests_counter
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord
 from proxy.registry import Registry, Source
 from proxy.singleflight import Flights, Shared, across_sidecars
@@ -98,7 +98,7 @@ class Broker:
 
     def _refuse(self, error: BrokerError) -> Answer:
         """An error before a source was resolved: answered, not audited."""
-        BROKER_REQUESTS.labels(origin="NONE", code=error.code).inc()
+        requests_counter("NONE", error.code).inc()
         return Answer(error.status, messages.failure(error))
 
     async def cached(self, source: Source, key: str) -> CacheEntry | None:
@@ -275,9 +275,7 @@ class _Call:
             # The journal itself failed (disk full, outbox closed): answer anyway, loudly.
             logger.exception("could not journal the audit row of a request")
             error = InternalError("the broker could not record this request; see its log")
-        BROKER_REQUESTS.labels(
-            origin=self.origin or "NONE", code=error.code if error else "OK"
-        ).inc()
+        requests_counter(self.origin or "NONE", error.code if error else "OK").inc()
         if error is not None:
             return Answer(
                 error.status,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 BROKER_REQUESTS = Counter(
@@ -20,3 +22,9 @@ OUTBOX_BACKLOG_BYTES = Gauge(
 RECORDS_WRITTEN = Counter(
     "databroker_records_written_total", "DataObjects and audit rows committed to the database."
 )
+
+
+@cache
+def requests_counter(origin: str, code: str) -> Counter:
+    """The child of BROKER_REQUESTS for these labels, looked up once (labels() locks)."""
+    return BROKER_REQUESTS.labels(origin=origin, code=code)

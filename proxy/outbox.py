@@ -104,14 +104,18 @@ def decode(line: bytes) -> Record:
     )
 
 
-def read_segment(path: Path) -> list[Record]:
-    """Every complete record of a segment.
+def complete_lines(data: bytes) -> list[bytes]:
+    """The journal lines of a segment's bytes, each one record.
 
     A last line without its newline is a write torn by a crash: its response
     never left (the append precedes the answer), so it is dropped.
     """
-    data = path.read_bytes()
-    return [decode(line) for line in data.split(b"\n")[:-1] if line]
+    return [line for line in data.split(b"\n")[:-1] if line]
+
+
+def read_segment(path: Path) -> list[Record]:
+    """Every complete record of a segment."""
+    return [decode(line) for line in complete_lines(path.read_bytes())]
 
 
 class Outbox:
