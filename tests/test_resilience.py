@@ -161,3 +161,32 @@ async def test_a_full_outbox_refuses_upstream_calls_then_hits(
     assert ready.json()["outbox"] == "full" and ready.json()["outbox_backlog_bytes"] >= 4096
     metrics = (await bounded.client.get("/metrics")).text
     assert 'databroker_requests_total{code="AUDIT_BACKLOG_FULL",origin="NONE"}' in metrics
+
+
+async def test_max_concurrency_bounds_calls_in_flight(broker: Broker, upstream: Upstream) -> None:
+    in_flight = 0
+    peak = 0
+
+    async def counted(_: Request) -> Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)  # a slow upstream, so calls overlap if the broker lets them
+        in_flight -= 1
+        return Response(b"{}", media_type="application/json")
+
+    url = upstream.on("/limited/x", counted)
+    await broker.register(
+        {
+            "name": "limited",
+            "source": {
+                "url": url.rsplit("/", 1)[0] + "/x?n={{ n }}",
+                "response_type": "JSON",
+                "max_concurrency": 2,
+            },
+        }
+    )
+    answers = await asyncio.gather(*(broker.call("limited", {"n": str(n)}) for n in range(12)))
+    assert [a.status_code for a in answers] == [200] * 12
+    assert upstream.hits("/limited/x") == 12
+    assert peak == 2
