@@ -53,15 +53,20 @@ async def _at_least(upstream: Upstream, path: str, count: int) -> bool:
     return upstream.hits(path) >= count
 
 
+class Health:
+    """An upstream that answers 200 or 503 as the test switches it."""
+
+    ok = True
+
+    async def answer(self, _: Request) -> Response:
+        return Response(b'{"v": 1}', 200 if self.ok else 503, media_type="application/json")
+
+
 async def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(
     broker: Broker, upstream: Upstream, db: AsyncEngine
 ) -> None:
-    healthy = True
-
-    async def flaky(_: Request) -> Response:
-        return Response(b'{"v": 1}', 200 if healthy else 503, media_type="application/json")
-
-    url = upstream.on("/stale", flaky)
+    health = Health()
+    url = upstream.on("/stale", health.answer)
     await broker.register(
         {
             "name": "stale",
@@ -72,7 +77,7 @@ async def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(
     first = (await broker.call("stale")).json()
     assert first["origin"] == "REQUEST"
     await async_wait_for(lambda: _later_than(first["end_time"] + 1), timeout=5)
-    healthy = False
+    health.ok = False
     run_id = uuid.uuid4()
     answer = await broker.call("stale", run_id=run_id)
     assert answer.status_code == 200
@@ -88,7 +93,7 @@ async def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(
     assert audit[0]["data_origin"] == "CACHE"
     assert audit[0]["error"]["code"] == "HTTP_ERROR" and audit[0]["error"]["served_stale"] is True
     # While the entry is stale but healthy again, a request refreshes it.
-    healthy = True
+    health.ok = True
     refreshed = (await broker.call("stale")).json()
     assert refreshed["origin"] == "REQUEST" and "stale" not in refreshed
 
@@ -101,12 +106,8 @@ async def _later_than(moment: float) -> bool:
 async def test_without_stale_if_error_nothing_expired_is_served(
     broker: Broker, upstream: Upstream
 ) -> None:
-    healthy = True
-
-    async def flaky(_: Request) -> Response:
-        return Response(b'{"v": 1}', 200 if healthy else 503, media_type="application/json")
-
-    url = upstream.on("/fresh-only", flaky)
+    health = Health()
+    url = upstream.on("/fresh-only", health.answer)
     await broker.register(
         {
             "name": "fresh",
@@ -116,7 +117,7 @@ async def test_without_stale_if_error_nothing_expired_is_served(
     )
     first = (await broker.call("fresh")).json()
     await async_wait_for(lambda: _later_than(first["end_time"] + 1), timeout=5)
-    healthy = False
+    health.ok = False
     answer = await broker.call("fresh")
     assert answer.status_code == 502
     assert answer.json()["error"]["code"] == "HTTP_ERROR"
