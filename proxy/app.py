@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from proxy.broker import Broker, Limits
 from proxy.cache import RedisCache
@@ -35,7 +36,7 @@ from proxy.writer import DatabaseSink, OutboxWriter
 logger = logging.getLogger("databroker")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -43,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             yield await _start(settings, stack)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *internal.routes,
             *admin.routes,
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         lifespan=lifespan,
     )
+    return internal.FrontDoor(app)
 
 
 async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[str, Any]:

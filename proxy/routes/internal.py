@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import messages
 from proxy.errors import InvalidRequest
@@ -79,4 +79,21 @@ async def _read_json(scope: Scope, receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+class FrontDoor:
+    """Sends ``POST /internal/data-broker`` straight to its handler, past Starlette's
+    middleware and routing (~15 µs of a hit); everything else goes to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.hot = DataBroker()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
+            await self.hot(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+# Behind the front door this route only answers other methods (405); kept so the
+# router knows the path.
 routes = [Route(PATH, DataBroker(), methods=["POST"])]
