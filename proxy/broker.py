@@ -30,7 +30,7 @@ from proxy.errors import (
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.metrics import UPSTREAM_SECONDS, requests_counter
-from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord
+from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
 from proxy.registry import Registry, Source
 from proxy.singleflight import Flights, Shared, across_sidecars
 from proxy.templates import render
@@ -308,9 +308,9 @@ class _Call:
         if recorded is not None and error is self.stale_because:
             recorded["served_stale"] = True
         return RunDataRequestRecord(
-            run_data_request_id=uuid.uuid4(),
+            run_data_request_id=new_id(),
             run_id=self.request.run_id,
-            data_object_id=None if self.data_object_id is None else uuid.UUID(self.data_object_id),
+            data_object_id=self.data_object_id,
             data_source_id=self.source.data_source_id,
             data_origin=self.origin,
             start_time=self.start_time,

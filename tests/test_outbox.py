@@ -19,6 +19,7 @@ from proxy.outbox import (
     RunDataRequestRecord,
     decode,
     encode,
+    new_id,
     read_segment,
 )
 from tests.servers import wait_for
@@ -236,3 +237,11 @@ def test_pending_bytes_counts_every_segment(tmp_path: Path) -> None:
     outbox.close()
     assert len(segments(tmp_path, SEALED_SUFFIX)) == 2
     assert outbox.pending_bytes() == 3 * len(encode(record))
+
+
+def test_new_id_is_a_random_version_4_uuid() -> None:
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:500]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
