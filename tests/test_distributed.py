@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis as sync_redis
-from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,8 +19,8 @@ from starlette.responses import Response
 from proxy.app import create_app
 from proxy.redis_pool import _parse_nodes
 from proxy.settings import Settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, Broker
-from tests.instances import RedisCluster, RedisInstance, clean_env, publish, sidecar
+from tests.conftest import REDIS_URL, Broker
+from tests.instances import RedisCluster, RedisInstance, publish, sidecar, sidecar_env
 from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread, wait_for
 
 
@@ -186,17 +185,10 @@ async def test_200_identical_misses_across_3_sidecars_make_one_call(
         return Response(b'{"bureau": "report"}', media_type="application/json")
 
     url = upstream.on("/bureau", slow)
-    env = clean_env(
-        database_url=pg_url,
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        admin_token=ADMIN_TOKEN,
-        secret_key=Fernet.generate_key().decode(),
-    )
+    # One environment (one secret key) for all three; only the outbox differs.
+    env = sidecar_env(pg_url, REDIS_URL, tmp_path / "o1", redis_prefix=redis_prefix)
     async with (
-        sidecar(
-            {**env, "DATABROKER_OUTBOX_DIR": str(tmp_path / "o1")}, tmp_path, max_connections=100
-        ) as one,
+        sidecar(env, tmp_path, max_connections=100) as one,
         sidecar(
             {**env, "DATABROKER_OUTBOX_DIR": str(tmp_path / "o2")}, tmp_path, max_connections=100
         ) as two,

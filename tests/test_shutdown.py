@@ -18,7 +18,6 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
@@ -32,6 +31,7 @@ from tests.instances import (
     log_of,
     publish,
     serving,
+    sidecar_env,
     terminate,
 )
 from tests.servers import Upstream, async_wait_for, free_port
@@ -50,14 +50,7 @@ def slow_json(upstream: Upstream, path: str) -> str:
 async def test_sigterm_under_load_loses_and_duplicates_nothing(
     pg_url: str, db: AsyncEngine, redis_prefix: str, upstream: Upstream, tmp_path: Path
 ) -> None:
-    env = clean_env(
-        database_url=pg_url,
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        admin_token=ADMIN_TOKEN,
-        secret_key=Fernet.generate_key().decode(),
-        outbox_dir=str(tmp_path / "outbox"),
-    )
+    env = sidecar_env(pg_url, REDIS_URL, tmp_path / "outbox", redis_prefix=redis_prefix)
     url = slow_json(upstream, "/slow")
     spec = {
         "name": "slow_api",
