@@ -16,7 +16,6 @@ from typing import Any, cast
 import orjson
 from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN
@@ -142,7 +141,12 @@ class OutboxWriter:
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
             except TimeoutError:
                 pass
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # The writer must outlive anything a flush meets (a full disk while
+                # scanning, say): a dead writer would leave every record on disk.
+                logger.exception("outbox flush failed; retrying at the next interval")
 
     async def flush(self) -> bool:
         """Ship everything sealed so far; False if the database refused (kept for later)."""
@@ -167,7 +171,10 @@ class OutboxWriter:
                 records = await _decode(await asyncio.to_thread(path.read_bytes))
                 try:
                     await self.sink.write(records)
-                except (SQLAlchemyError, OSError) as exc:
+                except Exception as exc:
+                    # Any failure, not only SQLAlchemy's: the COPY path talks to asyncpg
+                    # directly, whose errors (a connection dropped mid-COPY) are its own.
+                    # The segment stays; the next flush tries again.
                     self._report_failure(exc)
                     return False
                 self.outbox.remove(path)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -285,6 +287,37 @@ async def test_stop_with_the_database_down_leaves_the_rest_on_disk(tmp_path: Pat
     finally:
         await down.dispose()
     assert [p.suffix for p in segments(tmp_path)] == [SEALED_SUFFIX]
+
+
+class BreaksOnce(DatabaseSink):
+    """A sink whose first write fails the way a raw driver does: not a SQLAlchemy error."""
+
+    failed = False
+
+    async def write(self, records: Sequence[Record]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("closed in the middle of COPY")
+        await super().write(records)
+
+
+async def test_any_sink_failure_keeps_the_segment_and_the_writer_running(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.open()
+    sink = BreaksOnce(db, batch_size=1000)
+    writer = OutboxWriter(outbox, sink, interval=0.02)
+    outbox.append(*batch(2))
+    task = asyncio.create_task(writer.run())
+    try:
+        await async_wait_for(lambda: _has(db, "run_data_request", 2))
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert sink.failed and writer.records_written == 4
+    outbox.close()
 
 
 async def _has(db: AsyncEngine, table: str, n: int) -> bool:
