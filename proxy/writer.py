@@ -201,6 +201,9 @@ class OutboxWriter:
             await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
             logger.warning("outbox not drained within %.1fs; it is replayed on next start", timeout)
+        except Exception:
+            # Shutdown goes on: what was not shipped is on disk for the next start.
+            logger.exception("last outbox flush failed; it is replayed on next start")
 
 
 DECODE_CHUNK = 256
