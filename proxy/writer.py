@@ -51,75 +51,72 @@ class DatabaseSink:
         self._postgres = engine.dialect.name == "postgresql"
 
     async def write(self, records: Sequence[Record]) -> None:
-        objects = [_object_row(r) for r in records if isinstance(r, DataObjectRecord)]
-        requests = [_request_row(r) for r in records if isinstance(r, RunDataRequestRecord)]
-        tables = (
-            (cast(Table, DataObject.__table__), objects),
-            (cast(Table, RunDataRequest.__table__), requests),
-        )
+        objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
+        requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
+        tables = ((_DATA_OBJECT, objects), (_RUN_DATA_REQUEST, requests))
         if self._postgres:
             await self._copy(tables)
             return
         async with self.engine.begin() as conn:
             for table, rows in tables:
+                columns = [c.name for c in table.columns]
                 for start in range(0, len(rows), self.batch_size):
+                    chunk = rows[start : start + self.batch_size]
                     stmt = sqlite.insert(table).on_conflict_do_nothing()
-                    await conn.execute(stmt, rows[start : start + self.batch_size])
+                    await conn.execute(
+                        stmt, [dict(zip(columns, _values(r, columns), strict=True)) for r in chunk]
+                    )
 
-    async def _copy(self, tables: Sequence[tuple[Table, list[dict[str, Any]]]]) -> None:
+    async def _copy(self, tables: Sequence[tuple[Table, list[Record]]]) -> None:
         async with self.engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection  # the asyncpg connection
             async with driver.transaction():
-                for table, rows in tables:
-                    if not rows:
+                for table, records in tables:
+                    if not records:
                         continue
                     columns = [c.name for c in table.columns]
+                    rows = await _copy_rows(records, columns)
                     stage = f"_stage_{table.name}"
                     await driver.execute(
                         f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name}) "
                         "ON COMMIT DELETE ROWS"
                     )
-                    await driver.copy_records_to_table(
-                        stage, records=[_copy_values(row, columns) for row in rows], columns=columns
-                    )
+                    await driver.copy_records_to_table(stage, records=rows, columns=columns)
                     await driver.execute(
                         f"INSERT INTO {table.name} ({', '.join(columns)}) "
                         f"SELECT {', '.join(columns)} FROM {stage} ON CONFLICT DO NOTHING"
                     )
 
 
-def _copy_values(row: dict[str, Any], columns: list[str]) -> tuple[Any, ...]:
-    """A row as COPY takes it: JSON columns as text (None stays SQL NULL)."""
-    error = row.get("error")
-    if error is not None:
-        row = {**row, "error": orjson.dumps(error).decode()}
-    return tuple(row[c] for c in columns)
+_DATA_OBJECT = cast(Table, DataObject.__table__)
+_RUN_DATA_REQUEST = cast(Table, RunDataRequest.__table__)
 
 
-def _object_row(r: DataObjectRecord) -> dict[str, Any]:
-    return {
-        "data_object_id": r.data_object_id,
-        "data_source_id": r.data_source_id,
-        "key": r.key,
-        "value": r.value,
-        "created_at": _ts(r.created_at),
-    }
+def _values(record: Record, columns: list[str]) -> tuple[Any, ...]:
+    """A record's row in column order: records name their fields after the columns.
+
+    ``error`` stays a Python value (None is SQL NULL: "error IS NULL" finds the
+    successes); ``created_at`` becomes a timestamp.
+    """
+    return tuple(
+        _ts(record.created_at) if column == "created_at" else getattr(record, column)
+        for column in columns
+    )
 
 
-def _request_row(r: RunDataRequestRecord) -> dict[str, Any]:
-    return {
-        "run_data_request_id": r.run_data_request_id,
-        "run_id": r.run_id,
-        "data_object_id": r.data_object_id,
-        "data_source_id": r.data_source_id,
-        "data_origin": r.data_origin,
-        "start_time": r.start_time,
-        "end_time": r.end_time,
-        # SQL NULL, not the JSON null a bare None becomes: "error IS NULL" finds the successes.
-        "error": r.error,
-        "created_at": _ts(r.created_at),
-    }
+async def _copy_rows(records: Sequence[Record], columns: list[str]) -> list[tuple[Any, ...]]:
+    """Rows as COPY takes them (JSON as text), built a chunk at a time between yields."""
+    json_at = columns.index("error") if "error" in columns else None
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(records), DECODE_CHUNK):
+        for record in records[start : start + DECODE_CHUNK]:
+            row = _values(record, columns)
+            if json_at is not None and row[json_at] is not None:
+                row = (*row[:json_at], orjson.dumps(row[json_at]).decode(), *row[json_at + 1 :])
+            rows.append(row)
+        await asyncio.sleep(0)
+    return rows
 
 
 class OutboxWriter:
