@@ -60,7 +60,7 @@ def admin(handler: Handler) -> Handler:
 
 async def _parse(request: Request, validate: Callable[[Any], Any]) -> Any:
     """Read and validate a body: the same strict JSON as the broker route, then the model."""
-    body = await read_json(request, ValidationFailed)
+    body = await read_json(request.scope, request.receive, ValidationFailed)
     try:
         data = loads_strict(body)
     except ValueError as exc:

@@ -1,8 +1,13 @@
-"""Reading JSON request bodies: the declared type first, then a size cap, before any parsing."""
+"""Reading JSON request bodies: the declared type first, then a size cap, before any parsing.
+
+One reader over raw ASGI ``scope``/``receive``, so the hot route (which has no
+Starlette Request) and the admin routes (which pass their request's) share it.
+"""
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope
 
 from proxy.errors import BrokerError
 
@@ -17,28 +22,36 @@ def is_json(content_type: str | None) -> bool:
     )
 
 
-async def read_json(request: Request, error: type[BrokerError]) -> bytes:
-    """The body of a route that takes JSON; ``error`` unless it is declared JSON.
+async def read_json(scope: Scope, receive: Receive, error: type[BrokerError]) -> bytes:
+    """The body of a route that takes JSON: ``error`` unless it is declared JSON and at
+    most MAX_BODY_BYTES (never buffered past that); ClientDisconnect if the client left.
 
     Declared JSON is required, not guessed: a browser page may post text/plain, a
     form or a typeless body to 127.0.0.1 without a CORS preflight, and must not be
     able to make the sidecar spend a paid call.
     """
-    if not is_json(request.headers.get("content-type")):
+    content_type = declared = None
+    for name, value in scope["headers"]:
+        # The first of a repeated header wins, as in Starlette's Headers.get.
+        if name == b"content-type" and content_type is None:
+            content_type = value.decode("latin-1")
+        elif name == b"content-length" and declared is None:
+            declared = value
+    if not is_json(content_type):
         raise error("Content-Type must be application/json")
-    return await read_capped(request, error)
-
-
-async def read_capped(request: Request, error: type[BrokerError]) -> bytes:
-    """The whole body, or ``error`` once it passes MAX_BODY_BYTES (never buffered past that)."""
-    declared = request.headers.get("content-length")
+    too_large = f"body exceeds {MAX_BODY_BYTES} bytes"
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise error(f"body exceeds {MAX_BODY_BYTES} bytes")
+        raise error(too_large)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise error(f"body exceeds {MAX_BODY_BYTES} bytes")
+            raise error(too_large)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

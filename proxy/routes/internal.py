@@ -15,10 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import messages
 from proxy.errors import InvalidRequest
-from proxy.routes.bodies import MAX_BODY_BYTES, is_json
+from proxy.routes.bodies import read_json
 
 PATH = "/internal/data-broker"
-_TOO_LARGE = f"body exceeds {MAX_BODY_BYTES} bytes"
 
 
 class DataBroker:
@@ -30,7 +29,7 @@ class DataBroker:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = await _read_json(scope, receive)
+            body = await read_json(scope, receive, InvalidRequest)
         except InvalidRequest as exc:
             status, payload = exc.status, messages.failure(exc)
         except ClientDisconnect:
@@ -49,34 +48,6 @@ class DataBroker:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-
-
-async def _read_json(scope: Scope, receive: Receive) -> bytes:
-    """The body, if declared JSON and within the cap (as proxy.routes.bodies.read_json)."""
-    content_type = declared = None
-    for name, value in scope["headers"]:
-        # The first of a repeated header wins, as in Starlette's Headers.get.
-        if name == b"content-type" and content_type is None:
-            content_type = value.decode("latin-1")
-        elif name == b"content-length" and declared is None:
-            declared = value
-    if not is_json(content_type):
-        raise InvalidRequest("Content-Type must be application/json")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise InvalidRequest(_TOO_LARGE)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise InvalidRequest(_TOO_LARGE)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 class FrontDoor:
