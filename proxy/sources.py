@@ -101,6 +101,13 @@ def _assign(row: DataSource, spec: DataSourceSpec, now: datetime) -> None:
     row.last_updated_at = now
 
 
+async def _stored_variables(
+    session: AsyncSession, data_source_id: uuid.UUID
+) -> dict[str, DataSourceEnvVar]:
+    query = select(DataSourceEnvVar).where(DataSourceEnvVar.data_source_id == data_source_id)
+    return {v.name: v for v in await session.scalars(query)}
+
+
 class SourceStore:
     def __init__(self, engine: AsyncEngine, box: SecretBox) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -239,14 +246,7 @@ class SourceStore:
         """Names and whether each is set; values never leave the store."""
         async with self._sessions() as session:
             row = await self._get(session, data_source_id)
-            stored = {
-                v.name: v
-                for v in await session.scalars(
-                    select(DataSourceEnvVar).where(
-                        DataSourceEnvVar.data_source_id == row.data_source_id
-                    )
-                )
-            }
+            stored = await _stored_variables(session, row.data_source_id)
         answer = []
         for name in sorted(set(row.variables) | stored.keys()):
             var = stored.get(name)
@@ -274,14 +274,7 @@ class SourceStore:
                 raise ValidationFailed(
                     f"not variables of this data source: {', '.join(undeclared)}", names=undeclared
                 )
-            stored = {
-                v.name: v
-                for v in await session.scalars(
-                    select(DataSourceEnvVar).where(
-                        DataSourceEnvVar.data_source_id == row.data_source_id
-                    )
-                )
-            }
+            stored = await _stored_variables(session, row.data_source_id)
             for name in stored.keys() - set(names):
                 await session.delete(stored[name])
             for item in desired:
