@@ -87,16 +87,16 @@ class Broker:
         try:
             request = messages.parse_request(body)
         except BrokerError as exc:
-            return self._refuse(exc)
+            return self.refuse(exc)
         project = request.project_id or self.default_project
         source = await self.registry.resolve_fresh(project, request.data_source_name)
         if source is None:
-            return self._refuse(
+            return self.refuse(
                 DataSourceNotFound(f"no data source named {request.data_source_name!r}")
             )
         return await _Call(self, source, request).run()
 
-    def _refuse(self, error: BrokerError) -> Answer:
+    def refuse(self, error: BrokerError) -> Answer:
         """An error before a source was resolved: answered, not audited."""
         requests_counter("NONE", error.code).inc()
         return Answer(error.status, messages.failure(error))
@@ -160,7 +160,7 @@ class _Call:
             value_json = await self._serve()
         except AuditBacklogFull as exc:
             # Not journaled: the journal is what is full. Counted in metrics instead.
-            return self.broker._refuse(exc)
+            return self.broker.refuse(exc)
         except BrokerError as exc:
             return self._finish(exc)
         except Exception:
@@ -212,15 +212,14 @@ class _Call:
         self.start_time = self.end_time = None
         return entry.value_json
 
-    def _deadline(self) -> float:
-        timeout = self.source.http.timeout or self.broker.limits.default_timeout
-        return self.source.retrying.deadline(timeout)
+    def _timeout(self) -> float:
+        return self.source.http.timeout or self.broker.limits.default_timeout
 
     async def _fetch_shared(self) -> Shared:
         """One upstream call per key, whoever asks, in this process or another."""
         broker, source = self.broker, self.source
         assert self.key is not None
-        key, deadline = self.key, self._deadline()
+        key, deadline = self.key, source.retrying.deadline(self._timeout())
 
         async def store(entry: CacheEntry) -> None:
             await broker.store(source, key, entry)
@@ -245,7 +244,7 @@ class _Call:
             async with broker.slot(source):
                 fetched = await broker.upstream.fetch(
                     rendered,
-                    timeout=source.http.timeout or broker.limits.default_timeout,
+                    timeout=self._timeout(),
                     retrying=source.retrying,
                     max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
                     follow_redirects=bool(source.http.follow_redirects),
