@@ -130,11 +130,6 @@ def complete_lines(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\n")[:-1] if line]
 
 
-def read_segment(path: Path) -> list[Record]:
-    """Every complete record of a segment."""
-    return [decode(line) for line in complete_lines(path.read_bytes())]
-
-
 class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory

@@ -17,14 +17,19 @@ from proxy.outbox import (
     Outbox,
     Record,
     RunDataRequestRecord,
+    complete_lines,
     decode,
     encode,
     new_id,
-    read_segment,
 )
 from tests.servers import wait_for
 
 AWKWARD_BYTES = b'{"a": "line one\nline two"}\r\n\x00\xff\xfe\x80 not utf-8 \n\n'
+
+
+def read_segment(path: Path) -> list[Record]:
+    """A segment's records, read with the pieces the writer uses."""
+    return [decode(line) for line in complete_lines(path.read_bytes())]
 
 
 def data_object(value: bytes = AWKWARD_BYTES) -> DataObjectRecord:
