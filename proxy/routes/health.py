@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -17,10 +18,10 @@ async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def _check(probe: object) -> str:
+async def _check(probe: Awaitable[object]) -> str:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
-            await probe  # type: ignore[misc]
+            await probe
     except Exception as exc:
         return f"unavailable ({type(exc).__name__})"
     return "ok"
