@@ -13,18 +13,23 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from proxy.broker import Broker, Limits
-from proxy.cache import RedisCache
+from proxy.cache import CacheEntry, RedisCache
 from proxy.database import create_engine, migrate
 from proxy.egress import EgressPolicy
+from proxy.hotcache import HotEntries
+from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
+from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
-from proxy.redis_pool import create_redis, is_cluster
+from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.registry import Registry
 from proxy.routes import admin, health, internal
 from proxy.secrets import load_secret_box
@@ -67,7 +72,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[s
     redis = create_redis(settings)
     stack.push_async_callback(redis.aclose)
     layout = KeyLayout(settings.redis_prefix, cluster=is_cluster(settings))
-    cache = RedisCache(redis, layout)
+    cache = RedisCache(redis, layout, _hot_entries(settings, redis, layout, stack))
 
     client = create_client(EgressPolicy.from_settings(settings))
     stack.push_async_callback(client.aclose)
@@ -106,6 +111,23 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> dict[s
         "writer": writer,
         "broker": broker,
     }
+
+
+def _hot_entries(
+    settings: Settings,
+    redis: Redis | RedisCluster,
+    layout: KeyLayout,
+    stack: contextlib.AsyncExitStack,
+) -> HotEntries[CacheEntry] | None:
+    """Hot entries and the invalidation link that keeps them correct, where Redis can feed one."""
+    if not settings.hot_cache_max_bytes or not tracks_invalidations(settings):
+        return None
+    assert isinstance(redis, Redis)
+    hot: HotEntries[CacheEntry] = HotEntries(settings.hot_cache_max_bytes)
+    HOT_BYTES.set_function(lambda: hot.bytes)
+    HOT_LIVE.set_function(lambda: int(hot.live))
+    _background(stack, follow_invalidations(redis, layout.cache_family, hot), "invalidation link")
+    return hot
 
 
 def _background(stack: contextlib.AsyncExitStack, coro: Any, name: str) -> None:

@@ -6,6 +6,9 @@ no database read, and the value is never decoded and re-encoded.
 
 With ``stale_if_error`` an entry outlives its TTL by that many seconds: Redis
 still expires it, and the broker tells fresh from stale by ``created_at``.
+
+Given hot entries (``proxy.hotcache``), reads go to them first and what Redis
+returns is copied there, with its remaining lifetime, for the next hit.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from proxy.hotcache import HotEntries, Ticket
 from proxy.keys import KeyLayout
+from proxy.metrics import HOT_HITS
 
 T = TypeVar("T")
 
@@ -86,9 +91,12 @@ class LockState:
 
 
 class RedisCache:
-    def __init__(self, redis: RedisClient, layout: KeyLayout) -> None:
+    def __init__(
+        self, redis: RedisClient, layout: KeyLayout, hot: HotEntries[CacheEntry] | None = None
+    ) -> None:
         self.redis = redis
         self.layout = layout
+        self.hot = hot
 
     async def _call(self, command: Awaitable[T]) -> T:
         try:
@@ -97,8 +105,35 @@ class RedisCache:
             raise CacheUnavailable(type(exc).__name__) from exc
 
     async def get(self, data_source_id: uuid.UUID, key: str) -> CacheEntry | None:
-        raw = await self._call(self.redis.get(self.layout.cache_entry(data_source_id, key)))
+        name = self.layout.cache_entry(data_source_id, key)
+        hot = self.hot
+        if hot is not None:
+            entry = hot.get(name)
+            if entry is not None:
+                HOT_HITS.inc()
+                return entry
+            ticket = hot.watch(name)
+            if ticket is not None:
+                return await self._get_and_keep(hot, ticket)
+        raw = await self._call(self.redis.get(name))
         return None if raw is None else CacheEntry.decode(_bytes(raw))
+
+    async def _get_and_keep(self, hot: HotEntries[CacheEntry], ticket: Ticket) -> CacheEntry | None:
+        """GET with the name's PTTL in one round trip, the entry then kept hot."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipeline:
+                pipeline.get(ticket.name)
+                pipeline.pttl(ticket.name)
+                raw, ttl_ms = await self._call(pipeline.execute())
+        except BaseException:
+            hot.forget(ticket)
+            raise
+        if raw is None:
+            hot.forget(ticket)
+            return None
+        entry = CacheEntry.decode(_bytes(raw))
+        hot.keep(ticket, entry, len(entry.value_json), ttl_ms)
+        return entry
 
     async def put(
         self,
@@ -119,6 +154,9 @@ class RedisCache:
         removed = 0
         async for batch in _batches(self.redis, self.layout.cache_pattern(data_source_id)):
             removed += await self._call(self.redis.unlink(*batch))
+        if self.hot is not None:
+            # Now, not when Redis's invalidations arrive: this sidecar's next request must miss.
+            self.hot.invalidate_prefix(self.layout.cache_entry(data_source_id, ""))
         return removed
 
     async def acquire(

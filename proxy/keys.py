@@ -43,12 +43,13 @@ class KeyLayout:
         self.prefix = prefix
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
+        self.cache_family = f"{prefix}cache:"
 
     def _source(self, data_source_id: uuid.UUID | str) -> str:
         return f"{{{data_source_id}}}" if self.cluster else str(data_source_id)
 
     def cache_entry(self, data_source_id: uuid.UUID | str, key: str) -> str:
-        return f"{self.prefix}cache:{self._source(data_source_id)}:{key}"
+        return f"{self.cache_family}{self._source(data_source_id)}:{key}"
 
     def lock(self, data_source_id: uuid.UUID | str, key: str) -> str:
         return f"{self.prefix}lock:{self._source(data_source_id)}:{key}"

@@ -22,6 +22,17 @@ OUTBOX_BACKLOG_BYTES = Gauge(
 RECORDS_WRITTEN = Counter(
     "databroker_records_written_total", "DataObjects and audit rows committed to the database."
 )
+HOT_HITS = Counter(
+    "databroker_hot_hits_total", "Cache hits answered from hot entries, without a Redis round trip."
+)
+HOT_INVALIDATIONS = Counter(
+    "databroker_hot_invalidations_total",
+    "Invalidations received from Redis (one per name; a flush counts one).",
+)
+HOT_BYTES = Gauge("databroker_hot_bytes", "Bytes held by hot entries.")
+HOT_LIVE = Gauge(
+    "databroker_hot_live", "1 while the invalidation link is up and hot entries are in use."
+)
 
 
 @cache

@@ -31,6 +31,11 @@ def is_cluster(settings: Settings) -> bool:
     return (settings.redis_url or "").startswith(CLUSTER_SCHEME)
 
 
+def tracks_invalidations(settings: Settings) -> bool:
+    """One server (or Sentinel's master) can feed hot entries; a cluster or fakeredis cannot."""
+    return settings.redis_url is not None and not is_cluster(settings)
+
+
 @dataclass(frozen=True)
 class _Nodes:
     password: str | None

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     outbox_flush_interval: float = Field(default=0.2, gt=0, le=60)
     outbox_batch_size: int = Field(default=2000, gt=0)
     outbox_max_bytes: int = Field(default=512 * MiB, gt=0)
+    # In-process copies of cache entries, kept correct by Redis invalidations; 0 turns them off.
+    hot_cache_max_bytes: int = Field(default=64 * MiB, ge=0)
     registry_refresh_interval: float = Field(default=30.0, gt=0)
     shutdown_grace: float = Field(default=15.0, ge=0)
     # Comma-separated CIDRs and host names, added to the built-in denies / winning over them.

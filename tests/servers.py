@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import threading
 import time
@@ -38,11 +39,14 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 async def async_wait_for(
-    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
+    condition: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.02
 ) -> Any:
+    """``wait_for`` without blocking the loop; ``condition`` may be a coroutine function."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await condition()
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

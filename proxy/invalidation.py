@@ -1,0 +1,117 @@
+"""The invalidation link: Redis tells this sidecar of every change under the cache prefix.
+
+One dedicated connection turns on client tracking in broadcast mode for the
+``{prefix}cache:`` names, redirected to itself, then subscribes to
+``__redis__:invalidate``: RESP2 has no push messages, so Redis delivers the
+invalidations as pub/sub messages, and a connection may be its own
+redirection target. From then on Redis sends the name of every key written,
+deleted, expired or evicted under the prefix, by any client, and a null on
+FLUSHALL / FLUSHDB.
+
+The hot entries are trusted only while this link is up. They go live once the
+subscription is confirmed; on any failure they are dropped and stay off until
+the link is back. A PING every ``heartbeat`` seconds finds a peer that went
+silent without closing the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import RedisError
+
+from proxy.hotcache import HotEntries
+from proxy.metrics import HOT_INVALIDATIONS
+
+logger = logging.getLogger("databroker.invalidation")
+
+CHANNEL = b"__redis__:invalidate"
+
+
+class LinkLost(Exception):
+    """Redis stopped answering the heartbeat."""
+
+
+async def follow_invalidations(
+    redis: Redis,
+    tracked_prefix: str,
+    hot: HotEntries[Any],
+    heartbeat: float = 1.0,
+    retry_interval: float = 0.5,
+) -> None:
+    """Keep ``hot`` in step with Redis; runs until cancelled, through any Redis outage."""
+    lost = False
+    while True:
+        connection: AbstractConnection | None = None
+        try:
+            connection = _resp2_connection(redis)
+            await _subscribe(connection, tracked_prefix)
+            hot.start()
+            if lost:
+                logger.warning("invalidation link restored; hot entries in use again")
+                lost = False
+            await _apply(connection, hot, heartbeat)
+        except (RedisError, OSError, LinkLost) as exc:
+            if not lost:
+                logger.warning(
+                    "invalidation link lost (%s); hot entries off until it is back",
+                    type(exc).__name__,
+                )
+                lost = True
+        finally:
+            hot.stop()
+            if connection is not None:
+                await connection.disconnect()
+        await asyncio.sleep(retry_interval)
+
+
+def _resp2_connection(redis: Redis) -> AbstractConnection:
+    """A connection of the client's own kind (host, credentials, Sentinel's master), on RESP2.
+
+    RESP2 because its pub/sub messages are plain replies that ``read_response``
+    returns; RESP3 would hand them to the client's push-message handlers instead.
+    """
+    pool = redis.connection_pool
+    connection: AbstractConnection = pool.connection_class(
+        **{**pool.connection_kwargs, "protocol": 2, "maint_notifications_config": None}
+    )
+    return connection
+
+
+async def _subscribe(connection: AbstractConnection, tracked_prefix: str) -> None:
+    await connection.connect()  # type: ignore[no-untyped-call]
+    await connection.send_command("CLIENT", "ID")
+    client_id = await connection.read_response()
+    await connection.send_command(
+        "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", tracked_prefix
+    )
+    await connection.read_response()
+    await connection.send_command("SUBSCRIBE", CHANNEL)
+    await connection.read_response()
+
+
+async def _apply(connection: AbstractConnection, hot: HotEntries[Any], heartbeat: float) -> None:
+    """Apply invalidations as they come; returns only by raising."""
+    awaiting_pong = False
+    while True:
+        message = await connection.read_response(timeout=heartbeat)
+        if message is None:
+            if awaiting_pong:
+                raise LinkLost("no answer to the heartbeat")
+            await connection.send_command("PING", check_health=False)
+            awaiting_pong = True
+            continue
+        kind = message[0]
+        if kind == b"pong":
+            awaiting_pong = False
+        elif kind == b"message" and message[1] == CHANNEL:
+            names = message[2]
+            if names is None:
+                hot.invalidate_all()
+            else:
+                hot.invalidate(name.decode(errors="replace") for name in names)
+            HOT_INVALIDATIONS.inc(len(names or (None,)))
