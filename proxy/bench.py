@@ -1,11 +1,13 @@
 """``databroker bench``: the hot path measured against the least its stack can do.
 
-One run starts four uvicorn processes with the broker's own settings (uvloop,
-httptools, one worker, no access log): the broker on real Redis and Postgres,
+One run starts five uvicorn processes with the broker's own settings (uvloop,
+httptools, one worker, no access log): the broker on real Redis and Postgres
+(twice: as shipped, and with hot entries off so that every hit is a Redis GET),
 a *ceiling* app (one Redis GET, answered with orjson), a local *upstream* and a
 *direct* app (the upstream through one shared httpx client). wrk drives
-ceiling, hits, direct and misses in turn, at each concurrency, for several
-rounds, and the medians make the table. The outbox writer is timed on its own.
+ceiling, hits, hits_redis, direct and misses in turn, at each concurrency, for
+several rounds, and the medians make the table. The outbox writer is timed on
+its own.
 
 wrk, not a Python load generator: on two cores the generator would eat the CPU
 it measures. Everything runs on 127.0.0.1, in a private Postgres database and
@@ -55,6 +57,8 @@ from proxy.writer import DatabaseSink, OutboxWriter
 
 PATH = "/internal/data-broker"
 LOOPBACK = "127.0.0.1"
+# The process each target is measured on; the others are their own.
+SERVERS = {"hits": "broker", "misses": "broker", "hits_redis": "broker_redis"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +324,10 @@ class Bench:
         self.database_url = database_url
         self.prefix = prefix
         self.processes = Processes(work)
-        self.ports = {name: _free_port() for name in ("upstream", "ceiling", "direct", "broker")}
+        self.ports = {
+            name: _free_port()
+            for name in ("upstream", "ceiling", "direct", "broker", "broker_redis")
+        }
         self.admin_token = uuid.uuid4().hex
         self.broker_env = self._broker_env()
         self.scripts: dict[str, Path] = {}
@@ -361,12 +368,32 @@ class Bench:
             )
         self.start_broker()
         self._register()
+        # Started after the sources exist; its own outbox, the same database and Redis.
+        self.start_broker(
+            "broker_redis",
+            DATABROKER_HOT_CACHE_MAX_BYTES="0",
+            DATABROKER_OUTBOX_DIR=str(self.work / "outbox-redis"),
+        )
+        self._check("broker_redis", self.body("bench_cached"), "CACHE")
 
-    def start_broker(self) -> int:
-        argv = [*_databroker(), "serve", "--host", LOOPBACK, "--port", str(self.ports["broker"])]
-        pid = self.processes.start("broker", argv, self.broker_env, self.ports["broker"])
-        self.pids["broker"] = pid
+    def start_broker(self, name: str = "broker", **env: str) -> int:
+        argv = [*_databroker(), "serve", "--host", LOOPBACK, "--port", str(self.ports[name])]
+        pid = self.processes.start(name, argv, {**self.broker_env, **env}, self.ports[name])
+        self.pids[name] = pid
         return pid
+
+    def _check(self, server: str, body: bytes, origin: str) -> None:
+        """The broker answers ``body`` with 200 from ``origin``, or the bench stops here."""
+        answer = httpx.post(
+            self.url(server),
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=10,
+            trust_env=False,
+        )
+        got = answer.json()
+        if answer.status_code != 200 or got["origin"] != origin:
+            raise RuntimeError(f"{server} answered {answer.status_code} {got}, not {origin}")
 
     def _register(self) -> None:
         """The cached and uncached sources, checked to answer CACHE and REQUEST."""
@@ -383,23 +410,19 @@ class Bench:
                 created.raise_for_status()
                 sid = created.json()["data_source_id"]
                 client.post(f"/data-sources/{sid}/publish", headers=headers).raise_for_status()
-            for body, origin in (
-                (self.body("bench_cached"), "REQUEST"),
-                (self.body("bench_cached"), "CACHE"),
-                (self.body("bench_uncached"), "REQUEST"),
-            ):
-                answer = client.post(
-                    PATH, content=body, headers={"content-type": "application/json"}
-                )
-                got = answer.json()
-                if answer.status_code != 200 or got["origin"] != origin:
-                    raise RuntimeError(f"broker answered {answer.status_code} {got}, not {origin}")
+        for body, origin in (
+            (self.body("bench_cached"), "REQUEST"),
+            (self.body("bench_cached"), "CACHE"),
+            (self.body("bench_uncached"), "REQUEST"),
+        ):
+            self._check("broker", body, origin)
         self.scripts = {
             "hits": self._script("hits", [self.body("bench_cached")]),
             "misses": self._script("misses", [self.body("bench_uncached")]),
         }
         # The references get the hits' body: the same bytes to read.
-        self.scripts["ceiling"] = self.scripts["direct"] = self.scripts["hits"]
+        for target in ("ceiling", "direct", "hits_redis"):
+            self.scripts[target] = self.scripts["hits"]
 
     def body(self, source: str, user_id: str = "42") -> bytes:
         return orjson.dumps(
@@ -416,7 +439,7 @@ class Bench:
         return path
 
     def target_url(self, target: str) -> str:
-        return self.url("broker" if target in ("hits", "misses") else target)
+        return self.url(SERVERS.get(target, target))
 
     def wrk(self, target: str, concurrency: int, duration: int) -> stats.WrkRun:
         threads = min(self.options.threads, concurrency)
@@ -446,13 +469,14 @@ class Bench:
         for round_ in range(1, options.rounds + 1):
             for c in stats.CONCURRENCY:
                 for target in stats.TARGETS:
-                    if target == "hits":
-                        with _BacklogSampler(self.url("broker", "/readyz")) as sampler:
+                    if target in stats.HIT_TARGETS:
+                        with _BacklogSampler(self.url(SERVERS[target], "/readyz")) as sampler:
                             run = self.wrk(target, c, options.duration)
                         if sampler.samples:
                             backlog.append(
                                 {
                                     "round": round_,
+                                    "target": target,
                                     "concurrency": c,
                                     "max_bytes": max(sampler.samples),
                                     "final_bytes": sampler.samples[-1],
@@ -490,7 +514,7 @@ class Bench:
         if not Path(spy).exists():
             raise SystemExit("bench: --profile needs py-spy (pip install -e '.[bench]')")
         duration, rate = self.options.duration, 200
-        server = "broker" if target in ("hits", "misses") else target
+        server = SERVERS.get(target, target)
         raw = self.work / f"profile-{target}.txt"
         wrk = ["wrk", "-t1", "-c16", f"-d{duration + 2}s", "-s", str(self.scripts[target])]
         spy_argv = [spy, "record", "-p", str(self.pids[server]), "-d", str(duration)]
@@ -666,7 +690,9 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             if not options.skip_load:
                 bench.load(results, out)
             if options.profile:
-                results.profile = {t: bench.profile(t, out) for t in ("hits", "ceiling")}
+                results.profile = {
+                    t: bench.profile(t, out) for t in (*stats.HIT_TARGETS, "ceiling")
+                }
             if options.memory:
                 results.memory = bench.memory(out)
         except BaseException:

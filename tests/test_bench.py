@@ -79,6 +79,7 @@ def test_ratios_pair_each_target_with_its_reference() -> None:
     table = {
         ("ceiling", 16): Summary(10000, 1.0, 2.0, 0, 2),
         ("hits", 16): Summary(9000, 1.2, 2.5, 0, 2),
+        ("hits_redis", 16): Summary(7000, 1.5, 4.0, 0, 2),
         ("direct", 16): Summary(4000, 3.0, 6.0, 0, 2),
         ("misses", 16): Summary(3500, 3.4, 7.0, 0, 2),
         ("ceiling", 1): Summary(3000, 0.3, 0.5, 0, 2),
@@ -86,6 +87,8 @@ def test_ratios_pair_each_target_with_its_reference() -> None:
     got = ratios(table)
     assert got["hits_rps_over_ceiling"] == {16: pytest.approx(0.9)}
     assert got["hits_p99_over_ceiling"] == {16: pytest.approx(1.25)}
+    assert got["hits_redis_rps_over_ceiling"] == {16: pytest.approx(0.7)}
+    assert got["hits_redis_p99_over_ceiling"] == {16: pytest.approx(2.0)}
     assert got["misses_p50_minus_direct_ms"] == {16: pytest.approx(0.4)}
 
 
@@ -93,6 +96,7 @@ def test_format_table_lists_every_row_and_judges_the_targets() -> None:
     table = {
         ("ceiling", 16): Summary(10000, 1.0, 2.0, 0, 2),
         ("hits", 16): Summary(8000, 1.2, 3.5, 0, 2),
+        ("hits_redis", 16): Summary(11000, 0.9, 2.4, 0, 2),
         ("direct", 16): Summary(4000, 3.0, 6.0, 0, 2),
         ("misses", 16): Summary(3500, 3.4, 7.0, 4, 2),
     }
@@ -100,9 +104,12 @@ def test_format_table_lists_every_row_and_judges_the_targets() -> None:
     lines = text.splitlines()
     assert lines[0].split() == ["target", "c", "req/s", "p50", "ms", "p99", "ms", "errors"]
     assert lines[1].split() == ["ceiling", "16", "10000", "1.00", "2.00", "0"]
-    assert lines[4].split() == ["misses", "16", "3500", "3.40", "7.00", "4"]
-    assert "c=16 0.80 MISSED" in text
-    assert "at c=16 (target <= 1.5): 1.75 MISSED" in text
+    assert lines[3].split() == ["hits_redis", "16", "11000", "0.90", "2.40", "0"]
+    assert lines[5].split() == ["misses", "16", "3500", "3.40", "7.00", "4"]
+    assert "hits / ceiling req/s (target >= 0.85): c=16 0.80 MISSED" in text
+    assert "hits p99 / ceiling p99 at c=16 (target <= 1.5): 1.75 MISSED" in text
+    assert "hits_redis / ceiling req/s (target >= 0.85): c=16 1.10 ok" in text
+    assert "hits_redis p99 / ceiling p99 at c=16 (target <= 1.5): 1.20 ok" in text
     assert "c=16 +0.40 ms ok" in text
 
 
