@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import select
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpcore
 
@@ -212,13 +214,14 @@ class EgressBackend(httpcore.AsyncNetworkBackend):
             try:
                 # The checked address itself, never the name: no second resolution. TLS keeps
                 # the URL's host for SNI and certificate checks (httpcore passes it to start_tls).
-                return await self._inner.connect_tcp(
+                stream = await self._inner.connect_tcp(
                     str(address),
                     port,
                     timeout=timeout,
                     local_address=local_address,
                     socket_options=socket_options,
                 )
+                return PooledStream(stream)
             except httpcore.ConnectError as exc:
                 # Refused on this address (say ::1 while the server listens on 127.0.0.1 only):
                 # try the next, as the default backend's happy eyeballs would.
@@ -228,6 +231,49 @@ class EgressBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+class PooledStream(httpcore.AsyncNetworkStream):
+    """A connection's stream that answers httpcore's "is it readable?" in one syscall.
+
+    httpcore asks it of every idle pooled connection on every request (an idle
+    connection with bytes to read was closed by its server). AnyIO's answer
+    looks the socket up through its typed attributes and the current task each
+    time: with 16 requests in flight that was ~40% of a miss's CPU (``databroker
+    bench --profile``). Here the poll object is made once per connection.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._poll: select.poll | None = None
+        sock = inner.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        self._poll = None
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        # TLS runs over the same socket: readable there means the same thing.
+        return PooledStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._poll is not None:
+            return bool(self._poll.poll(0))
+        return self._inner.get_extra_info(info)
 
 
 async def _resolve(host: str, port: int, timeout: float | None) -> list[Address]:

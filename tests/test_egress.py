@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.app import create_app
-from proxy.egress import DEFAULT_DENY, EgressBackend, EgressPolicy, Rules
+from proxy.egress import DEFAULT_DENY, EgressBackend, EgressPolicy, PooledStream, Rules
 from proxy.errors import EgressDenied, UpstreamHTTPError
 from proxy.lifecycle import forbidden_changes
 from proxy.retry import Retrying
@@ -33,7 +33,7 @@ from proxy.templates import RenderedRequest
 from proxy.upstream import MAX_REDIRECTS, Fetched, Upstream, create_client
 from tests.conftest import Broker
 from tests.servers import Upstream as UpstreamServer
-from tests.servers import serve_in_thread
+from tests.servers import async_wait_for, serve_in_thread
 from tests.test_flow import rows
 
 METADATA_URL = "http://169.254.169.254/latest/meta-data"
@@ -506,3 +506,20 @@ async def test_broker_refuses_a_redirect_hop_to_metadata(
     assert follows.status_code == 403
     assert follows.json()["error"]["code"] == "EGRESS_DENIED"
     assert "169.254.169.254" not in dialled
+
+
+async def test_a_pooled_connection_is_readable_only_once_its_server_closed_it() -> None:
+    """What httpcore asks of idle pooled connections, answered by the stream itself."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        stream = await EgressBackend(EgressPolicy.parse()).connect_tcp("127.0.0.1", port)
+        assert isinstance(stream, PooledStream)
+        accepted, _ = server.accept()
+        try:
+            assert stream.get_extra_info("is_readable") is False
+            assert stream.get_extra_info("socket") is not None  # the rest still answered
+        finally:
+            accepted.close()
+        await async_wait_for(lambda: stream.get_extra_info("is_readable"), timeout=5)
+        assert await stream.read(1) == b""
+        await stream.aclose()
