@@ -96,7 +96,8 @@ def encode(record: Record) -> bytes:
             "g": record.data_origin,
             "st": record.start_time,
             "et": record.end_time,
-            "e": record.error,
+            # As JSON text: the database reads it as JSON, with nothing to unescape.
+            "e": None if record.error is None else orjson.dumps(record.error).decode(),
             "c": record.created_at,
         }
     return orjson.dumps(fields) + b"\n"
@@ -116,7 +117,7 @@ def decode(line: bytes) -> Record:
         f["g"],
         f["st"],
         f["et"],
-        f["e"],
+        orjson.loads(f["e"]) if isinstance(f["e"], str) else f["e"],
         f["c"],
     )
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -21,6 +23,7 @@ from proxy.outbox import (
     Outbox,
     Record,
     RunDataRequestRecord,
+    encode,
 )
 from proxy.tables import DataObject, RunDataRequest
 from proxy.writer import DatabaseSink, OutboxWriter
@@ -100,6 +103,11 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.iterdir())
 
 
+def journal(records: Sequence[Record]) -> bytes:
+    """Records as the outbox journals them: what the sink ships."""
+    return b"".join(encode(r) for r in records)
+
+
 def unreachable() -> AsyncEngine:
     return create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
 
@@ -108,7 +116,7 @@ async def test_sink_writes_exact_values(db: AsyncEngine) -> None:
     obj = data_object()
     ok, failed, hit = success(obj), failure(), success(obj, "CACHE")
 
-    await DatabaseSink(db, batch_size=1000).write([obj, ok, failed, hit])
+    await DatabaseSink(db, batch_size=1000).write(journal([obj, ok, failed, hit]))
 
     assert await objects(db) == {
         obj.data_object_id: {
@@ -139,10 +147,29 @@ async def test_sink_writes_exact_values(db: AsyncEngine) -> None:
         }
 
 
+async def test_an_error_holding_any_text_is_written_as_it_was(db: AsyncEngine) -> None:
+    """Request-supplied text (a parameter name) may hold NUL, quotes, escapes, newlines."""
+    hostile = {
+        "code": "UNKNOWN_PARAMS",
+        "message": 'a\x00b "q" \\u0000 \n\x02\x01 é \u2028 🙂',
+        "params": ["\x00", "\\", ""],
+    }
+    record = replace(failure(), error=hostile)
+    old_form = replace(failure(), error={"code": "TIMEOUT", "message": "older journal"})
+    # Journals written before errors were stored as JSON text held them as objects.
+    old_line = encode(old_form).replace(
+        orjson.dumps(orjson.dumps(old_form.error).decode()), orjson.dumps(old_form.error)
+    )
+    assert await DatabaseSink(db, batch_size=1000).write(encode(record) + old_line) == 2
+    rows = await requests(db)
+    assert rows[record.run_data_request_id]["error"] == hostile
+    assert rows[old_form.run_data_request_id]["error"] == old_form.error
+
+
 async def test_success_rows_have_sql_null_error(db: AsyncEngine) -> None:
     """``error IS NULL`` tells successes from failures (not a JSON ``null``)."""
     obj = data_object()
-    await DatabaseSink(db, batch_size=1000).write([obj, success(obj), failure()])
+    await DatabaseSink(db, batch_size=1000).write(journal([obj, success(obj), failure()]))
     async with db.connect() as conn:
         result = await conn.execute(
             text("SELECT data_origin, error IS NULL AS ok FROM run_data_request")
@@ -157,10 +184,10 @@ async def test_sink_is_idempotent(db: AsyncEngine) -> None:
     records = [*batch(3), failure()]
     sink = DatabaseSink(db, batch_size=2)
 
-    await sink.write(records)
+    await sink.write(journal(records))
     first = (await objects(db), await requests(db))
-    await sink.write(records)
-    await sink.write(records[::-1])
+    await sink.write(journal(records))
+    await sink.write(journal(records[::-1]))
 
     assert (await objects(db), await requests(db)) == first
     assert len(first[0]) == 3 and len(first[1]) == 4
@@ -168,7 +195,7 @@ async def test_sink_is_idempotent(db: AsyncEngine) -> None:
 
 async def test_sink_writes_more_than_a_batch(db: AsyncEngine) -> None:
     records = batch(2_500)
-    await DatabaseSink(db, batch_size=1000).write(records)
+    assert await DatabaseSink(db, batch_size=1000).write(journal(records)) == 5_000
     assert await count(db, "data_object") == 2_500
     assert await count(db, "run_data_request") == 2_500
     assert set(await objects(db)) == {
@@ -294,11 +321,11 @@ class BreaksOnce(DatabaseSink):
 
     failed = False
 
-    async def write(self, records: Sequence[Record]) -> None:
+    async def write(self, segment: bytes) -> int:
         if not self.failed:
             self.failed = True
             raise asyncpg.exceptions.ConnectionDoesNotExistError("closed in the middle of COPY")
-        await super().write(records)
+        return await super().write(segment)
 
 
 async def test_any_sink_failure_keeps_the_segment_and_the_writer_running(
