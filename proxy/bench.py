@@ -690,9 +690,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             if not options.skip_load:
                 bench.load(results, out)
             if options.profile:
-                results.profile = {
-                    t: bench.profile(t, out) for t in (*stats.HIT_TARGETS, "ceiling")
-                }
+                results.profile = {t: bench.profile(t, out) for t in stats.TARGETS}
             if options.memory:
                 results.memory = bench.memory(out)
         except BaseException:

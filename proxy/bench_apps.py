@@ -7,12 +7,15 @@
   least any miss can cost.
 
 ``ceiling`` and ``direct`` read the posted body as the broker must, but do not parse it.
-They are configured by ``DATABROKER_BENCH_*`` environment variables, set by the bench.
+Like the broker, they freeze what start-up allocated (``gc.freeze``), so that their
+tails are not full collections the broker no longer pays. They are configured by
+``DATABROKER_BENCH_*`` environment variables, set by the bench.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,6 +65,7 @@ def ceiling() -> Starlette:
             health_check_interval=30,
             max_connections=256,
         )
+        gc.freeze()
         try:
             yield {"redis": redis}
         finally:
@@ -89,6 +93,7 @@ def direct() -> Starlette:
             timeout=httpx.Timeout(10.0),
             trust_env=False,
         ) as client:
+            gc.freeze()
             yield {"client": client}
 
     async def call(request: Request) -> Response:

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     outbox_dir: Path | None = None
     max_response_bytes: int = Field(default=10 * MiB, gt=0)
     default_timeout: float = Field(default=10.0, gt=0, le=600)
-    outbox_flush_interval: float = Field(default=0.2, gt=0, le=60)
+    outbox_flush_interval: float = Field(default=1.0, gt=0, le=60)
     outbox_batch_size: int = Field(default=2000, gt=0)
     outbox_max_bytes: int = Field(default=512 * MiB, gt=0)
     # In-process copies of cache entries, kept correct by Redis invalidations; 0 turns them off.
