@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis as sync_redis
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
@@ -170,6 +171,8 @@ async def test_cache_through_sentinel(
                 }
             )
             origins = [(await broker.call("sentineled")).json()["origin"] for _ in range(2)]
+            # Hot entries' invalidation link reached the master Sentinel names, too.
+            await async_wait_for(lambda: REGISTRY.get_sample_value("databroker_hot_live") == 1)
     assert origins == ["REQUEST", "CACHE"]
     with master.client() as direct:
         assert len(list(direct.scan_iter(match=f"{settings.redis_prefix}cache:*"))) == 1
