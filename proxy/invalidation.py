@@ -22,7 +22,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError
 
 from proxy.hotcache import HotEntries
 from proxy.metrics import HOT_INVALIDATIONS
@@ -55,7 +54,9 @@ async def follow_invalidations(
                 logger.warning("invalidation link restored; hot entries in use again")
                 lost = False
             await _apply(connection, hot, heartbeat)
-        except (RedisError, OSError, LinkLost) as exc:
+        except Exception as exc:
+            # Whatever broke the link, the copies are already dropped (finally) and the
+            # link is made again: this task must outlive anything Redis does.
             if not lost:
                 logger.warning(
                     "invalidation link lost (%s); hot entries off until it is back",
