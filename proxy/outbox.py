@@ -122,13 +122,18 @@ def decode(line: bytes) -> Record:
     )
 
 
-def complete_lines(data: bytes) -> list[bytes]:
-    """The journal lines of a segment's bytes, each one record.
+def complete(data: bytes) -> bytes:
+    """A segment's bytes up to its last newline.
 
     A last line without its newline is a write torn by a crash: its response
     never left (the append precedes the answer), so it is dropped.
     """
-    return [line for line in data.split(b"\n")[:-1] if line]
+    return data[: data.rfind(b"\n") + 1]
+
+
+def complete_lines(data: bytes) -> list[bytes]:
+    """The journal lines of a segment's complete bytes, each one record."""
+    return [line for line in complete(data).split(b"\n") if line]
 
 
 class Outbox:

@@ -22,6 +22,7 @@ from proxy.outbox import (
     Outbox,
     Record,
     RunDataRequestRecord,
+    complete,
     complete_lines,
     decode,
 )
@@ -57,7 +58,7 @@ class DatabaseSink:
     async def write(self, segment: bytes) -> int:
         """Write the complete lines of ``segment``; returns how many records they hold."""
         if self._postgres:
-            return await self._copy(segment[: segment.rfind(b"\n") + 1])
+            return await self._copy(complete(segment))
         records = await _decode(segment)
         objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
         requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
