@@ -124,10 +124,7 @@ class HotEntries(Generic[V]):
 
     def invalidate_prefix(self, prefix: str) -> None:
         """Drop the copies under ``prefix`` now: this sidecar flushed them itself."""
-        self.invalidate([name for name in self._copies if name.startswith(prefix)])
-        for name, seen in self._reading.items():
-            if name.startswith(prefix):
-                seen[0] += 1
+        self.invalidate([n for n in {*self._copies, *self._reading} if n.startswith(prefix)])
 
     def invalidate_all(self) -> None:
         """Redis was flushed (FLUSHALL, FLUSHDB)."""

@@ -113,6 +113,7 @@ async def _apply(connection: AbstractConnection, hot: HotEntries[Any], heartbeat
             names = message[2]
             if names is None:
                 hot.invalidate_all()
+                HOT_INVALIDATIONS.inc()
             else:
                 hot.invalidate(name.decode(errors="replace") for name in names)
-            HOT_INVALIDATIONS.inc(len(names or (None,)))
+                HOT_INVALIDATIONS.inc(len(names))

@@ -23,7 +23,7 @@ from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from tests.instances import RedisInstance, publish, sidecar, sidecar_env
+from tests.instances import RedisInstance, Sidecar, publish, sidecar, sidecar_env
 from tests.servers import Upstream, async_wait_for
 
 # The bound: a change made anywhere is seen everywhere within this.
@@ -193,8 +193,7 @@ async def test_every_sidecar_sees_a_change_within_50_ms(
             },
         )
 
-        async def object_id(side: object) -> str:
-            assert side is one or side is two
+        async def object_id(side: Sidecar) -> str:
             answer = await side.call("versioned", {})
             assert answer.status_code == 200, answer.text
             return str(answer.json()["data_object_id"])
