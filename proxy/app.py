@@ -31,11 +31,11 @@ from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
-from proxy.registry import Registry
 from proxy.routes import admin, health, internal
 from proxy.secrets import load_secret_box
 from proxy.settings import Settings
-from proxy.sources import SourceStore
+from proxy.source_registry import Registry
+from proxy.source_store import SourceStore
 from proxy.upstream import Upstream, create_client
 from proxy.writer import DatabaseSink, OutboxWriter
 

@@ -31,8 +31,8 @@ from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.metrics import UPSTREAM_SECONDS, requests_counter
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
-from proxy.registry import Registry, Source
 from proxy.singleflight import Flights, Shared, across_sidecars
+from proxy.source_registry import Registry, Source
 from proxy.templates import render
 from proxy.types import Origin
 from proxy.upstream import Upstream

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from proxy.database import create_engine, migrate
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
-from proxy.sources import SourceStore
+from proxy.source_store import SourceStore
 
 
 def _settings() -> Settings:

@@ -5,7 +5,7 @@ family                            value                       expiry            
 ================================  ==========================  =====================  ==================
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
-``{prefix}events:registry``       (pub/sub channel)           —                      proxy.registry
+``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
 ================================  ==========================  =====================  ==================
 
 Other families go beside ``cache:`` under the same prefix, never inside it, so

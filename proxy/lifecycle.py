@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
 from proxy.templates import Names, TemplateError, compile_source, scan_names
 
 MUTABLE_WHEN_PUBLISHED = frozenset({"description", "caching", "source.timeout", "source.retry"})

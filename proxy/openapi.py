@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy import __version__
-from proxy.sources import VariableValue
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
+from proxy.source_store import VariableValue
 from proxy.types import Status
 
 _REF = "#/components/schemas/{model}"

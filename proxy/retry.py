@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from proxy.spec import DEFAULT_STATUS_FORCELIST, RetryPolicy
+from proxy.source_spec import DEFAULT_STATUS_FORCELIST, RetryPolicy
 
 MAX_BACKOFF_SECONDS = 30.0
 NON_IDEMPOTENT = frozenset({"POST", "PATCH"})

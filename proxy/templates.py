@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape
 import orjson
 
 from proxy.errors import InvalidParam, MissingParams, MissingVariables
-from proxy.spec import HTTPSource
+from proxy.source_spec import HTTPSource
 
 _BRACES = re.compile(r"\{\{(.*?)\}\}", re.S)
 _NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*")

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.lifecycle import resolve_names
 from proxy.settings import Settings
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
 from proxy.templates import compile_source, render
 
 CONFIG = Path(__file__).parent.parent / "config"

@@ -28,7 +28,7 @@ from proxy.errors import EgressDenied, UpstreamHTTPError
 from proxy.lifecycle import forbidden_changes
 from proxy.retry import Retrying
 from proxy.settings import Settings
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
 from proxy.templates import RenderedRequest
 from proxy.upstream import MAX_REDIRECTS, Fetched, Upstream, create_client
 from tests.conftest import Broker

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from proxy.lifecycle import forbidden_changes, resolve_names
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
 from proxy.templates import TemplateError
 
 

@@ -8,7 +8,7 @@ from email.utils import formatdate
 import pytest
 
 from proxy.retry import MAX_BACKOFF_SECONDS, Retrying, parse_retry_after
-from proxy.spec import RetryPolicy
+from proxy.source_spec import RetryPolicy
 
 DEFAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
 

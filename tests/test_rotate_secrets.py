@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from proxy.app import create_app
 from proxy.secrets import SecretBox, SecretKeyError
 from proxy.settings import Settings
-from proxy.sources import SourceStore, VariableValue
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
+from proxy.source_store import SourceStore, VariableValue
 from tests.conftest import Broker
 from tests.instances import DATABROKER, EXIT_DEADLINE, clean_env
 from tests.servers import Upstream, serve_in_thread

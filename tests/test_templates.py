@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from proxy.errors import InvalidParam, MissingParams, MissingVariables
-from proxy.spec import HTTPSource
+from proxy.source_spec import HTTPSource
 from proxy.templates import (
     CompiledSource,
     Names,

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidParam
-from proxy.spec import HTTPSource
+from proxy.source_spec import HTTPSource
 from proxy.templates import (
     MAX_HEADER_VALUE,
     MAX_URL_LENGTH,

@@ -23,8 +23,8 @@ from proxy.cache import CacheUnavailable
 from proxy.errors import AdminDisabled, AdminError, NotFound, Unauthorized, ValidationFailed
 from proxy.messages import loads_strict
 from proxy.routes.bodies import read_json
-from proxy.sources import SourceStore, VariableValue, to_api
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
+from proxy.source_store import SourceStore, VariableValue, to_api
 from proxy.types import Status
 
 Handler = Callable[[Request], Awaitable[Response]]

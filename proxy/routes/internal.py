@@ -20,7 +20,7 @@ from proxy.routes.bodies import read_json
 PATH = "/internal/data-broker"
 
 
-class DataBroker:
+class BrokerRoute:
     """The route's ASGI app.
 
     A class, not a function: Starlette mounts an instance as it is, where a
@@ -56,7 +56,7 @@ class FrontDoor:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.hot = DataBroker()
+        self.hot = BrokerRoute()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
@@ -67,4 +67,4 @@ class FrontDoor:
 
 # Behind the front door this route only answers other methods (405); kept so the
 # router knows the path.
-routes = [Route(PATH, DataBroker(), methods=["POST"])]
+routes = [Route(PATH, BrokerRoute(), methods=["POST"])]

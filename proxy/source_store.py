@@ -1,4 +1,4 @@
-"""Data sources and their variables in the database: what the admin routes change.
+"""Where data sources and their variables are kept: the database tables the admin routes change.
 
 Every write goes through here and follows proxy.lifecycle; the registry reads
 the same tables to build its in-memory index.
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.lifecycle import forbidden_changes, resolve_names
 from proxy.secrets import SecretBox
-from proxy.spec import DataSourceSpec
+from proxy.source_spec import DataSourceSpec
 from proxy.tables import DataSource, DataSourceEnvVar
 from proxy.templates import TemplateError
 from proxy.types import Status

@@ -1,4 +1,5 @@
-"""The data source configuration a user registers: validated shapes, no I/O.
+"""What a user writes to register a data source (the reference's DataSourceSpec): validated
+shapes, no I/O. ``source_store`` keeps them in the database; ``source_registry`` serves them.
 
 Unknown fields anywhere in a source are rejected (``extra="forbid"``) so a
 typo such as ``"ttl_seconds"`` fails loudly instead of being ignored.

@@ -1,4 +1,5 @@
-"""The in-memory index of data sources and their variables.
+"""What the broker serves from: the in-memory index of data sources and their variables,
+built from ``source_store`` and compiled once.
 
 The hot path reads only this index (and Redis). It is rebuilt whole from the
 database and swapped in one assignment, so a reader never sees half an update:
@@ -22,8 +23,8 @@ from proxy.cache import RedisClient
 from proxy.keys import KeyLayout
 from proxy.retry import Retrying
 from proxy.secrets import SecretBox
-from proxy.sources import SourceStore, spec_of
-from proxy.spec import CachingOptions, HTTPSource
+from proxy.source_spec import CachingOptions, HTTPSource
+from proxy.source_store import SourceStore, spec_of
 from proxy.tables import DataSource
 from proxy.templates import CompiledSource, compile_source
 from proxy.types import Status
