@@ -176,17 +176,22 @@ class Broker:
     async def register(
         self, spec: dict[str, Any], variables: dict[str, Any] | None = None, publish: bool = True
     ) -> dict[str, Any]:
-        """Create a source (and set its variables, and publish it); fails the test on any error."""
+        """Create a source (and set its variables, and publish it); fails the test on any error.
+
+        Later calls name the source's project: admin routes see only their project's sources.
+        """
         created = await self.admin("POST", "/data-sources", spec)
         assert created.status_code == 200, created.text
         source: dict[str, Any] = created.json()
         sid = source["data_source_id"]
+        project = source["project_id"]
+        query = "" if project is None else f"?project_id={project}"
         if variables:
             items = [{"name": k, "value": v} for k, v in variables.items()]
-            answer = await self.admin("PUT", f"/data-sources/{sid}/variables", items)
+            answer = await self.admin("PUT", f"/data-sources/{sid}/variables{query}", items)
             assert answer.status_code == 200, answer.text
         if publish:
-            published = await self.admin("POST", f"/data-sources/{sid}/publish")
+            published = await self.admin("POST", f"/data-sources/{sid}/publish{query}")
             assert published.status_code == 200, published.text
             source = published.json()
         return source

@@ -35,7 +35,7 @@ class BrokerRoute:
         except ClientDisconnect:
             return  # nobody is left to answer, and nothing was resolved or journaled
         else:
-            answer = await scope["state"]["broker"].handle(body)
+            answer = await scope["state"]["services"].broker.handle(body)
             status, payload = answer.status, answer.body
         await send(
             {
