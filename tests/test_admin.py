@@ -493,15 +493,21 @@ async def test_no_such_route_or_method_answers_json(
 
 
 async def test_an_unexpected_failure_answers_500_internal_json(
-    broker: Broker, db: AsyncEngine
+    broker: Broker, db: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A stored source this release cannot read (written by hand, or by a newer release)."""
+    """A stored source this release cannot read (written by hand, or by a newer release):
+    the answer and the log say what failed and where, never what it held."""
     sid = (await broker.register(spec()))["data_source_id"]
     async with db.begin() as conn:
-        await conn.execute(text("UPDATE data_source SET source = '{\"nonsense\": true}'"))
+        await conn.execute(
+            text("UPDATE data_source SET source = :s"), {"s": f'{{"nonsense": "{CANARY}"}}'}
+        )
     answer = await broker.admin("PUT", f"/data-sources/{sid}", spec(description="d"))
     assert answer.headers["content-type"] == "application/json"
     assert "ValidationError" in error(answer, 500, "INTERNAL")["detail"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "databroker.admin"]
+    assert len(logged) == 1 and "ValidationError" in logged[0]
+    assert CANARY not in answer.text + caplog.text
 
 
 async def test_a_database_that_hangs_answers_503_without_holding_the_request(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, get_args
@@ -83,7 +84,15 @@ def admin(handler: Handler) -> Handler:
         except Exception as exc:
             if is_unavailable(exc):
                 return error_answer(DatabaseUnavailable(f"{describe(exc)}; retry"))
-            logger.exception("admin %s %s failed", request.method, request.url.path)
+            # Where, not what: an exception's message may quote a value it was given.
+            where = "".join(traceback.format_tb(exc.__traceback__))
+            logger.error(
+                "admin %s %s failed: %s at\n%s",
+                request.method,
+                request.url.path,
+                type(exc).__name__,
+                where,
+            )
             return error_answer(InternalError(f"internal error ({type(exc).__name__})"))
 
     return guarded
