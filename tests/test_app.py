@@ -8,11 +8,15 @@ import signal
 from typing import Any
 
 import httpx
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
 from proxy.cli import _StartupGuard
+from proxy.secrets import SecretBox
 from proxy.settings import Settings
+from proxy.source_spec import DataSourceSpec
+from proxy.source_store import SourceStore, VariableValue
 from tests.conftest import REDIS_URL
 from tests.servers import free_port, serve_in_thread
 
@@ -76,3 +80,18 @@ async def test_half_a_configuration_does_not_start(settings: Settings) -> None:
     assert failed["type"] == "lifespan.startup.failed"
     assert "DATABROKER_REDIS_URL is not set" in failed["message"]
     assert REDIS_URL not in failed["message"]
+
+
+async def test_a_stored_variable_no_key_decrypts_stops_start_up_in_one_line(
+    settings: Settings, db: AsyncEngine
+) -> None:
+    written_with = SecretBox([Fernet.generate_key().decode()])
+    store = SourceStore(db, written_with)
+    spec = DataSourceSpec.model_validate(
+        {"name": "s", "source": {"url": "http://127.0.0.1:9/", "headers": {"K": "{{ env.K }}"}}}
+    )
+    row = await store.create(spec, None)
+    await store.set_variables(row.data_source_id, [VariableValue(name="K", value="v")], None)
+    [failed] = await lifespan(create_app(settings))  # another key
+    assert failed["type"] == "lifespan.startup.failed"
+    assert failed["message"] == ("a stored variable cannot be decrypted with DATABROKER_SECRET_KEY")
