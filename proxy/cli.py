@@ -42,38 +42,29 @@ def main() -> None:
     )
 
 
-class SocketMode(click.ParamType):
+def _socket_mode(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     """Octal permission bits of the Unix socket: the owner reads and writes, others never
     (connecting takes write permission, so 0660 is what lets a group in)."""
-
-    name = "octal mode"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            mode = int(value, 8)
-        except ValueError:
-            mode = -1
-        if not 0 <= mode <= 0o770 or mode & 0o607 != 0o600:
-            self.fail(
-                f"{value!r} is not 0600, 0660 or another octal mode with owner read-write and no access for others"
-            )
-        return mode
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o770 or mode & 0o607 != 0o600:
+        raise click.BadParameter(
+            f"{value!r} is not 0600, 0660 or another octal mode with owner read-write"
+            " and no access for others"
+        )
+    return mode
 
 
-class SocketGroup(click.ParamType):
-    """A group name or numeric id, resolved to the id at start."""
-
-    name = "group"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) or str(value).isdigit():
-            return int(value)
-        try:
-            return grp.getgrnam(value).gr_gid
-        except KeyError:
-            self.fail(f"no group named {value!r}")
+def _socket_group(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """A group name or numeric id, resolved to the id."""
+    if value is None or value.isdigit():
+        return None if value is None else int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no group named {value!r}") from None
 
 
 @main.command()
@@ -84,12 +75,14 @@ class SocketGroup(click.ParamType):
     "--uds-mode",
     default="0600",
     show_default=True,
-    type=SocketMode(),
+    metavar="MODE",
+    callback=_socket_mode,
     help="Permissions of the --uds socket; 0660 lets its group connect.",
 )
 @click.option(
     "--uds-group",
-    type=SocketGroup(),
+    metavar="GROUP",
+    callback=_socket_group,
     help="Group (name or id) of the --uds socket, e.g. a group the worker's container shares.",
 )
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
