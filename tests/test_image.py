@@ -31,7 +31,7 @@ from cryptography.fernet import Fernet
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from tests.conftest import PG_HOST, PG_PORT, REDIS_URL, _drop_prefix, _pg_user
+from tests.conftest import PG_HOST, PG_PORT, REDIS_URL, _drop_prefix, pg_admin
 from tests.instances import clean_env, terminate
 from tests.servers import wait_for
 
@@ -198,21 +198,11 @@ def venv(path: Path) -> Path:
 def empty_database() -> Iterator[str]:
     """A database with no tables yet, on the machine's PostgreSQL; dropped afterwards."""
     name = f"databroker_image_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> str:
-        user = await _pg_user()
-        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-        return user
-
-    user = asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    user = asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
     try:
         yield f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _tables(url: str) -> set[str]:
