@@ -46,6 +46,7 @@ from proxy.client import (
     parse_retry_after,
 )
 from tests.conftest import REDIS_URL
+from tests.imports import loaded_beyond_stdlib
 from tests.instances import ADMIN, databroker, log_of, sidecar_env
 from tests.servers import Upstream, free_port, serve_in_thread, wait_for
 
@@ -105,21 +106,8 @@ def test_imports_nothing_but_httpx_and_the_standard_library() -> None:
         if not (isinstance(node, ast.ImportFrom) and node.level)
     }
     assert imported - set(sys.stdlib_module_names) == {"httpx"}, imported
-    # And at run time, in a fresh interpreter: what importing it loads beyond httpx.
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, sys, httpx; before = set(sys.modules); import proxy.client; "
-            "print(json.dumps(sorted(set(sys.modules) - before)))",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    new = set(json.loads(loaded.stdout))
-    assert {m for m in new if m.split(".")[0] not in sys.stdlib_module_names} == {
+    # And at run time: what importing it loads beyond httpx.
+    assert loaded_beyond_stdlib("proxy.client", already="import httpx") == {
         "proxy",
         "proxy.client",
     }

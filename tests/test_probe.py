@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.probe import main, probe
+from tests.imports import loaded_beyond_stdlib
 from tests.servers import free_port, serve_in_thread
 
 
@@ -58,20 +56,4 @@ def test_bad_arguments_exit_2(args: list[str]) -> None:
 
 
 def test_loads_only_the_standard_library() -> None:
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, sys; before = set(sys.modules); import proxy.probe; "
-            "print(json.dumps(sorted(set(sys.modules) - before)))",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    new = set(json.loads(loaded.stdout))
-    assert {m for m in new if m.split(".")[0] not in sys.stdlib_module_names} == {
-        "proxy",
-        "proxy.probe",
-    }
+    assert loaded_beyond_stdlib("proxy.probe") == {"proxy", "proxy.probe"}
