@@ -68,8 +68,11 @@ class Settings(BaseSettings):
         env_prefix="DATABROKER_", extra="ignore", frozen=True, arbitrary_types_allowed=True
     )
 
-    database_url: Annotated[str | None, AfterValidator(_database_url)] = None
-    redis_url: Annotated[str | None, AfterValidator(_redis_url)] = None
+    # URLs may carry a password: never in repr (tracebacks, %r, test diffs).
+    database_url: Annotated[str | None, AfterValidator(_database_url)] = Field(
+        default=None, repr=False
+    )
+    redis_url: Annotated[str | None, AfterValidator(_redis_url)] = Field(default=None, repr=False)
     redis_prefix: str = "databroker:"
     admin_token: SecretStr | None = None
     secret_key: Annotated[SecretStr | None, AfterValidator(_secret_key)] = None

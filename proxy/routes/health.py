@@ -41,8 +41,7 @@ async def readyz(request: Request) -> Response:
     checks = {
         "redis": await _check(running.redis.ping()),
         "database": await _check(_database_ok(request)),
-        # At the bound the broker refuses upstream calls (AUDIT_BACKLOG_FULL).
-        "outbox": "full" if backlog >= running.settings.outbox_max_bytes else "ok",
+        "outbox": "full" if running.broker.outbox_full() else "ok",
     }
     ready = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ready else "degraded", **checks, "outbox_backlog_bytes": backlog}
