@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.conftest import REDIS_URL, Broker
-from tests.servers import Upstream, async_wait_for, free_port
+from tests.harness import async_wait_for, free_port
+from tests.servers import Upstream
 from tests.test_flow import rows
 
 

@@ -23,18 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.conftest import ADMIN_TOKEN, PG_HOST, PG_PORT, REDIS_URL, TABLES, _pg_user
-from tests.instances import (
+from tests.conftest import PG_HOST, PG_PORT, REDIS_URL, TABLES, _pg_user
+from tests.harness import (
+    ADMIN_TOKEN,
     EXIT_DEADLINE,
+    async_wait_for,
     clean_env,
-    databroker,
-    log_of,
-    publish,
-    serving,
+    free_port,
+    register,
     sidecar_env,
-    terminate,
 )
-from tests.servers import Upstream, async_wait_for, free_port
+from tests.instances import databroker, log_of, serving, terminate
+from tests.servers import Upstream
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         process,
         client,
     ):
-        sid = await publish(client, spec)
+        sid = (await register(client, spec))["data_source_id"]
 
         async def call(i: int) -> None:
             body = {
@@ -93,7 +93,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         finally:
             for task in calls:
                 task.cancel()
-        terminate(process, tmp_path, signalled=True)
+        terminate(process, signalled=True)
 
     assert len(answers) + len(failures) == total
     assert len(answers) >= 20
@@ -147,7 +147,7 @@ async def test_embedded_default_needs_nothing_installed(upstream: Upstream, tmp_
     }
     env = clean_env(admin_token=ADMIN_TOKEN)
     async with serving(env, tmp_path) as (process, client):
-        await publish(client, spec)
+        await register(client, spec)
         origins = []
         for _ in range(2):
             body = {
@@ -161,7 +161,7 @@ async def test_embedded_default_needs_nothing_installed(upstream: Upstream, tmp_
             origins.append(answer.json()["origin"])
         assert origins == ["REQUEST", "CACHE"]
         assert upstream.hits("/users/42") == 1
-        terminate(process, tmp_path)
+        terminate(process)
 
     database = tmp_path / ".databroker" / "databroker.db"
     assert database.is_file()

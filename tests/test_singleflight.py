@@ -15,7 +15,7 @@ from proxy.errors import RelayedError, UpstreamHTTPError, UpstreamTimeout
 from proxy.keys import KeyLayout
 from proxy.singleflight import Flights, Shared, across_sidecars
 from tests.conftest import REDIS_URL
-from tests.servers import async_wait_for, free_port
+from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.uuid4()
 
