@@ -35,7 +35,13 @@ PG_HOST = os.environ.get("DATABROKER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
 REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_TOKEN = "test-admin-token-0123456789"
-TABLES = ("run_data_request", "data_object", "data_source_env_var", "data_source")
+TABLES = (
+    "run_data_request",
+    "data_object",
+    "data_source_credential",
+    "data_source_env_var",
+    "data_source",
+)
 
 
 async def _pg_user() -> str:
