@@ -6,7 +6,7 @@ LOWEST := .venv-lowest
 LOWEST_TESTS := tests/test_invalidation.py tests/test_cache.py tests/test_flow.py \
 	tests/test_admin.py tests/test_upstream.py tests/test_writer.py
 
-.PHONY: install serve test services lint bench clean
+.PHONY: install serve test services lint lock bench clean
 
 $(BIN)/databroker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,8 @@ lint: install
 	$(BIN)/ruff format --check proxy tests bench
 	$(BIN)/mypy
 
-# uv (from the test extra) resolves every direct dependency to its floor; the rest
-# resolve as usual.
-$(LOWEST)/.installed: pyproject.toml Makefile $(BIN)/databroker
+# uv (the lock extra's) resolves every direct dependency to its floor; the rest resolve as usual.
+$(LOWEST)/.installed: pyproject.toml Makefile $(VENV)/.lock
 	rm -rf $(LOWEST)
 	$(BIN)/uv venv --quiet --python $(PYTHON) $(LOWEST)
 	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct --compile-bytecode -e '.[test]'
@@ -43,6 +42,21 @@ pytest = $(1) -q $(2); status=$$?; \
 test: install services lint $(LOWEST)/.installed
 	$(call pytest,$(BIN)/pytest)
 	$(call pytest,$(LOWEST)/bin/pytest,$(LOWEST_TESTS))
+
+# The image's locks (Dockerfile): the runtime dependencies and the build backend, pinned with
+# the hashes of every file PyPI has for them, resolved for the image's Linux and Python.
+LOCK_PYTHON := 3.11.14
+LOCK := $(BIN)/uv pip compile --quiet --generate-hashes --python-platform linux \
+	--python-version $(LOCK_PYTHON) --custom-compile-command 'make lock'
+
+$(VENV)/.lock: $(BIN)/databroker
+	$(BIN)/pip install --quiet -e '.[test,lock]'
+	touch $@
+
+lock: $(VENV)/.lock
+	$(LOCK) --output-file requirements.lock pyproject.toml
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(LOCK) --output-file requirements-build.lock -
 
 # wrk from Debian's packages (installed when missing), matplotlib and py-spy from the
 # `bench` extra. Pass options with BENCH_ARGS, e.g. BENCH_ARGS="--memory --profile".

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import Table
@@ -17,6 +18,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN
+from proxy.outage import Outage
 from proxy.outbox import (
     DataObjectRecord,
     Outbox,
@@ -63,8 +65,12 @@ class DatabaseSink:
         objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
         requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
         async with self.engine.begin() as conn:
-            for table, rows in ((_DATA_OBJECT, objects), (_RUN_DATA_REQUEST, requests)):
-                columns = [c.name for c in table.columns]
+            for table, rows, kind in (
+                (_DATA_OBJECT, objects, DataObjectRecord),
+                (_RUN_DATA_REQUEST, requests, RunDataRequestRecord),
+            ):
+                # The columns a record carries; others (erased_at) start as NULL.
+                columns = [c.name for c in table.columns if c.name in kind.__slots__]
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     stmt = sqlite.insert(table).on_conflict_do_nothing()
@@ -107,10 +113,12 @@ ON CONFLICT DO NOTHING
 """
 _INSERT_REQUESTS = f"""
 INSERT INTO {_RUN_DATA_REQUEST.name} (run_data_request_id, run_id, data_object_id,
-    data_source_id, data_origin, start_time, end_time, error, created_at)
+    data_source_id, data_origin, start_time, end_time, error, created_at,
+    cost_amount, cost_currency, replay)
 SELECT (line->>'id')::uuid, (line->>'run')::uuid, (line->>'o')::uuid, (line->>'s')::uuid,
        line->>'g', (line->>'st')::float8, (line->>'et')::float8, (line->>'e')::json,
-       to_timestamp((line->>'c')::float8)
+       to_timestamp((line->>'c')::float8),
+       (line->>'ca')::numeric, line->>'cc', line->>'rp'
 FROM {_STAGE} WHERE line->>'t' = 'r'
 ON CONFLICT DO NOTHING
 """
@@ -120,12 +128,18 @@ def _values(record: Record, columns: list[str]) -> tuple[Any, ...]:
     """A record's row in column order: records name their fields after the columns.
 
     ``error`` stays a Python value (None is SQL NULL: "error IS NULL" finds the
-    successes); ``created_at`` becomes a timestamp.
+    successes); ``created_at`` becomes a timestamp, ``cost_amount`` a Decimal.
     """
-    return tuple(
-        _ts(record.created_at) if column == "created_at" else getattr(record, column)
-        for column in columns
-    )
+    return tuple(_value(record, column) for column in columns)
+
+
+def _value(record: Record, column: str) -> Any:
+    value = getattr(record, column)
+    if column == "created_at":
+        return _ts(value)
+    if column == "cost_amount" and value is not None:
+        return Decimal(value)
+    return value
 
 
 class OutboxWriter:
@@ -138,7 +152,11 @@ class OutboxWriter:
         self.records_written = 0
         self._scanned_backlog = 0
         self._appended_at_scan = 0
-        self._failing = False
+        self._outage = Outage(
+            logger,
+            "database write failed, records stay in the outbox: %s",
+            "database writes resumed; outbox is draining",
+        )
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -181,23 +199,13 @@ class OutboxWriter:
                     # Any failure, not only SQLAlchemy's: the COPY path talks to asyncpg
                     # directly, whose errors (a connection dropped mid-COPY) are its own.
                     # The segment stays; the next flush tries again.
-                    self._report_failure(exc)
+                    self._outage.failed(type(exc).__name__)
                     return False
                 self.outbox.remove(path)
                 self.records_written += written
                 RECORDS_WRITTEN.inc(written)
-        if self._failing:
-            logger.warning("database writes resumed; outbox is draining")
-            self._failing = False
+        self._outage.recovered()
         return True
-
-    def _report_failure(self, exc: Exception) -> None:
-        # Logged once per outage, not once per flush, so a long outage does not flood the logs.
-        if not self._failing:
-            logger.warning(
-                "database write failed, records stay in the outbox: %s", type(exc).__name__
-            )
-            self._failing = True
 
     async def stop(self, timeout: float) -> None:
         """Stop the loop and make a last attempt to ship; what fails stays on disk."""

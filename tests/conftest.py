@@ -40,7 +40,13 @@ pytest_plugins = ("tests.instances",)
 PG_HOST = os.environ.get("DATABROKER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
 REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TABLES = ("run_data_request", "data_object", "data_source_env_var", "data_source")
+TABLES = (
+    "run_data_request",
+    "data_object",
+    "data_source_credential",
+    "data_source_env_var",
+    "data_source",
+)
 
 
 async def _pg_user() -> str:
@@ -54,10 +60,14 @@ async def _pg_user() -> str:
     raise RuntimeError(f"no Postgres reachable at {PG_HOST}:{PG_PORT} as postgres or root")
 
 
+async def pg_server() -> str:
+    """A URL on the machine's PostgreSQL, as a user that may create databases."""
+    return f"postgresql+asyncpg://{await _pg_user()}@{PG_HOST}:{PG_PORT}/test"
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    user = asyncio.run(_pg_user())
-    with private_database(f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/test") as url:
+    with private_database(asyncio.run(pg_server())) as url:
         yield url
 
 

@@ -95,7 +95,8 @@ async def archived(broker: Broker, body: dict[str, Any]) -> dict[str, Any]:
 # --- auth ---------------------------------------------------------------------------------
 
 
-async def test_admin_routes_are_off_without_a_token(settings: Settings) -> None:
+async def test_admin_routes_are_off_without_a_token(settings: Settings, db: AsyncEngine) -> None:
+    # ``db``: empty tables, so no variable another test encrypted with its own key is loaded.
     app = create_app(settings.model_copy(update={"admin_token": None}))
     with serve_in_thread(app) as url:
         async with httpx.AsyncClient(base_url=url) as client:

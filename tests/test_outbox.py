@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,9 @@ def segments(directory: Path, suffix: str = "") -> list[Path]:
 
 
 def test_encode_decode_round_trip() -> None:
-    for record in (data_object(), audit_row(), audit_row(ERROR)):
+    paid = replace(audit_row(), cost_amount="0.35", cost_currency="USD")
+    replayed = replace(audit_row(), replay="AS_OF")
+    for record in (data_object(), audit_row(), audit_row(ERROR), paid, replayed):
         line = encode(record)
         assert line.endswith(b"\n")
         assert line.count(b"\n") == 1

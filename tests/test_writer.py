@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from proxy.database import migrate
 from proxy.outbox import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
@@ -114,7 +116,8 @@ def unreachable() -> AsyncEngine:
 
 async def test_sink_writes_exact_values(db: AsyncEngine) -> None:
     obj = data_object()
-    ok, failed, hit = success(obj), failure(), success(obj, "CACHE")
+    ok = replace(success(obj), cost_amount="0.35", cost_currency="USD")
+    failed, hit = failure(), replace(success(obj, "CACHE"), replay="AS_OF")
 
     await DatabaseSink(db, batch_size=1000).write(journal([obj, ok, failed, hit]))
 
@@ -144,7 +147,31 @@ async def test_sink_writes_exact_values(db: AsyncEngine) -> None:
             "end_time": record.end_time,
             "error": record.error,
             "created_at": datetime.fromtimestamp(record.created_at, UTC),
+            "cost_amount": None if record.cost_amount is None else Decimal(record.cost_amount),
+            "cost_currency": record.cost_currency,
+            "replay": record.replay,
+            "erased_at": None,
         }
+
+
+async def test_sqlite_sink_writes_cost_and_replay(tmp_path: Path) -> None:
+    """The embedded default's sink carries the same audit fields as the COPY path."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}")
+    await migrate(engine)
+    obj = data_object()
+    paid = replace(success(obj), cost_amount="12.5", cost_currency="EUR")
+    replayed = replace(success(obj, "CACHE"), replay="RUN_ID")
+    try:
+        await DatabaseSink(engine, batch_size=1000).write(journal([obj, paid, replayed, failure()]))
+        rows = await requests(engine)
+    finally:
+        await engine.dispose()
+    assert (
+        rows[paid.run_data_request_id]["cost_amount"],
+        rows[paid.run_data_request_id]["cost_currency"],
+    ) == (Decimal("12.5"), "EUR")
+    assert rows[replayed.run_data_request_id]["replay"] == "RUN_ID"
+    assert {r["erased_at"] for r in rows.values()} == {None}
 
 
 async def test_an_error_holding_any_text_is_written_as_it_was(db: AsyncEngine) -> None:
