@@ -239,7 +239,7 @@ class PooledStream(httpcore.AsyncNetworkStream):
     httpcore asks it of every idle pooled connection on every request (an idle
     connection with bytes to read was closed by its server). AnyIO's answer
     looks the socket up through its typed attributes and the current task each
-    time: with 16 requests in flight that was ~40% of a miss's CPU (``databroker
+    time: with 16 requests in flight that was ~40% of a miss's CPU (``python -m
     bench --profile``). Here the poll object is made once per connection.
     """
 

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
 from proxy.settings import Settings
-from tests.conftest import ADMIN_TOKEN, Broker
+from tests.conftest import Broker
+from tests.harness import ADMIN_TOKEN
 from tests.servers import Upstream, serve_in_thread
 
 CANARY = "s3cr3t-canary"

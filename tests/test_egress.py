@@ -32,8 +32,9 @@ from proxy.source_spec import DataSourceSpec
 from proxy.templates import RenderedRequest
 from proxy.upstream import MAX_REDIRECTS, Fetched, Upstream, create_client
 from tests.conftest import Broker
+from tests.harness import async_wait_for
 from tests.servers import Upstream as UpstreamServer
-from tests.servers import async_wait_for, serve_in_thread
+from tests.servers import serve_in_thread
 from tests.test_flow import rows
 
 METADATA_URL = "http://169.254.169.254/latest/meta-data"

@@ -23,7 +23,7 @@ from proxy.outbox import (
     encode,
     new_id,
 )
-from tests.servers import wait_for
+from tests.harness import wait_for
 
 AWKWARD_BYTES = b'{"a": "line one\nline two"}\r\n\x00\xff\xfe\x80 not utf-8 \n\n'
 

@@ -29,7 +29,7 @@ from proxy.outbox import (
 )
 from proxy.tables import DataObject, RunDataRequest
 from proxy.writer import DatabaseSink, OutboxWriter
-from tests.servers import async_wait_for, free_port
+from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000007")
 VALUE = b'{"a": "line one\nline two"}\r\n\x00\xff\xfe\x80 not utf-8'
