@@ -58,6 +58,10 @@ _FORBIDDEN_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _NO_BODY = frozenset((204, 304))
 
 
+class _StopParsing(Exception):
+    """Raised from a parser callback: llhttp stops, feed_data raises HttpParserCallbackError."""
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: the protocol the event loop feeds, and one exchange at a time."""
 
@@ -155,8 +159,9 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.message_done:
             # A second answer to one request: the connection's framing cannot be trusted.
-            self._fail(httpx.RemoteProtocolError("unexpected data after the response"))
-            return
+            # Raising stops llhttp here, so nothing of it reaches the answer already read.
+            self.error = httpx.RemoteProtocolError("unexpected data after the response")
+            raise _StopParsing
         self.headers = []
         self.reason = b""
 

@@ -15,7 +15,6 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
 
 import httpx
@@ -57,6 +56,34 @@ MAX_REDIRECTS = 5
 LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=5.0)
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that never takes one from a response."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+_NO_COOKIES = _NoCookies()
+
+
+class _SharedClient(httpx.AsyncClient):
+    """httpx's client whose cookie jar stays empty.
+
+    The client is shared by every source and tenant: a cookie one upstream sets must
+    never ride along on another source's request. Not extracting them at all also
+    spares each response httpx's cookie parsing (two urllib adapters and a jar pass,
+    ~130 µs of a miss's CPU on a busy machine).
+    """
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        raise TypeError("the shared upstream client keeps no cookies")
+
+
 def create_client(
     egress: EgressPolicy | None = None, ssl_context: ssl.SSLContext | None = None
 ) -> httpx.AsyncClient:
@@ -69,18 +96,13 @@ def create_client(
         EgressDialer(egress or EgressPolicy.parse()), limits=LIMITS, ssl_context=ssl_context
     )
     # Redirects are not followed here: a 3xx is an answer, unless the source asks (fetch).
-    client = httpx.AsyncClient(
+    return _SharedClient(
         transport=transport,
         follow_redirects=False,
         timeout=httpx.Timeout(10.0),
         trust_env=False,
         headers={"Accept-Encoding": ACCEPT_ENCODING},
     )
-    # The client is shared by every source and tenant: a cookie one upstream sets must
-    # never ride along on another source's request. (httpx copies a jar passed to it,
-    # dropping its policy, so the policy is set on the client's own jar.)
-    client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    return client
 
 
 def _maybe_sent(exc: Exception) -> bool:
