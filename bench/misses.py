@@ -23,8 +23,8 @@ so every broker request is a miss). Case a: the 200 ms upstream at c=128;
 throughput against 0.9 x 128 / 0.2 s and p99 against 260 ms. Case b: the fast
 upstream at c=1, 16, 64; the broker's p50 against the direct call's + 1 ms.
 Case c: CPU per request of each target's server process (``/proc/PID/stat``
-before and after each run), and with ``--profile`` a py-spy profile of the
-broker at c=16. Medians over ``--rounds``.
+before and after each run), and with ``--profile`` py-spy profiles of the
+broker (fast upstream at c=16, and case a). Medians over ``--rounds``.
 """
 
 from __future__ import annotations
@@ -448,15 +448,15 @@ class Misses:
                     )
         return runs
 
-    def profile(self, target: str) -> str:
-        """py-spy on ``target``'s server at c=16 against the fast upstream."""
+    def profile(self, target: str, upstream: str, concurrency: int) -> str:
+        """py-spy on ``target``'s server while wrk drives it."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         duration, rate = self.args.duration, 200
-        raw = self.work / f"profile-{target}.txt"
-        script = self.script(target, "fast", 10_000)
-        wrk = ["wrk", "-t1", "-c16", f"-d{duration + 2}s", "-s", str(script)]
+        raw = self.work / f"profile-{target}-{upstream}.txt"
+        script = self.script(target, upstream, 10_000 + concurrency)
+        wrk = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration + 2}s", "-s", str(script)]
         with subprocess.Popen(
-            [*wrk, self.target_url(target, "fast")], stdout=subprocess.PIPE, text=True
+            [*wrk, self.target_url(target, upstream)], stdout=subprocess.PIPE, text=True
         ) as load:
             try:
                 time.sleep(1)
@@ -469,10 +469,11 @@ class Misses:
                     load.kill()
         run = stats.parse_wrk(stdout)
         folded = stats.fold_profile(raw.read_text())
+        # Each sample stands for 1/rate s of one busy thread; py-spy saw ``duration`` s of load.
         cpu_us = folded.samples * 1e6 / rate / (run.rps * duration) if run.rps else None
         return (
-            f"profile: {target} at c=16, fast upstream, {run.rps:.0f} req/s under py-spy\n"
-            + stats.format_profile(folded, cpu_us)
+            f"profile: {target} at c={concurrency}, {upstream} upstream, "
+            f"{run.rps:.0f} req/s under py-spy\n" + stats.format_profile(folded, cpu_us)
         )
 
 
@@ -492,7 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.misses", description=__doc__)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=2, help="medians over this many rounds")
-    parser.add_argument("--profile", action="store_true", help="py-spy on the broker at c=16")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy on the broker in case b at c=16 and in case a",
+    )
     parser.add_argument(
         "--targets",
         type=lambda text: text.split(","),
@@ -516,13 +521,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skipped (not installed): {', '.join(misses.skipped)}", flush=True)
         misses.start()
         table = summarize(misses.load())
-        profile = misses.profile(BROKER) if args.profile else ""
+        profiles = (
+            [misses.profile(BROKER, "fast", 16), misses.profile(BROKER, "slow", SLOW_CONCURRENCY)]
+            if args.profile
+            else []
+        )
     print(
         f"\nbench.misses: {os.cpu_count()} cores, load average {load[0]:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end; medians of {args.rounds} rounds of {args.duration} s"
     )
     print(report(table, misses.targets))
-    if profile:
+    for profile in profiles:
         print("\n" + profile)
     return 0
 

@@ -407,8 +407,8 @@ class _Pool:
     def _pop_idle(self, origin: Origin) -> _Connection | None:
         stack = self.idle.get(origin)
         while stack:
-            connection, _ = stack.popitem()  # the most recently used
-            self.idle_count -= 1
+            connection = next(reversed(stack))  # the most recently used
+            self._take_idle(connection)
             if time.monotonic() - connection.idle_since > self.expiry:
                 self.discard(connection)
                 continue
@@ -417,16 +417,23 @@ class _Pool:
         return None
 
     def _close_an_idle_connection(self) -> bool:
-        """At the limit: close the oldest idle connection of any origin, keeping its slot."""
-        for stack in self.idle.values():
-            if stack:
-                connection = next(iter(stack))
-                del stack[connection]
-                self.idle_count -= 1
-                connection.counted = False  # the slot goes to the caller
-                connection.close()
-                return True
-        return False
+        """At the limit: close the oldest idle connection of some origin, keeping its slot."""
+        if not self.idle:
+            return False
+        connection = next(iter(next(iter(self.idle.values()))))
+        self._take_idle(connection)
+        connection.counted = False  # the slot goes to the caller
+        connection.close()
+        return True
+
+    def _take_idle(self, connection: _Connection) -> None:
+        # An origin without idle connections has no entry: redirect hops to many hosts
+        # leave nothing behind.
+        stack = self.idle[connection.origin]
+        del stack[connection]
+        self.idle_count -= 1
+        if not stack:
+            del self.idle[connection.origin]
 
     def release(self, connection: _Connection) -> None:
         """A finished exchange: the connection goes to a waiter, the idle stack, or away."""
@@ -458,12 +465,15 @@ class _Pool:
             return
         now = time.monotonic()
         connection.idle_since = now
-        stack = self.idle.setdefault(connection.origin, {})
+        stack = self.idle.get(connection.origin)
         if stack:
+            # The origin's oldest, checked on each release (O(1)): stale connections at
+            # the bottom of a busy stack go one per release; the rest when popped or
+            # when their server closes them.
             oldest = next(iter(stack))
             if now - oldest.idle_since > self.expiry:
                 self.discard(oldest)
-        stack[connection] = None
+        self.idle.setdefault(connection.origin, {})[connection] = None
         self.idle_count += 1
 
     def discard(self, connection: _Connection) -> None:
@@ -472,10 +482,8 @@ class _Pool:
 
     def forget(self, connection: _Connection) -> None:
         """Drop ``connection`` from the pool (idempotent); its slot goes to a waiter or back."""
-        stack = self.idle.get(connection.origin)
-        if stack is not None and connection in stack:
-            del stack[connection]
-            self.idle_count -= 1
+        if connection in self.idle.get(connection.origin, ()):
+            self._take_idle(connection)
         if connection.counted:
             connection.counted = False
             self._free_slot()

@@ -157,6 +157,43 @@ async def test_requests_beyond_the_limit_wait_for_a_released_connection() -> Non
     assert server.accepted == 2  # each released connection went to a waiter, none reopened
 
 
+async def test_at_the_limit_an_idle_connection_to_another_origin_makes_room() -> None:
+    async with (
+        RawServer(keep_alive) as first,
+        RawServer(keep_alive) as second,
+        httpx.AsyncClient(transport=transport(max_connections=1), timeout=5) as client,
+    ):
+        await client.get(first.url)
+        assert (await client.get(second.url)).content == b"ok"
+        await async_wait_for(lambda: first.open == 0)
+
+
+async def test_a_waiter_for_another_origin_gets_the_released_slot() -> None:
+    answer = asyncio.Event()
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer.wait()
+            writer.write(OK)
+            await writer.drain()
+
+    async with (
+        RawServer(gated) as busy,
+        RawServer(keep_alive) as other,
+        httpx.AsyncClient(transport=transport(max_connections=1), timeout=5) as client,
+    ):
+        pool = pool_of(client)._pool
+        first = asyncio.create_task(client.get(busy.url))
+        await async_wait_for(lambda: busy.accepted == 1)
+        second = asyncio.create_task(client.get(other.url))
+        await async_wait_for(lambda: len(pool.waiters) == 1)
+        answer.set()
+        assert [(await first).content, (await second).content] == [b"ok", b"ok"]
+        await async_wait_for(lambda: busy.open == 0)  # closed to make room
+        assert pool.count == 1
+
+
 async def test_pool_timeout_when_no_connection_frees_up() -> None:
     async with (
         RawServer(never_answer) as server,
@@ -180,7 +217,7 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
         assert (await client.get(server.url)).content == b"ok"
         pool = pool_of(client)._pool
         await async_wait_for(lambda: pool.count == 0)
-        assert pool.idle_count == 0
+        assert (pool.idle_count, pool.idle) == (0, {})  # no empty entry left for the origin
         assert (await client.get(server.url)).content == b"ok"
     assert server.accepted == 2
 
