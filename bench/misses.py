@@ -379,7 +379,15 @@ class Misses:
             }
             argv = _uvicorn("bench.misses:client_app", self.ports[option])
             self.pids[option] = self.processes.start(option, argv, app_env, self.ports[option])
-        self.pids[BROKER] = self.bench.start_broker()
+        if self.args.databroker:
+            # Another build's broker (say main's, to measure before and after in one run).
+            argv = [self.args.databroker, "serve", "--host", LOOPBACK, "--port"]
+            port = self.bench.ports["broker"]
+            self.pids[BROKER] = self.processes.start(
+                BROKER, [*argv, str(port)], self.bench.broker_env, port
+            )
+        else:
+            self.pids[BROKER] = self.bench.start_broker()
         self._register()
 
     def _register(self) -> None:
@@ -503,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=lambda text: text.split(","),
         default=list(OPTIONS),
         help=f"client options beside the broker, comma-separated (default: {','.join(OPTIONS)})",
+    )
+    parser.add_argument(
+        "--databroker", help="the databroker executable to measure (default: this one's)"
     )
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")

@@ -1,7 +1,7 @@
 """The upstream transport: httpx's client API over a connection pool of our own.
 
 httpx's default transport pools through httpcore, whose pool does not scale
-with concurrency (``/work/notes/transport.md`` has the measurements): every new
+with concurrency (README, "Misses at scale", has the measurements): every new
 request and every closed response runs a pass over all connections and all
 waiting requests; a connection that turns idle is offered to every waiting
 request at once, and the losers wake, fail and pass again; idle connections are

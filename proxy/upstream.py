@@ -51,9 +51,10 @@ class Fetched:
 MAX_REDIRECTS = 5
 
 
-# Up to 512 connections, 128 of them kept idle between bursts, each idle for 5 s at most
-# (below the common server keep-alive timeouts: uvicorn's and nginx's are 5 s and 75 s).
-LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=5.0)
+# Up to 512 connections, 128 of them kept idle between bursts, each idle for 4 s at most:
+# under the shortest common server keep-alive (uvicorn's 5 s; nginx's is 75 s), so a reused
+# connection is not one its server is closing at that very moment.
+LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=4.0)
 
 
 class _NoCookies(httpx.Cookies):
