@@ -184,17 +184,22 @@ def report(table: dict[tuple[str, str, int], Row], targets: Sequence[str]) -> st
                 f"a: broker / direct req/s {slow.rps / direct.rps:.2f}, "
                 f"p99 {slow.p99_ms - direct.p99_ms:+.1f} ms"
             )
-    gaps = []
-    for c in FAST_CONCURRENCY:
-        broker, direct = table.get(("b", BROKER, c)), table.get(("b", "direct", c))
-        if broker is not None and direct is not None:
-            gap = broker.p50_ms - direct.p50_ms
-            gaps.append(f"c={c} {gap:+.2f} ms {stats.verdict(gap <= P50_OVER_DIRECT_TARGET_MS)}")
-    if gaps:
-        lines.append(
-            f"b: broker p50 - direct p50 (target <= {P50_OVER_DIRECT_TARGET_MS:g} ms): "
-            + "  ".join(gaps)
-        )
+    # Against our client in a bare app (the broker's own cost), and against the bare httpx
+    # client the hit bench calls "direct" (what the target was first measured on).
+    for reference, label in (("direct", "direct"), ("httpx_tuned", "httpx_tuned (bare httpx)")):
+        gaps = []
+        for c in FAST_CONCURRENCY:
+            broker, other = table.get(("b", BROKER, c)), table.get(("b", reference, c))
+            if broker is not None and other is not None:
+                gap = broker.p50_ms - other.p50_ms
+                gaps.append(
+                    f"c={c} {gap:+.2f} ms {stats.verdict(gap <= P50_OVER_DIRECT_TARGET_MS)}"
+                )
+        if gaps:
+            lines.append(
+                f"b: broker p50 - {label} p50 (target <= {P50_OVER_DIRECT_TARGET_MS:g} ms): "
+                + "  ".join(gaps)
+            )
     return "\n".join(lines)
 
 
@@ -214,16 +219,15 @@ def _upstream(delay: float) -> Callable[[dict[str, Any], Receive, Send], Awaitab
             return
         if delay:
             await asyncio.sleep(delay)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": UPSTREAM_BODY})
+        await _answer_json(send, UPSTREAM_BODY)
 
     return app
+
+
+async def _answer_json(send: Send, body: bytes) -> None:
+    start = {"status": 200, "headers": [(b"content-type", b"application/json")]}
+    await send({"type": "http.response.start", **start})
+    await send({"type": "http.response.body", "body": body})
 
 
 def slow_upstream() -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
@@ -320,15 +324,7 @@ def client_app() -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
                 break
         user_id = orjson.loads(body)["configured_params"]["user_id"]
         base = upstreams[scope["raw_path"]]
-        answer = await state["get"](f"{base.decode()}/users/{user_id}")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer})
+        await _answer_json(send, await state["get"](f"{base.decode()}/users/{user_id}"))
 
     return app
 

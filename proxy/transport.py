@@ -196,6 +196,8 @@ class _Connection(asyncio.Protocol):
         self.until_eof = not delimited
 
     def on_body(self, body: bytes) -> None:
+        if self.message_done:
+            return  # a body sent with an answer to HEAD is not part of it
         self.body.append(body)
         self.buffered += len(body)
 

@@ -294,9 +294,10 @@ async def test_bodies_are_framed_as_the_response_says(
     assert answer.content == body
 
 
-async def test_head_response_ends_at_its_headers(client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize("body", [b"", b"0123456789"], ids=["as-it-should", "body-sent-anyway"])
+async def test_head_response_ends_at_its_headers(client: httpx.AsyncClient, body: bytes) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
-    async with RawServer(answer_once(head, then_close=False)) as server:
+    async with RawServer(answer_once(head + body, then_close=False)) as server:
         answer = await client.head(server.url)
     assert (answer.status_code, answer.content) == (200, b"")
 
