@@ -222,6 +222,35 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
     assert server.accepted == 2
 
 
+async def test_busy_connections_do_not_count_against_the_keepalive_bound() -> None:
+    """httpcore counted busy connections too: past the bound, every connection that turned
+    idle was closed and the next request reconnected (one connect per request at its
+    default limits under load)."""
+    release = asyncio.Event()
+
+    async def by_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /slow "):
+                await release.wait()
+            writer.write(OK)
+            await writer.drain()
+
+    async with (
+        RawServer(by_path) as server,
+        httpx.AsyncClient(
+            transport=transport(max_connections=8, max_keepalive_connections=2), timeout=5
+        ) as client,
+    ):
+        busy = [asyncio.create_task(client.get(f"{server.url}/slow")) for _ in range(3)]
+        await async_wait_for(lambda: server.accepted == 3)
+        for _ in range(3):  # one idle connection beside three busy ones: kept and reused
+            assert (await client.get(f"{server.url}/fast")).content == b"ok"
+        assert server.accepted == 4
+        release.set()
+        await asyncio.gather(*busy)
+
+
 async def test_an_expired_idle_connection_is_replaced() -> None:
     async with (
         RawServer(keep_alive) as server,
@@ -469,6 +498,7 @@ async def test_tls_refuses_a_certificate_for_another_name(tls_upstream: tuple[st
     [
         test_sequential_requests_reuse_one_connection,
         test_requests_beyond_the_limit_wait_for_a_released_connection,
+        test_busy_connections_do_not_count_against_the_keepalive_bound,
         test_an_idle_connection_the_server_closed_is_not_reused,
         test_a_cancelled_request_discards_its_connection,
         test_bytes_after_a_complete_response_end_the_connection,
