@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test services lint bench clean
+.PHONY: install serve test services lint lock bench clean
 
 $(BIN)/databroker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ lint: install
 test: install services lint
 	$(BIN)/pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
+
+# The image's locks (Dockerfile): the runtime dependencies and the build backend, pinned with
+# the hashes of every file PyPI has for them, resolved for the image's Linux and Python.
+LOCK_PYTHON := 3.11.14
+LOCK := $(BIN)/uv pip compile --quiet --generate-hashes --python-platform linux \
+	--python-version $(LOCK_PYTHON) --custom-compile-command 'make lock'
+
+$(VENV)/.lock: $(BIN)/databroker
+	$(BIN)/pip install --quiet -e '.[test,lock]'
+	touch $@
+
+lock: $(VENV)/.lock
+	$(LOCK) --output-file requirements.lock pyproject.toml
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(LOCK) --output-file requirements-build.lock -
 
 # wrk from Debian's packages (installed when missing), matplotlib and py-spy from the
 # `bench` extra. Pass options with BENCH_ARGS, e.g. BENCH_ARGS="--memory --profile".

@@ -1,9 +1,11 @@
 """One broker request, start to end: the seed's data flow as a single driver.
 
-resolve → check params and variables → cache lookup → render → fetch →
-format → journal → cache store → answer. Pure steps live in their modules;
-this module only orders them and does the I/O through thin adapters.
-Every request that resolved a data source leaves exactly one audit row.
+resolve → check params and variables → cache lookup → (on a miss, one caller
+per key:) render → fetch → journal the DataObject → format → store → answer,
+with the audit row journaled before the answer leaves. Pure steps live in
+their modules; this module only orders them and does the I/O through thin
+adapters. Every request that resolved a data source leaves exactly one audit
+row, and every failure, whatever raised it, answers in the contract's shape.
 """
 
 from __future__ import annotations
@@ -18,22 +20,15 @@ from dataclasses import dataclass
 
 from proxy import messages
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
-from proxy.errors import (
-    AuditBacklogFull,
-    BrokerError,
-    DataSourceNotFound,
-    InternalError,
-    MissingParams,
-    MissingVariables,
-    UnknownParams,
-)
+from proxy.errors import AuditBacklogFull, BrokerError, DataSourceNotFound, InternalError
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.metrics import UPSTREAM_SECONDS, requests_counter
+from proxy.outage import Outage
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
-from proxy.singleflight import Flights, Shared, across_sidecars
+from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
-from proxy.templates import render
+from proxy.templates import check, render
 from proxy.types import Origin
 from proxy.upstream import Upstream
 
@@ -79,17 +74,26 @@ class Broker:
         self.limits = limits
         self.default_project = default_project
         self.backlog = backlog
-        self.flights = Flights()
-        self._cache_down = False
+        self.flights = Flights(cache)
+        self._redis_outage = Outage(
+            logger,
+            "Redis unavailable (%s); answering from upstream",
+            "Redis reachable again; cache in use",
+        )
         self._slots: dict[tuple[uuid.UUID, int], asyncio.Semaphore] = {}
 
     async def handle(self, body: bytes) -> Answer:
         try:
             request = messages.parse_request(body)
+            project = request.project_id or self.default_project
+            # Reloads the index for an unknown name: the database may be down, a
+            # stored variable undecryptable: those answer INTERNAL like any failure.
+            source = await self.registry.resolve_fresh(project, request.data_source_name)
         except BrokerError as exc:
             return self.refuse(exc)
-        project = request.project_id or self.default_project
-        source = await self.registry.resolve_fresh(project, request.data_source_name)
+        except Exception:
+            logger.exception("could not resolve a data source")
+            return self.refuse(InternalError("the broker could not resolve the data source"))
         if source is None:
             return self.refuse(
                 DataSourceNotFound(f"no data source named {request.data_source_name!r}")
@@ -101,13 +105,18 @@ class Broker:
         requests_counter("NONE", error.code).inc()
         return Answer(error.status, messages.failure(error))
 
+    def outbox_full(self, for_hits: bool = False) -> bool:
+        """At the outbox bound upstream calls are refused (and ``/readyz`` says "full");
+        cache hits, whose rows are small, only at twice the bound."""
+        return self.backlog() >= self.limits.outbox_max_bytes * (2 if for_hits else 1)
+
     async def cached(self, source: Source, key: str) -> CacheEntry | None:
         try:
             entry = await self.cache.get(source.data_source_id, key)
         except CacheUnavailable as exc:
-            self._cache_failed(exc)
+            self._redis_outage.failed(str(exc))
             return None
-        self._cache_recovered()
+        self._redis_outage.recovered()
         return entry
 
     async def store(self, source: Source, key: str, entry: CacheEntry) -> None:
@@ -117,18 +126,7 @@ class Broker:
                 source.data_source_id, key, entry, caching.ttl_seconds, caching.stale_if_error or 0
             )
         except CacheUnavailable as exc:
-            self._cache_failed(exc)
-
-    def _cache_failed(self, exc: CacheUnavailable) -> None:
-        # Logged once per outage: at full load a log line per request would be its own outage.
-        if not self._cache_down:
-            logger.warning("Redis unavailable (%s); answering from upstream", exc)
-            self._cache_down = True
-
-    def _cache_recovered(self) -> None:
-        if self._cache_down:
-            logger.warning("Redis reachable again; cache in use")
-            self._cache_down = False
+            self._redis_outage.failed(str(exc))
 
     def slot(self, source: Source) -> AbstractAsyncContextManager[object]:
         """The source's concurrency limit (waits for a free slot), if it declares one."""
@@ -168,41 +166,40 @@ class _Call:
             return self._finish(InternalError("the broker failed unexpectedly; see its log"))
         return self._finish(value_json)
 
-    def _check_backlog(self, factor: int) -> None:
-        if self.broker.backlog() >= factor * self.broker.limits.outbox_max_bytes:
+    def _check_backlog(self, for_hits: bool = False) -> None:
+        if self.broker.outbox_full(for_hits):
             raise AuditBacklogFull("the audit outbox is full; the database is not keeping up")
 
     async def _serve(self) -> bytes:
         source, params = self.source, self.request.configured_params
-        missing = sorted(source.runtime_params - params.keys())
-        if missing:
-            raise MissingParams(missing)
-        unknown = sorted(params.keys() - source.runtime_params)
-        if unknown:
-            raise UnknownParams(unknown)
-        unset = [name for name in source.variables if name not in source.values]
-        if unset:
-            raise MissingVariables(unset)
-        self.key = make_cache_key(source.data_source_id, params)
+        check(source.compiled, params, source.values)
+        self.key = key = make_cache_key(source.data_source_id, params)
         if not source.caching.enabled:
-            self._check_backlog(1)
+            self._check_backlog()
             return (await self._fetch()).value_json
-        entry = await self.broker.cached(source, self.key)
+        entry = await self.broker.cached(source, key)
         if entry is not None and self._fresh(entry):
-            self._check_backlog(2)
+            self._check_backlog(for_hits=True)
             return self._from_cache(entry)
-        self._check_backlog(1)
+        self._check_backlog()
+        deadline = source.retrying.deadline(self._timeout())
         try:
-            shared = await self._fetch_shared()
+            # One upstream call per key, whoever asks, in this process or another.
+            async with self.broker.flights.turn(
+                source.data_source_id, key, deadline, self._fresh
+            ) as turn:
+                if turn.received is not None:
+                    return self._from_cache(turn.received)
+                new = await self._fetch()
+                await self.broker.store(source, key, new)
+                turn.share(new)
+                return new.value_json
         except BrokerError as exc:
             if entry is None or exc.code not in UPSTREAM_FAILURES:
                 raise
             # stale-if-error: the entry outlived its TTL only because the source allows it.
             self.stale_because = exc
             return self._from_cache(entry)
-        if not shared.fetched_here:
-            return self._from_cache(shared.entry)
-        return shared.entry.value_json
 
     def _fresh(self, entry: CacheEntry) -> bool:
         return entry.is_fresh(time.time(), self.source.caching.ttl_seconds)
@@ -215,26 +212,8 @@ class _Call:
     def _timeout(self) -> float:
         return self.source.http.timeout or self.broker.limits.default_timeout
 
-    async def _fetch_shared(self) -> Shared:
-        """One upstream call per key, whoever asks, in this process or another."""
-        broker, source = self.broker, self.source
-        assert self.key is not None
-        key, deadline = self.key, source.retrying.deadline(self._timeout())
-
-        async def store(entry: CacheEntry) -> None:
-            await broker.store(source, key, entry)
-
-        async def across() -> Shared:
-            return await across_sidecars(
-                broker.cache, source.data_source_id, key, self._fetch, store, self._fresh, deadline
-            )
-
-        # The in-process leader may itself wait for another sidecar (up to one
-        # deadline) and then fetch (up to another): its followers wait that long.
-        return await broker.flights.run((source.data_source_id, key), across, 2 * deadline + 1)
-
     async def _fetch(self) -> CacheEntry:
-        """Call the upstream and journal its raw bytes; the formatted value as an entry."""
+        """Render and call the upstream, journal its raw bytes, format them: the entry."""
         broker, source = self.broker, self.source
         assert self.key is not None
         rendered = render(source.compiled, self.request.configured_params, source.values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ def _settings() -> Settings:
 
 
 @click.group()
+@click.version_option(package_name="databroker", message="%(prog)s %(version)s")
 def main() -> None:
     """A Redis-cached data broker sidecar for decision engines."""
     logging.basicConfig(
@@ -40,13 +42,56 @@ def main() -> None:
     )
 
 
+def _socket_mode(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    """Octal permission bits of the Unix socket: the owner reads and writes, others never
+    (connecting takes write permission, so 0660 is what lets a group in)."""
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o770 or mode & 0o607 != 0o600:
+        raise click.BadParameter(
+            f"{value!r} is not 0600, 0660 or another octal mode with owner read-write"
+            " and no access for others"
+        )
+    return mode
+
+
+def _socket_group(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """A group name or numeric id, resolved to the id."""
+    if value is None or value.isdigit():
+        return None if value is None else int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no group named {value!r}") from None
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True, type=int)
 @click.option("--uds", type=click.Path(path_type=Path), help="Listen on a Unix socket instead.")
+@click.option(
+    "--uds-mode",
+    default="0600",
+    show_default=True,
+    metavar="MODE",
+    callback=_socket_mode,
+    help="Permissions of the --uds socket; 0660 lets its group connect.",
+)
+@click.option(
+    "--uds-group",
+    metavar="GROUP",
+    callback=_socket_group,
+    help="Group (name or id) of the --uds socket, e.g. a group the worker's container shares.",
+)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
-def serve(host: str, port: int, uds: Path | None, workers: int) -> None:
+def serve(
+    host: str, port: int, uds: Path | None, uds_mode: int, uds_group: int | None, workers: int
+) -> None:
     """Run the broker."""
+    if uds is None and (uds_mode != 0o600 or uds_group is not None):
+        raise click.UsageError("--uds-mode and --uds-group apply to --uds")
     settings = _settings()
     if workers > 1 and (settings.embedded or settings.redis_url is None):
         raise click.UsageError(
@@ -57,7 +102,7 @@ def serve(host: str, port: int, uds: Path | None, workers: int) -> None:
     # outbox), then restores the previous handler and re-raises the signal: with the default
     # one the process would die of it (exit -15). After a clean drain, exit 0 instead.
     signal.signal(signal.SIGTERM, _exit_after_drain)
-    listener = _private_socket(uds) if uds else None
+    listener = _unix_socket(uds, uds_mode, uds_group) if uds else None
     try:
         uvicorn.run(
             "proxy.app:create_app",
@@ -82,14 +127,15 @@ def _exit_after_drain(_signum: int, _frame: FrameType | None) -> None:
     sys.exit(0)
 
 
-def _private_socket(path: Path) -> socket.socket:
-    """A Unix socket bound at ``path`` that only this user can connect to (mode 0600).
+def _unix_socket(path: Path, mode: int, group: int | None) -> socket.socket:
+    """A Unix socket bound at ``path`` with ``mode`` and ``group``, never wider on the way.
 
     uvicorn's own ``uds=`` binds, then chmods the socket to 0o666: any local user could
     call the broker. Bound here under umask 0o177 instead, the file is 0600 from the
     moment it exists: there is no window between bind and chmod in which another user
-    could connect. uvicorn then serves this socket (``fd=``). The umask is process-wide,
-    but nothing else runs yet that could create a file under it.
+    could connect. The group is set next and the mode widened last, so a group gains
+    access only once it is the intended one. uvicorn then serves this socket (``fd=``).
+    The umask is process-wide, but nothing else runs yet that could create a file under it.
     """
     if path.is_socket():
         path.unlink()  # left behind by a killed run; uvicorn and asyncio do the same
@@ -102,6 +148,17 @@ def _private_socket(path: Path) -> socket.socket:
         raise click.ClickException(f"cannot listen on {path}: {exc.strerror}") from exc
     finally:
         os.umask(umask)
+    try:
+        if group is not None:
+            os.chown(path, -1, group)
+        if mode != 0o600:
+            path.chmod(mode)
+    except OSError as exc:
+        listener.close()
+        path.unlink()
+        raise click.ClickException(
+            f"cannot set the group or mode of {path}: {exc.strerror}"
+        ) from exc
     return listener
 
 

@@ -19,7 +19,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as xml_fromstring
 
 from proxy.errors import ParseError
-from proxy.types import JSONValue, ResponseType
+from proxy.types import ResponseType
 
 _MAX_REASON = 200
 _MAX_XML_DEPTH = 100
@@ -38,9 +38,7 @@ def charset_of(content_type: str | None) -> str | None:
     return None
 
 
-def parse_body(
-    content: bytes, response_type: ResponseType, charset: str | None = None
-) -> JSONValue:
+def parse_body(content: bytes, response_type: ResponseType, charset: str | None = None) -> Any:
     """Turn an upstream body into a JSON value; anything that does not parse is a ParseError."""
     try:
         if response_type == "XML":
@@ -77,7 +75,7 @@ def _decode(content: bytes, charset: str | None, response_type: ResponseType) ->
         raise _error(response_type, f"not valid {name} at byte {exc.start}") from exc
 
 
-def _parse_xml(content: bytes, charset: str | None, response_type: ResponseType) -> JSONValue:
+def _parse_xml(content: bytes, charset: str | None, response_type: ResponseType) -> Any:
     """Bytes go to the parser as is so the XML declaration's encoding is honoured."""
     source: str | bytes = content if charset is None else _decode(content, charset, response_type)
     if not source.strip():
@@ -86,7 +84,7 @@ def _parse_xml(content: bytes, charset: str | None, response_type: ResponseType)
     return _element_value(root, 0, response_type)
 
 
-def _element_value(element: Element, depth: int, response_type: ResponseType) -> JSONValue:
+def _element_value(element: Element, depth: int, response_type: ResponseType) -> Any:
     """Children become keys (repeated tags a list), attributes plain keys, text a string."""
     if depth > _MAX_XML_DEPTH:
         raise _error(response_type, f"elements nested deeper than {_MAX_XML_DEPTH} levels")

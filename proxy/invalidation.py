@@ -25,6 +25,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from proxy.hotcache import HotEntries
 from proxy.metrics import HOT_INVALIDATIONS
+from proxy.outage import Outage
 
 logger = logging.getLogger("databroker.invalidation")
 
@@ -43,26 +44,23 @@ async def follow_invalidations(
     retry_interval: float = 0.5,
 ) -> None:
     """Keep ``hot`` in step with Redis; runs until cancelled, through any Redis outage."""
-    lost = False
+    outage = Outage(
+        logger,
+        "invalidation link lost (%s); hot entries off until it is back",
+        "invalidation link restored; hot entries in use again",
+    )
     while True:
         connection: AbstractConnection | None = None
         try:
             connection = _resp2_connection(redis)
             await _subscribe(connection, tracked_prefix)
             hot.start()
-            if lost:
-                logger.warning("invalidation link restored; hot entries in use again")
-                lost = False
+            outage.recovered()
             await _apply(connection, hot, heartbeat)
         except Exception as exc:
-            # Whatever broke the link, the copies are already dropped (finally) and the
-            # link is made again: this task must outlive anything Redis does.
-            if not lost:
-                logger.warning(
-                    "invalidation link lost (%s); hot entries off until it is back",
-                    type(exc).__name__,
-                )
-                lost = True
+            # Whatever broke the link, the copies are dropped (finally) and the link is
+            # made again: this task must outlive anything Redis does.
+            outage.failed(type(exc).__name__)
         finally:
             hot.stop()
             if connection is not None:

@@ -14,13 +14,27 @@ from typing import Any
 import orjson
 
 from proxy.errors import BrokerError, InvalidRequest, shortlist
+from proxy.source_spec import MAX_NAME_LENGTH
 from proxy.types import Origin
 
-MAX_NAME_LENGTH = 200
 MAX_DEPTH = 64
 """Nesting a request body may have: far beyond real params, far below the recursion limits
 of the stdlib ``json`` (the cache key) and of orjson's writer (254 levels)."""
-FIELDS = frozenset({"data_source_name", "configured_params", "run_id", "project_id"})
+REQUIRED = ("data_source_name", "configured_params", "run_id")
+FIELDS = frozenset({*REQUIRED, "project_id"})
+REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": list(REQUIRED),
+    "properties": {
+        "data_source_name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+        "configured_params": {"type": "object", "additionalProperties": True},
+        "run_id": {"type": "string", "format": "uuid"},
+        "project_id": {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]},
+    },
+}
+"""The request's shape as ``/openapi.json`` publishes it: what ``parse_request`` accepts,
+from the same constants (strict JSON, which a schema cannot say, on top)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +101,14 @@ def parse_request(body: bytes) -> BrokerRequest:
     if unknown:
         listed = shortlist(unknown)
         raise InvalidRequest(f"unknown fields: {', '.join(listed)}", fields=listed)
-    missing = sorted({"data_source_name", "configured_params", "run_id"} - data.keys())
+    missing = sorted(set(REQUIRED) - data.keys())
     if missing:
         raise InvalidRequest(f"missing fields: {', '.join(missing)}", fields=missing)
     name = data["data_source_name"]
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
         raise InvalidRequest(
-            "data_source_name must be a non-empty string", field="data_source_name"
+            f"data_source_name must be a string of 1 to {MAX_NAME_LENGTH} characters",
+            field="data_source_name",
         )
     params = data["configured_params"]
     if not isinstance(params, dict):

@@ -11,23 +11,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy import __version__
+from proxy.messages import REQUEST_SCHEMA
+from proxy.routes.internal import PATH as BROKER_PATH
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import VariableValue
 from proxy.types import Status
 
 _REF = "#/components/schemas/{model}"
 
-BROKER_REQUEST = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["data_source_name", "configured_params", "run_id"],
-    "properties": {
-        "data_source_name": {"type": "string", "minLength": 1, "maxLength": 200},
-        "configured_params": {"type": "object", "additionalProperties": True},
-        "run_id": {"type": "string", "format": "uuid"},
-        "project_id": {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]},
-    },
-}
 BROKER_RESPONSE = {
     "type": "object",
     "required": ["data_object_id", "origin", "key", "value", "start_time", "end_time", "error"],
@@ -90,9 +81,7 @@ def _op(
 
 @cache
 def document() -> dict[str, Any]:
-    _, defs = models_json_schema(
-        [(DataSourceSpec, "validation")], ref_template=_REF.replace("{model}", "{model}")
-    )
+    _, defs = models_json_schema([(DataSourceSpec, "validation")], ref_template=_REF)
     schemas = defs.get("$defs", {})
     schemas["VariableValues"] = TypeAdapter(list[VariableValue]).json_schema(
         ref_template="#/components/schemas/{model}"
@@ -121,10 +110,10 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "databroker", "version": __version__},
         "paths": {
-            "/internal/data-broker": {
+            BROKER_PATH: {
                 "post": {
                     "summary": "Fetch a data source's value, from the cache or the upstream",
-                    "requestBody": {"required": True, **_json(BROKER_REQUEST)},
+                    "requestBody": {"required": True, **_json(REQUEST_SCHEMA)},
                     "responses": {
                         "200": {"description": "OK", **_json(BROKER_RESPONSE)},
                         **broker_errors,

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
+# One Retry-After parser for the broker and its workers: the client's (standard library only).
+from proxy.client import parse_retry_after as parse_retry_after
 from proxy.source_spec import DEFAULT_STATUS_FORCELIST, RetryPolicy
 
 MAX_BACKOFF_SECONDS = 30.0
 NON_IDEMPOTENT = frozenset({"POST", "PATCH"})
 _RANDOM = random.Random()
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or None."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # an HTTP date is GMT; a malformed one may lack the zone
-        return None
-    return max(when.timestamp() - now, 0.0)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ a generated key would make stored values unreadable on the next pod.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,37 @@ class SecretKeyError(RuntimeError):
     """The configured key is missing or malformed; raised at start."""
 
 
+class Secrets(Mapping[str, Any]):
+    """Decrypted values by name: read like a dict, shown by name only.
+
+    Not a dict subclass on purpose: ``repr``/``str`` (tracebacks, ``%r``) and test
+    diffs, which spell out a dict's items, print only the names.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"<Secrets: {', '.join(sorted(self._values)) or 'none'}>"
+
+
 class SecretBox:
+    """Encrypts and decrypts with the configured keys; shows none of them."""
+
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise SecretKeyError("DATABROKER_SECRET_KEY holds no key")

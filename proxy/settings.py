@@ -17,8 +17,9 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DATABROKER_", extra="ignore", frozen=True)
 
-    database_url: str | None = None
-    redis_url: str | None = None
+    # URLs may carry a password: never in repr (tracebacks, %r, test diffs).
+    database_url: str | None = Field(default=None, repr=False)
+    redis_url: str | None = Field(default=None, repr=False)
     redis_prefix: str = "databroker:"
     admin_token: SecretStr | None = None
     secret_key: SecretStr | None = None

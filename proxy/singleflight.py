@@ -1,14 +1,23 @@
 """One upstream call per key: in one process, and across sidecars sharing Redis.
 
-In a process, concurrent misses of a key share one ``asyncio.Future``: the
-first caller leads, the others await its outcome. Across processes, the
-leaders contend for a Redis lock with an expiry (``SET NX PX``): the holder
-fetches and stores the cache entry; the others poll entry and lock in one
-round trip until the entry appears, the holder leaves its failure, or their
-deadline passes. A holder that crashes cannot block anyone: its lock expires.
+A caller takes its turn at a key, and either leads or receives::
 
-When Redis is unreachable the cross-process step is skipped: each process
-still makes at most one call per key.
+    async with flights.turn(data_source_id, key, deadline, is_fresh) as turn:
+        if turn.received is not None:
+            ...  # another caller fetched it: answer from turn.received
+        entry = ...  # this caller leads: fetch, store the entry,
+        turn.share(entry)  # and hand it to those who waited
+
+A failure of the leader's block is raised to every caller that waited for it.
+
+In a process, concurrent callers of a key share one ``asyncio.Future``: the
+first leads, the others wait for its outcome. Across processes, the leaders
+contend for ``{prefix}lock:{sid}:{key}`` (``SET NX PX``, expiring a little
+after the fetch's deadline, so a holder that crashes blocks nobody): the holder
+fetches and stores the entry; the others poll entry and lock in one round trip
+until the entry appears, the holder leaves its failure, or their deadline
+passes. When Redis is unreachable the cross-process step is skipped: each
+process still makes at most one call per key.
 """
 
 from __future__ import annotations
@@ -17,98 +26,165 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Hashable
+from enum import Enum
 
-from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
-from proxy.errors import BrokerError, RelayedError, UpstreamTimeout
+import orjson
+
+from proxy.cache import CacheEntry, CacheUnavailable, RedisCache, call, reply_bytes
+from proxy.errors import BrokerError, InternalError, RelayedError, UpstreamTimeout
 
 FAILURE_HOLD_MS = 2000
 """How long a holder's failure is shown to waiters: long enough for them to see
 it, short enough that the next request tries the upstream again."""
 
+SLACK = 1.0
+"""Seconds past a fetch's deadline for its holder to store the entry and let go."""
+
 POLL_START = 0.005
 POLL_MAX = 0.05
 
+# Compare-and-act on a lock: only the holder (who knows the token) may change it,
+# so a holder whose lock expired cannot release or overwrite a successor's lock.
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+_MARK_FAILED = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
+)
+# Take a free lock, or one whose failure mark is older than the caller: a failure
+# is shared with those who waited for it, never with those who came after it.
+_ACQUIRE = """
+local v = redis.call('get', KEYS[1])
+if v then
+  if string.sub(v, 1, 1) ~= '!' then return 0 end
+  local at = tonumber(string.match(v, '^!(%d+) '))
+  if at == nil or at >= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+FAILED_MARK = b"!"
 
-@dataclass(frozen=True, slots=True)
-class Shared:
-    """The outcome a caller receives: the entry, and whether this caller fetched it."""
 
-    entry: CacheEntry
-    fetched_here: bool
+class Turn:
+    """One caller's turn at a key: ``received`` is another caller's entry, or None
+    when this caller leads and must ``share`` the entry it fetched and stored."""
+
+    __slots__ = ("received", "shared")
+
+    def __init__(self, received: CacheEntry | None = None) -> None:
+        self.received = received
+        self.shared: CacheEntry | None = None
+
+    def share(self, entry: CacheEntry) -> None:
+        self.shared = entry
 
 
 class Flights:
-    """In-process coalescing: one call per key, its outcome shared by every waiter."""
+    """The fetches in flight in this process, and the Redis locks across sidecars."""
 
-    def __init__(self) -> None:
-        self._inflight: dict[Hashable, asyncio.Future[Shared]] = {}
+    def __init__(self, cache: RedisCache) -> None:
+        self.cache = cache
+        self._inflight: dict[Hashable, asyncio.Future[CacheEntry]] = {}
 
-    async def run(
-        self, key: Hashable, fetch: Callable[[], Awaitable[Shared]], wait: float
-    ) -> Shared:
-        """The leader gets ``fetch()``'s outcome as is; a follower gets its entry as not fetched here."""
-        future = self._inflight.get(key)
-        if future is not None:
-            try:
-                # shield: a waiter that gives up must not cancel the leader's fetch.
-                shared = await asyncio.wait_for(asyncio.shield(future), wait)
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    "timed out waiting for the fetch in flight for this key"
-                ) from None
-            return Shared(shared.entry, False)
+    @contextlib.asynccontextmanager
+    async def turn(
+        self,
+        data_source_id: uuid.UUID,
+        key: str,
+        deadline: float,
+        is_fresh: Callable[[CacheEntry], bool],
+    ) -> AsyncIterator[Turn]:
+        """Lead the fetch of ``key`` or receive its outcome; ``deadline`` bounds the fetch.
+
+        ``is_fresh`` tells whether an entry found in Redis may be answered.
+        """
+        name = (data_source_id, key)
+        leader = self._inflight.get(name)
+        if leader is not None:
+            yield Turn(await _follow(leader, deadline))
+            return
         future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        self._inflight[name] = future
         try:
-            shared = await fetch()
+            lock = _Lock(self.cache, data_source_id, key)
+            async with self._across(lock, deadline, is_fresh) as turn:
+                yield turn
+            entry = turn.received or turn.shared
+            if entry is None:
+                raise InternalError("the fetch of this key ended without an entry")
+            future.set_result(entry)
         except BaseException as exc:
-            future.set_exception(exc)
+            # A leader cancelled (shutdown) is not its followers' failure to re-raise as theirs.
+            relayed = (
+                exc if isinstance(exc, Exception) else InternalError("the fetch was cancelled")
+            )
+            future.set_exception(relayed)
             future.exception()  # marked retrieved: a leader without followers is not an error
             raise
-        else:
-            future.set_result(shared)
-            return shared
         finally:
-            del self._inflight[key]
+            del self._inflight[name]
+
+    @contextlib.asynccontextmanager
+    async def _across(
+        self, lock: _Lock, deadline: float, is_fresh: Callable[[CacheEntry], bool]
+    ) -> AsyncIterator[Turn]:
+        """Hold the key's Redis lock while the caller fetches, or wait for the sidecar that does."""
+        contended = await _contend(lock, deadline, is_fresh)
+        if isinstance(contended, CacheEntry):
+            yield Turn(contended)
+            return
+        if contended is _Contended.UNREACHABLE:
+            # Redis is unreachable: fetch without the lock (storing tries, and fails quietly).
+            yield Turn()
+            return
+        # Race window: the previous holder may have stored the entry and released
+        # between our miss and our lock. Looking once more costs one GET, not a call.
+        existing = None
+        with contextlib.suppress(CacheUnavailable):
+            existing = await lock.stored()
+        if existing is not None and is_fresh(existing):
+            with contextlib.suppress(CacheUnavailable):
+                await lock.release()
+            yield Turn(existing)
+            return
+        failed: BrokerError | None = None
+        try:
+            yield Turn()
+        except BrokerError as exc:
+            failed = exc
+            raise
+        finally:
+            # If this fails too the lock simply expires; the caller's entry is stored either way.
+            with contextlib.suppress(CacheUnavailable):
+                await (lock.release() if failed is None else lock.fail(failed))
 
 
-async def across_sidecars(
-    cache: RedisCache,
-    data_source_id: uuid.UUID,
-    key: str,
-    fetch: Callable[[], Awaitable[CacheEntry]],
-    store: Callable[[CacheEntry], Awaitable[None]],
-    is_fresh: Callable[[CacheEntry], bool],
-    deadline: float,
-) -> Shared:
-    """Fetch under the key's Redis lock, or wait for the sidecar that holds it.
+class _Contended(Enum):
+    HELD = "this caller holds the lock"
+    UNREACHABLE = "Redis did not answer"
 
-    ``deadline`` bounds the holder's fetch (it is the lock's expiry) and the
-    waiters' patience.
-    """
-    token = uuid.uuid4().hex
-    since_us = int(time.time() * 1_000_000)
+
+async def _contend(
+    lock: _Lock, deadline: float, is_fresh: Callable[[CacheEntry], bool]
+) -> CacheEntry | _Contended:
+    """The entry another sidecar stored, or how contending ended without one; raises the
+    holder's failure, or a timeout past ``deadline``."""
     give_up = time.monotonic() + deadline
     delay = POLL_START
     while True:
         try:
-            acquired = await cache.acquire(
-                data_source_id, key, token, int(deadline * 1000) + 1000, since_us
-            )
+            if await lock.acquire(deadline + SLACK):
+                return _Contended.HELD
+            entry, failure = await lock.look()
         except CacheUnavailable:
-            return await _alone(fetch, store)
-        if acquired:
-            return await _hold(cache, data_source_id, key, token, fetch, store, is_fresh)
-        try:
-            state = await cache.lock_state(data_source_id, key, since_us)
-        except CacheUnavailable:
-            return await _alone(fetch, store)
-        if state.entry is not None and is_fresh(state.entry):
-            return Shared(state.entry, False)
-        if state.failure is not None:
-            raise RelayedError(state.failure)
+            return _Contended.UNREACHABLE
+        if entry is not None and is_fresh(entry):
+            return entry
+        if failure is not None:
+            raise failure
         if time.monotonic() + delay > give_up:
             raise UpstreamTimeout("timed out waiting for another sidecar's fetch of this key")
         # Not held and no entry: the holder released without storing (or its lock
@@ -117,40 +193,62 @@ async def across_sidecars(
         delay = min(delay * 2, POLL_MAX)
 
 
-async def _alone(
-    fetch: Callable[[], Awaitable[CacheEntry]], store: Callable[[CacheEntry], Awaitable[None]]
-) -> Shared:
-    """Redis is unreachable: fetch without the lock (store tries, and fails quietly)."""
-    entry = await fetch()
-    await store(entry)
-    return Shared(entry, True)
-
-
-async def _hold(
-    cache: RedisCache,
-    data_source_id: uuid.UUID,
-    key: str,
-    token: str,
-    fetch: Callable[[], Awaitable[CacheEntry]],
-    store: Callable[[CacheEntry], Awaitable[None]],
-    is_fresh: Callable[[CacheEntry], bool],
-) -> Shared:
-    # Race window: the previous holder may have stored the entry and released
-    # between our miss and our lock. Looking once more costs one GET, not a call.
-    with contextlib.suppress(CacheUnavailable):
-        existing = await cache.get(data_source_id, key)
-        if existing is not None and is_fresh(existing):
-            await cache.release(data_source_id, key, token)
-            return Shared(existing, False)
+async def _follow(leader: asyncio.Future[CacheEntry], deadline: float) -> CacheEntry:
+    """The in-process leader's entry (or its failure, raised here)."""
+    # The leader may wait for another sidecar (up to one deadline), then fetch (up to another).
     try:
-        entry = await fetch()
-    except BrokerError as exc:
-        with contextlib.suppress(CacheUnavailable):
-            failure = {**exc.to_dict(), "status": exc.status}
-            await cache.mark_failed(data_source_id, key, token, failure, FAILURE_HOLD_MS)
-        raise
-    # If anything below fails the lock simply expires; the entry is ours either way.
-    await store(entry)
-    with contextlib.suppress(CacheUnavailable):
-        await cache.release(data_source_id, key, token)
-    return Shared(entry, True)
+        # shield: a follower that gives up must not cancel the leader's fetch.
+        return await asyncio.wait_for(asyncio.shield(leader), 2 * deadline + SLACK)
+    except TimeoutError:
+        raise UpstreamTimeout("timed out waiting for the fetch in flight for this key") from None
+
+
+class _Lock:
+    """This caller's side of a key's fetch lock in Redis."""
+
+    def __init__(self, cache: RedisCache, data_source_id: uuid.UUID, key: str) -> None:
+        self._cache = cache
+        self._source_key = (data_source_id, key)
+        self._redis = cache.redis
+        self._name = cache.layout.lock(data_source_id, key)
+        self._entry_name = cache.layout.cache_entry(data_source_id, key)
+        self._token = uuid.uuid4().hex
+        # Microseconds: a caller arriving right after a failure must not share it.
+        self._since_us = int(time.time() * 1_000_000)
+
+    async def acquire(self, expiry: float) -> bool:
+        """Take the lock for ``expiry`` seconds; it expires by itself if its holder dies."""
+        acquired = await call(
+            self._redis.eval(
+                _ACQUIRE, 1, self._name, self._token, int(expiry * 1000), self._since_us
+            )
+        )
+        return bool(acquired)
+
+    async def release(self) -> None:
+        await call(self._redis.eval(_RELEASE, 1, self._name, self._token))
+
+    async def fail(self, error: BrokerError) -> None:
+        """Leave the holder's failure on the lock so its waiters share it instead of stampeding."""
+        failure = orjson.dumps({**error.to_dict(), "status": error.status})
+        marker = b"%s%d %s" % (FAILED_MARK, time.time() * 1_000_000, failure)
+        await call(
+            self._redis.eval(_MARK_FAILED, 1, self._name, self._token, marker, FAILURE_HOLD_MS)
+        )
+
+    async def stored(self) -> CacheEntry | None:
+        """The key's cache entry (hot entries first, as any read)."""
+        return await self._cache.get(*self._source_key)
+
+    async def look(self) -> tuple[CacheEntry | None, RelayedError | None]:
+        """The key's entry, and the holder's failure if this caller waited for it: one
+        round trip (one slot on a cluster)."""
+        raw_entry, raw_lock = await call(self._redis.mget(self._entry_name, self._name))
+        entry = None if raw_entry is None else CacheEntry.decode(reply_bytes(raw_entry))
+        if raw_lock is None or not (mark := reply_bytes(raw_lock)).startswith(FAILED_MARK):
+            return entry, None
+        failed_at, _, error = mark[1:].partition(b" ")
+        # A failure marked before this caller arrived is not its to share.
+        return entry, RelayedError(orjson.loads(error)) if int(
+            failed_at
+        ) >= self._since_us else None

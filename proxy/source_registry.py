@@ -1,11 +1,16 @@
 """What the broker serves from: the in-memory index of data sources and their variables,
 built from ``source_store`` and compiled once.
 
-The hot path reads only this index (and Redis). It is rebuilt whole from the
+The hot path reads only this index (and Redis). It is rebuilt from the
 database and swapped in one assignment, so a reader never sees half an update:
 at start, after an admin change in this process, when another process
 announces a change on the registry channel, periodically as a safety net, and
 — at most once a second — when a name is not found.
+
+Callers share reloads: one runs at a time, and a caller whose need a reload in
+flight meets waits for that one instead of starting another. A reload compiles
+only the sources that changed since the last one (``last_updated_at``, status
+and stored variables): the others are reused as they are.
 """
 
 from __future__ import annotations
@@ -14,15 +19,14 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from proxy.cache import RedisClient
 from proxy.keys import KeyLayout
 from proxy.retry import Retrying
-from proxy.secrets import SecretBox
+from proxy.secrets import SecretBox, Secrets
 from proxy.source_spec import CachingOptions, HTTPSource
 from proxy.source_store import SourceStore, spec_of
 from proxy.tables import DataSource
@@ -32,6 +36,9 @@ from proxy.types import Status
 logger = logging.getLogger("databroker.registry")
 
 MISS_RELOAD_INTERVAL = 1.0
+
+_Stored = tuple[tuple[str, str], ...]
+"""A source's stored variables as their ciphertexts: equal only if no value changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +51,15 @@ class Source:
     status: Status
     http: HTTPSource
     caching: CachingOptions
-    runtime_params: frozenset[str]
-    variables: tuple[str, ...]
     compiled: CompiledSource
     retrying: Retrying
     updated_at: float
-    values: dict[str, Any] = field(default_factory=dict)
+    values: Secrets
+    """The decrypted variables, which ``repr`` shows by name only."""
 
     @classmethod
-    def from_row(cls, row: DataSource, values: dict[str, Any]) -> Source:
+    def from_row(cls, row: DataSource, values: Secrets) -> Source:
         spec = spec_of(row)
-        runtime_params = spec.runtime_params or []
-        variables = spec.variables or []
         return cls(
             data_source_id=row.data_source_id,
             name=row.name,
@@ -63,9 +67,7 @@ class Source:
             status=row.status,  # type: ignore[arg-type]
             http=spec.source,
             caching=spec.caching,
-            runtime_params=frozenset(runtime_params),
-            variables=tuple(variables),
-            compiled=compile_source(spec.source, runtime_params, variables),
+            compiled=compile_source(spec.source, spec.runtime_params or (), spec.variables or ()),
             retrying=Retrying.from_policy(spec.source.retry, spec.source.method),
             updated_at=row.last_updated_at.timestamp(),
             values=values,
@@ -89,36 +91,84 @@ class Registry:
         self._redis = redis
         self._layout = layout
         self._by_name: dict[tuple[uuid.UUID | None, str], Source] = {}
-        self._last_load = 0.0
-        self._lock = asyncio.Lock()
+        # Every source of the last reload, by id, with what it was built from.
+        self._built: dict[uuid.UUID, tuple[tuple[float, str, _Stored], Source]] = {}
+        self._loaded_at = -float("inf")
+        """When the reload that built the index started (monotonic): it shows the database
+        as it was then, or later."""
+        self._reload: asyncio.Task[None] | None = None
+        self._reload_started = 0.0
 
     def resolve(self, project_id: uuid.UUID | None, name: str) -> Source | None:
         return self._by_name.get((project_id, name))
 
     async def resolve_fresh(self, project_id: uuid.UUID | None, name: str) -> Source | None:
-        """``resolve``, reloading first when the name is unknown and the index is over a second old."""
+        """``resolve``; an unknown name first waits for an index at most a second old."""
         source = self.resolve(project_id, name)
-        if source is None and time.monotonic() - self._last_load > MISS_RELOAD_INTERVAL:
-            await self.load()
+        if source is None:
+            await self.load(as_of=time.monotonic() - MISS_RELOAD_INTERVAL)
             source = self.resolve(project_id, name)
         return source
 
-    async def load(self) -> None:
-        async with self._lock:
+    async def load(self, as_of: float | None = None) -> None:
+        """Make the index show the database as of ``as_of`` (monotonic; default now) or later.
+
+        A reload in flight that started by then is joined; one that started earlier is
+        waited for, then a new one starts (shared by whoever arrives meanwhile). Raises
+        what the reload raised; the previous index stays in place.
+        """
+        wanted = time.monotonic() if as_of is None else as_of
+        while self._loaded_at < wanted:
+            reload = self._reload
+            if reload is None:
+                self._reload_started = time.monotonic()
+                reload = self._reload = asyncio.create_task(self._load_once(self._reload_started))
+            elif self._reload_started < wanted:
+                # Started before the change this caller must see: its outcome is not ours.
+                await asyncio.wait([reload])
+                continue
+            # shield: a caller that leaves (cancelled) must not cancel the others' reload.
+            await asyncio.shield(reload)
+
+    async def _load_once(self, started: float) -> None:
+        try:
             rows, env_vars = await self._store.all_with_variables()
-            values: dict[uuid.UUID, dict[str, Any]] = {}
+            stored: dict[uuid.UUID, list[tuple[str, str]]] = {}
             for var in env_vars:
                 if var.value is not None:
-                    values.setdefault(var.data_source_id, {})[var.name] = self._box.decrypt(
-                        var.value
-                    )
-            sources = [Source.from_row(row, values.get(row.data_source_id, {})) for row in rows]
-            self._by_name = _index(sources)
-            self._last_load = time.monotonic()
+                    stored.setdefault(var.data_source_id, []).append((var.name, var.value))
+            built = {}
+            for row in rows:
+                made_of = (
+                    row.last_updated_at.timestamp(),
+                    row.status,
+                    tuple(sorted(stored.get(row.data_source_id, ()))),
+                )
+                previous = self._built.get(row.data_source_id)
+                if previous is not None and previous[0] == made_of:
+                    built[row.data_source_id] = previous
+                    continue
+                values = Secrets({name: self._box.decrypt(token) for name, token in made_of[2]})
+                built[row.data_source_id] = (made_of, Source.from_row(row, values))
+                # Compiling is CPU on the event loop: let requests in between sources.
+                await asyncio.sleep(0)
+            self._by_name = _index([source for _, source in built.values()])
+            self._built = built
+            self._loaded_at = started
+        finally:
+            self._reload = None
 
     async def changed(self, data_source_id: uuid.UUID) -> None:
-        """Reload here and tell the other sidecars sharing this Redis."""
-        await self.load()
+        """Reload here and tell the other sidecars sharing this Redis.
+
+        Never raises: the change is committed. If the reload fails, the announcement
+        still goes out, and every follower (this process's too) reloads on it or on
+        its timer.
+        """
+        try:
+            await self.load()
+        except Exception:
+            logger.exception("registry reload after a change failed; the follower catches up")
         try:
             await self._redis.publish(self._layout.registry_channel, str(data_source_id))
         except RedisError:

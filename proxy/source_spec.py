@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from proxy.types import Method, ResponseType
 
 DEFAULT_STATUS_FORCELIST = (429, 500, 502, 503, 504)
+MAX_NAME_LENGTH = 200
+"""The longest name of a data source or of a variable: the length of their columns."""
 MAX_SECONDS = 2**31 - 1
 """The longest ttl and stale_if_error (68 years): their columns are 32-bit integers."""
 
@@ -97,7 +99,7 @@ class CachingOptions(_Strict):
 class DataSourceSpec(_Strict):
     """The body of ``POST /data-sources`` and ``PUT /data-sources/{id}``."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$")
     source: HTTPSource
     caching: CachingOptions = Field(default_factory=CachingOptions)
     # No NUL: Postgres text cannot hold one (the insert would fail as a 500).

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.lifecycle import forbidden_changes, resolve_names
 from proxy.secrets import SecretBox
-from proxy.source_spec import DataSourceSpec
+from proxy.source_spec import MAX_NAME_LENGTH, DataSourceSpec
 from proxy.tables import DataSource, DataSourceEnvVar
 from proxy.templates import TemplateError
 from proxy.types import Status
@@ -28,8 +28,8 @@ class VariableValue(BaseModel):
     """One item of ``PUT /data-sources/{id}/variables``."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    value: str | int | float | bool | None = None
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
+    value: str | int | float | bool | None = Field(default=None, repr=False)  # a secret
 
 
 def spec_of(row: DataSource) -> DataSourceSpec:

@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from proxy.source_spec import MAX_NAME_LENGTH
+
 
 class Base(DeclarativeBase):
     pass
@@ -38,7 +40,7 @@ class DataSource(Base):
     __tablename__ = "data_source"
 
     data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
     description: Mapped[str | None] = mapped_column(Text)
     source: Mapped[dict[str, Any]] = mapped_column(JSON)
     caching_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -75,7 +77,7 @@ class DataSourceEnvVar(Base):
     data_source_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("data_source.data_source_id", ondelete="CASCADE"), index=True
     )
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
     value: Mapped[str | None] = mapped_column(Text, doc="Fernet token of the JSON value")
     nullable: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -2,7 +2,8 @@
 
 ``compile_source`` resolves every name and fixes where each value will land, so a bad
 configuration fails at registration (``TemplateError`` → 422), not on a live request.
-``render`` only looks values up, converts and encodes them. Runtime params come from
+``check`` holds a call's values to the declarations (the one place that does), and
+``render`` only looks checked values up, converts and encodes them. Runtime params come from
 the caller, so whatever they hold is encoded for the place it lands: percent-encoded
 in the URL, refused in a header when it carries control characters, escaped in an XML,
 JSON or form text body. A runtime param can never reach another part of the request.
@@ -14,14 +15,14 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
 import orjson
 
-from proxy.errors import InvalidParam, MissingParams, MissingVariables
+from proxy.errors import InvalidParam, MissingParams, MissingVariables, UnknownParams
 from proxy.source_spec import HTTPSource
 
 _BRACES = re.compile(r"\{\{(.*?)\}\}", re.S)
@@ -58,13 +59,17 @@ class Names:
 
 @dataclass(frozen=True)
 class RenderedRequest:
-    """Everything httpx needs to send one upstream request."""
+    """Everything httpx needs to send one upstream request.
+
+    Variables (API keys) are rendered into the url, headers, params and content: none
+    of them is in ``repr``, which tracebacks, ``%r`` and test diffs print.
+    """
 
     method: str
-    url: str
-    headers: tuple[tuple[str, str], ...]
-    params: tuple[tuple[str, str], ...]
-    content: bytes | None
+    url: str = field(repr=False)
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    params: tuple[tuple[str, str], ...] = field(repr=False)
+    content: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +122,8 @@ class CompiledSource:
     added_headers: tuple[tuple[str, str], ...]
     params: tuple[tuple[str, Node], ...]
     body: _BodyFn
-    param_names: tuple[str, ...]
-    var_names: tuple[str, ...]
+    runtime_params: frozenset[str]  # as declared: a call gives exactly these
+    variables: tuple[str, ...]  # as declared: each needs a value
 
 
 def _object_form(value: dict[str, Any]) -> tuple[Any, bool, Any] | None:
@@ -234,6 +239,7 @@ def compile_source(
     source: HTTPSource, runtime_params: Iterable[str], variables: Iterable[str]
 ) -> CompiledSource:
     """Check every name and every place a value lands; raises TemplateError."""
+    variables = tuple(variables)
     comp = _Compiler(runtime_params, variables)
     url = source.url
     comp.parts(url)  # names and malformed placeholders, before the URL is cut at / ? #
@@ -280,8 +286,8 @@ def compile_source(
         added_headers=added,
         params=params,
         body=body,
-        param_names=tuple(dict.fromkeys(r.name for r in comp.used if r.is_param)),
-        var_names=tuple(dict.fromkeys(r.name for r in comp.used if not r.is_param)),
+        runtime_params=comp.runtime,
+        variables=variables,
     )
 
 
@@ -315,15 +321,25 @@ def _compile_body(
     return (lambda p, v: _dumps(_eval(node, p, v))), added
 
 
+def check(
+    compiled: CompiledSource, params: Mapping[str, Any], variables: Mapping[str, Any]
+) -> None:
+    """Whether a call's values fit the source's declarations: every runtime param and no
+    other, a value for every variable. Raises MissingParams, UnknownParams or
+    MissingVariables (names only, never values)."""
+    if missing := sorted(compiled.runtime_params - params.keys()):
+        raise MissingParams(missing)
+    if unknown := sorted(params.keys() - compiled.runtime_params):
+        raise UnknownParams(unknown)
+    if unset := [name for name in compiled.variables if name not in variables]:
+        raise MissingVariables(unset)
+
+
 def render(
     compiled: CompiledSource, params: Mapping[str, Any], variables: Mapping[str, Any]
 ) -> RenderedRequest:
-    """The request for these values; raises MissingParams, MissingVariables or InvalidParam."""
+    """The request for values that passed ``check``; raises InvalidParam."""
     c = compiled
-    if missing := [name for name in c.param_names if name not in params]:
-        raise MissingParams(missing)
-    if missing := [name for name in c.var_names if name not in variables]:
-        raise MissingVariables(missing)
     prefix = _join(c.prefix, params, variables, _plain)
     url = prefix + _join_path(c.path, params, variables)
     url += _join(c.query, params, variables, _enc_query)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeAlias
-
-JSONValue: TypeAlias = Any
-"""A value orjson can encode: dict, list, str, int, float, bool or None."""
+from typing import Literal, TypeAlias
 
 ResponseType: TypeAlias = Literal["JSON", "XML", "CSV", "PLAIN_TEXT"]
 Method: TypeAlias = Literal["GET", "POST", "PUT", "DELETE", "PATCH"]

@@ -42,7 +42,6 @@ logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    status: int
     content: bytes
     content_type: str | None
     attempts: int
@@ -159,7 +158,7 @@ class Upstream:
                 ) from exc
             else:
                 if 200 <= status < 300:
-                    return Fetched(status, content, headers.get("content-type"), attempt + 1)
+                    return Fetched(content, headers.get("content-type"), attempt + 1)
                 error = UpstreamHTTPError(status)
                 retry = retrying.retries_status(status, attempt)
                 retry_after = parse_retry_after(headers.get("retry-after"), time.time())

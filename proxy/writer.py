@@ -17,6 +17,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN
+from proxy.outage import Outage
 from proxy.outbox import (
     DataObjectRecord,
     Outbox,
@@ -138,7 +139,11 @@ class OutboxWriter:
         self.records_written = 0
         self._scanned_backlog = 0
         self._appended_at_scan = 0
-        self._failing = False
+        self._outage = Outage(
+            logger,
+            "database write failed, records stay in the outbox: %s",
+            "database writes resumed; outbox is draining",
+        )
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -181,23 +186,13 @@ class OutboxWriter:
                     # Any failure, not only SQLAlchemy's: the COPY path talks to asyncpg
                     # directly, whose errors (a connection dropped mid-COPY) are its own.
                     # The segment stays; the next flush tries again.
-                    self._report_failure(exc)
+                    self._outage.failed(type(exc).__name__)
                     return False
                 self.outbox.remove(path)
                 self.records_written += written
                 RECORDS_WRITTEN.inc(written)
-        if self._failing:
-            logger.warning("database writes resumed; outbox is draining")
-            self._failing = False
+        self._outage.recovered()
         return True
-
-    def _report_failure(self, exc: Exception) -> None:
-        # Logged once per outage, not once per flush, so a long outage does not flood the logs.
-        if not self._failing:
-            logger.warning(
-                "database write failed, records stay in the outbox: %s", type(exc).__name__
-            )
-            self._failing = True
 
     async def stop(self, timeout: float) -> None:
         """Stop the loop and make a last attempt to ship; what fails stays on disk."""

@@ -49,20 +49,21 @@ async def _pg_user() -> str:
     raise RuntimeError(f"no Postgres reachable at {PG_HOST}:{PG_PORT} as postgres or root")
 
 
+async def pg_admin(sql: str) -> str:
+    """Run ``sql`` on the machine's PostgreSQL (CREATE/DROP DATABASE); returns the user."""
+    user = await _pg_user()
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+    return user
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     name = f"databroker_test_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> str:
-        user = await _pg_user()
-        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-        return user
-
-    user = asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    user = asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
 
     async def upgrade() -> None:
@@ -72,7 +73,7 @@ def pg_url() -> Iterator[str]:
 
     asyncio.run(upgrade())
     yield url
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

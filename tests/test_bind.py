@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from proxy.cli import main
 from tests.instances import clean_env, databroker, log_of, serving, terminate
 from tests.servers import async_wait_for
 
@@ -43,18 +47,48 @@ async def test_unix_socket_is_0600(tmp_path: Path) -> None:
     path.chmod(0o777)
 
     with databroker(["serve", "--uds", str(path)], clean_env(), tmp_path) as process:
-        transport = httpx.AsyncHTTPTransport(uds=str(path))
-        async with httpx.AsyncClient(transport=transport, base_url="http://databroker") as client:
-
-            async def healthy() -> bool:
-                assert process.poll() is None, f"databroker exited early:\n{log_of(tmp_path)}"
-                try:
-                    return (await client.get("/healthz")).json() == {"status": "ok"}
-                except httpx.TransportError:
-                    return False
-
-            await async_wait_for(healthy, timeout=30)
+        await healthy_on(path, process, tmp_path)
         assert stat.S_ISSOCK(path.stat().st_mode)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
         terminate(process, tmp_path)
     assert not path.exists()
+
+
+async def test_unix_socket_shared_with_a_group(tmp_path: Path) -> None:
+    """What a pod's worker container uses: the socket's group is one both containers have."""
+    path = tmp_path / "b.sock"
+    group = 65534 if os.geteuid() == 0 else os.getgid()  # as root: a group it is not in
+    args = ["serve", "--uds", str(path), "--uds-mode", "0660", "--uds-group", str(group)]
+    with databroker(args, clean_env(), tmp_path) as process:
+        await healthy_on(path, process, tmp_path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660, oct(path.stat().st_mode)
+        assert path.stat().st_gid == group
+        terminate(process, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--uds", "b.sock", "--uds-mode", "0666"], "no access for others"),
+        (["--uds", "b.sock", "--uds-mode", "rw"], "no access for others"),
+        (["--uds", "b.sock", "--uds-group", "no-such-group-here"], "no group named"),
+        (["--uds-mode", "0660"], "apply to --uds"),
+    ],
+)
+def test_bad_socket_options_are_refused(args: list[str], error: str) -> None:
+    done = CliRunner().invoke(main, ["serve", *args])
+    assert done.exit_code == 2 and error in done.output, done.output
+
+
+async def healthy_on(path: Path, process: subprocess.Popen[bytes], cwd: Path) -> None:
+    transport = httpx.AsyncHTTPTransport(uds=str(path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://databroker") as client:
+
+        async def healthy() -> bool:
+            assert process.poll() is None, f"databroker exited early:\n{log_of(cwd)}"
+            try:
+                return (await client.get("/healthz")).json() == {"status": "ok"}
+            except httpx.TransportError:
+                return False
+
+        await async_wait_for(healthy, timeout=30)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 import redis as sync_redis
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
-from tests.conftest import REDIS_URL, Broker
-from tests.servers import Upstream, async_wait_for, free_port
+from proxy.app import create_app
+from proxy.openapi import BROKER_RESPONSE
+from proxy.routes.internal import PATH, FrontDoor
+from proxy.secrets import SecretBox
+from proxy.source_spec import DataSourceSpec
+from proxy.source_store import SourceStore, VariableValue
+from tests.conftest import REDIS_URL, Broker, make_settings
+from tests.instances import PostgresInstance
+from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread
 from tests.test_flow import rows
 
 
@@ -215,3 +227,99 @@ async def test_retry_counts_through_the_broker(broker: Broker, upstream: Upstrea
     assert answer.status_code == 200
     assert answer.json()["value"] == {"ok": 1}
     assert upstream.hits("/flaky") == 3
+
+
+# --- INTERNAL: whatever raises, the answer is the contract's envelope ----------------------
+
+
+RESPONSE_FIELDS = set(BROKER_RESPONSE["required"])
+
+
+async def past_the_index(broker: Broker, name: str) -> httpx.Response:
+    """The answer for a name the index lacks, once the index is old enough to be reloaded
+    for it (at most once a second): until then it is a plain 404."""
+
+    async def reloaded() -> httpx.Response | None:
+        answer = await broker.call(name)
+        return None if answer.status_code == 404 else answer
+
+    answer: httpx.Response = await async_wait_for(reloaded, interval=0.2)
+    return answer
+
+
+def internal(answer: httpx.Response) -> dict[str, Any]:
+    """The INTERNAL envelope: JSON, the DataBrokerResponse shape, nothing resolved."""
+    assert answer.status_code == 500, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    body: dict[str, Any] = answer.json()
+    assert body.keys() == RESPONSE_FIELDS
+    assert body["error"]["code"] == "INTERNAL" and body["value"] is None
+    return body
+
+
+@pytest.mark.slow
+async def test_an_unknown_name_while_the_database_is_down_is_internal(
+    private_pg: PostgresInstance,
+    private_pg_url: str,
+    redis_prefix: str,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    url = upstream.answer("/up", b'{"up": 1}')
+    with serve_in_thread(create_app(make_settings(private_pg_url, redis_prefix, tmp_path))) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            running = Broker(base, make_settings(private_pg_url, redis_prefix, tmp_path), client)
+            await running.register({"name": "known", "source": {"url": url}})
+            private_pg.stop()
+            internal(await past_the_index(running, "unknown"))  # reloading the index fails
+            # What the index holds is still served: the outbox keeps its records meanwhile.
+            assert (await running.call("known")).status_code == 200
+
+
+async def test_an_undecryptable_variable_is_internal_and_says_nothing_of_it(
+    broker: Broker, db: AsyncEngine, upstream: Upstream
+) -> None:
+    url = upstream.answer("/up", b'{"up": 1}')
+    await broker.register({"name": "known", "source": {"url": url}})
+    # A variable written by a sidecar with another key: every reload fails on it.
+    foreign = SourceStore(db, SecretBox([Fernet.generate_key().decode()]))
+    row = await foreign.create(
+        DataSourceSpec.model_validate(
+            {"name": "foreign", "source": {"url": url}, "variables": ["KEY"]}
+        ),
+        None,
+    )
+    await foreign.set_variables(row.data_source_id, [VariableValue(name="KEY", value="hush-42")])
+    body = internal(await past_the_index(broker, "foreign"))
+    assert "hush-42" not in body["error"]["message"]
+    assert (await broker.call("known")).status_code == 200
+
+
+async def test_a_failure_inside_the_front_door_is_internal() -> None:
+    """The route runs past Starlette's error middleware: here the lifespan never ran, so
+    there is no broker to hand the request to."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def unreachable(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the broker route never reaches the app behind the front door")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": PATH,
+        "headers": [(b"content-type", b"application/json")],
+        "state": {},
+    }
+    await FrontDoor(unreachable)(scope, receive, send)
+    start, body = sent
+    assert start["status"] == 500
+    assert (b"content-type", b"application/json") in start["headers"]
+    answer = orjson.loads(body["body"])
+    assert answer.keys() == RESPONSE_FIELDS
+    assert answer["error"]["code"] == "INTERNAL"

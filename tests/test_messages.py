@@ -8,7 +8,16 @@ import orjson
 import pytest
 
 from proxy.errors import InvalidRequest, UpstreamHTTPError
-from proxy.messages import failure, loads_strict, parse_request, success
+from proxy.messages import (
+    FIELDS,
+    REQUEST_SCHEMA,
+    failure,
+    loads_strict,
+    parse_request,
+    success,
+)
+from proxy.openapi import document
+from proxy.routes.internal import PATH
 
 RUN = str(uuid.uuid4())
 
@@ -118,3 +127,18 @@ def test_parse_request_refuses_what_loads_strict_refuses() -> None:
     body = b'{"data_source_name": "a", "data_source_name": "b", "configured_params": {}}'
     with pytest.raises(InvalidRequest, match="repeats a key"):
         parse_request(body)
+
+
+def test_the_published_schema_is_the_one_the_parser_keeps() -> None:
+    """One owner of the request shape: /openapi.json publishes what parse_request accepts."""
+    operation = document()["paths"][PATH]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] is REQUEST_SCHEMA
+    assert set(REQUEST_SCHEMA["properties"]) == FIELDS
+    longest = "n" * REQUEST_SCHEMA["properties"]["data_source_name"]["maxLength"]
+    body = {"data_source_name": longest, "configured_params": {}, "run_id": RUN}
+    assert parse_request(orjson.dumps(body)).data_source_name == longest
+    with pytest.raises(InvalidRequest, match="data_source_name"):
+        parse_request(orjson.dumps({**body, "data_source_name": longest + "n"}))
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(b'{"project_id": null}')
+    assert caught.value.extra["fields"] == sorted(REQUEST_SCHEMA["required"])

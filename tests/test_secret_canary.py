@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,12 @@ from starlette.responses import Response
 from proxy.app import create_app
 from proxy.errors import ParseError
 from proxy.formats import parse_body
-from proxy.secrets import SecretBox
+from proxy.secrets import SecretBox, Secrets
 from proxy.settings import Settings
+from proxy.source_registry import Source
+from proxy.source_store import VariableValue
+from proxy.tables import DataSource
+from proxy.templates import render
 from tests.conftest import ADMIN_TOKEN, REDIS_URL, TABLES
 from tests.instances import clean_env, log_of, serving, terminate
 from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread
@@ -508,3 +513,54 @@ def test_a_parse_error_quotes_nothing_the_upstream_sent(body: bytes, charset: st
     with pytest.raises(ParseError) as info:
         parse_body(body, response_type, charset)
     assert CANARY not in info.value.message
+
+
+# --- objects that hold a secret never show it ----------------------------------------------
+
+
+def shown(obj: object) -> str:
+    """Everything a traceback, a ``%r``/``%s`` or a test diff prints of ``obj``."""
+    return f"{obj!r} {obj!s}"
+
+
+def test_a_served_source_shows_its_variables_by_name_only() -> None:
+    now = datetime.now(UTC)
+    row = DataSource(
+        data_source_id=uuid.uuid4(),
+        name="scored",
+        description=None,
+        source={"url": "https://x.example/{{ id }}", "headers": {"X-Key": "{{ env.KEY }}"}},
+        caching_enabled=False,
+        caching_ttl=None,
+        caching_stale_if_error=None,
+        runtime_params=["id"],
+        variables=["KEY"],
+        status="PUBLISHED",
+        project_id=None,
+        meta=None,
+        created_at=now,
+        last_updated_at=now,
+    )
+    source = Source.from_row(row, Secrets({"KEY": SECRETS["HEADER_SECRET"]}))
+    rendered = render(source.compiled, {"id": "1"}, source.values)
+    assert dict(rendered.headers)["X-Key"] == SECRETS["HEADER_SECRET"]  # it is in there
+    for obj in (source, source.values, rendered):
+        assert CANARY not in shown(obj)
+    assert "KEY" in repr(source.values)  # names are not secret: MISSING_VARIABLES lists them
+    # A diff of two sources drills into their fields: the values compare, but print by name.
+    other = Secrets({"KEY": SECRETS["QUERY_SECRET"]})
+    assert source.values != other and CANARY not in shown(other)
+
+
+def test_keys_and_urls_with_passwords_are_never_shown() -> None:
+    key = Fernet.generate_key().decode()
+    settings = Settings(
+        database_url=f"postgresql+asyncpg://u:{CANARY}@db/x",
+        redis_url=f"redis://:{CANARY}@redis:6379/0",
+        secret_key=key,
+        admin_token=CANARY,
+    )
+    box = SecretBox([key])
+    item = VariableValue(name="TOKEN", value=SECRETS["JSON_SECRET"])
+    for obj in (settings, box, item):
+        assert CANARY not in shown(obj) and key not in shown(obj)

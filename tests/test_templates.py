@@ -11,13 +11,14 @@ import httpx
 import orjson
 import pytest
 
-from proxy.errors import InvalidParam, MissingParams, MissingVariables
+from proxy.errors import InvalidParam, MissingParams, MissingVariables, UnknownParams
 from proxy.source_spec import HTTPSource
 from proxy.templates import (
     CompiledSource,
     Names,
     RenderedRequest,
     TemplateError,
+    check,
     compile_source,
     render,
     scan_names,
@@ -520,7 +521,7 @@ def test_header_scalar_literals_become_text() -> None:
     assert r.headers == (("X-N", "5"), ("X-B", "true"))
 
 
-# --- render errors -------------------------------------------------------------------------
+# --- checking a call's values --------------------------------------------------------------
 
 
 def test_missing_params_are_named_together() -> None:
@@ -528,8 +529,20 @@ def test_missing_params_are_named_together() -> None:
         ["a", "b", "c"], ["V"], url="https://x.example/{{ a }}/{{ b }}", body={"c": "{{ c }}"}
     )
     with pytest.raises(MissingParams) as caught:
-        render(compiled, {"b": 1}, {"V": "v"})
+        check(compiled, {"b": 1}, {"V": "v"})
     assert caught.value.to_dict()["params"] == ["a", "c"]
+
+
+def test_declared_params_are_required_even_where_no_template_uses_them() -> None:
+    with pytest.raises(MissingParams) as caught:
+        check(build(["id", "unused"], url="https://x.example/{{ id }}"), {"id": 1}, {})
+    assert caught.value.to_dict()["params"] == ["unused"]
+
+
+def test_undeclared_params_are_refused() -> None:
+    with pytest.raises(UnknownParams) as caught:
+        check(build(["id"], url="https://x.example/{{ id }}"), {"id": 1, "debug": True}, {})
+    assert caught.value.to_dict()["params"] == ["debug"]
 
 
 def test_missing_variables() -> None:
@@ -537,8 +550,14 @@ def test_missing_variables() -> None:
         ["id"], ["TOKEN", "OTHER"], headers={"A": "{{ env.TOKEN }}", "B": "{{ OTHER }}"}
     )
     with pytest.raises(MissingVariables) as caught:
-        render(compiled, {"id": 1}, {"OTHER": ""})
+        check(compiled, {"id": 1}, {"OTHER": ""})
     assert caught.value.to_dict()["variables"] == ["TOKEN"]
+
+
+def test_checked_values_render() -> None:
+    compiled = build(["id"], ["TOKEN"], url="https://x.example/{{ id }}?k={{ TOKEN }}")
+    check(compiled, {"id": 1}, {"TOKEN": "t"})
+    assert render(compiled, {"id": 1}, {"TOKEN": "t"}).url == "https://x.example/1?k=t"
 
 
 def test_empty_values_are_values() -> None:

@@ -85,7 +85,7 @@ async def test_every_2xx_is_success(
     body = b"" if status == 204 else b'{"n":1}'
     url = upstream.answer("/ok", body, status)
     fetched = await fetch(fetcher, url, retrying=RETRY_3)
-    assert fetched == Fetched(status, body, "application/json", 1)
+    assert fetched == Fetched(body, "application/json", 1)
     assert upstream.hits("/ok") == 1
 
 
@@ -166,7 +166,6 @@ async def test_503_twice_then_200_succeeds_on_the_third_hit(
 ) -> None:
     url = statuses(upstream, "/flaky", 503, 503, 200)
     fetched = await fetch(fetcher, url, retrying=RETRY_3)
-    assert fetched.status == 200
     assert fetched.attempts == 3
     assert upstream.hits("/flaky") == 3
 

@@ -38,8 +38,7 @@ async def readyz(request: Request) -> Response:
     checks = {
         "redis": await _check(request.state.redis.ping()),
         "database": await _check(_database_ok(request)),
-        # At the bound the broker refuses upstream calls (AUDIT_BACKLOG_FULL).
-        "outbox": "full" if backlog >= request.state.settings.outbox_max_bytes else "ok",
+        "outbox": "full" if request.state.broker.outbox_full() else "ok",
     }
     ready = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ready else "degraded", **checks, "outbox_backlog_bytes": backlog}

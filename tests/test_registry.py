@@ -1,0 +1,156 @@
+"""proxy.source_registry: shared reloads, sources reused when unchanged, and a reload
+failure that never turns a committed change into an error (real Postgres and Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.keys import KeyLayout
+from proxy.secrets import SecretBox, SecretKeyError
+from proxy.source_registry import Registry
+from proxy.source_spec import DataSourceSpec
+from proxy.source_store import SourceStore, VariableValue
+from proxy.tables import DataSource, DataSourceEnvVar
+from tests.conftest import REDIS_URL, Broker
+from tests.servers import async_wait_for
+
+
+class CountingStore(SourceStore):
+    """The real store, counting the reads a reload makes; ``gate`` holds a read's answer."""
+
+    def __init__(self, engine: AsyncEngine, box: SecretBox) -> None:
+        super().__init__(engine, box)
+        self.reads = 0
+        self.gate: asyncio.Event | None = None
+
+    async def all_with_variables(self) -> tuple[list[DataSource], list[DataSourceEnvVar]]:
+        self.reads += 1
+        read = await super().all_with_variables()
+        if self.gate is not None:
+            await self.gate.wait()
+        return read
+
+
+@pytest.fixture
+def box() -> SecretBox:
+    return SecretBox([Fernet.generate_key().decode()])
+
+
+@pytest.fixture
+def store(db: AsyncEngine, box: SecretBox) -> CountingStore:
+    return CountingStore(db, box)
+
+
+@pytest.fixture
+async def registry(
+    store: CountingStore, box: SecretBox, redis_prefix: str
+) -> AsyncIterator[Registry]:
+    redis = Redis.from_url(REDIS_URL)
+    yield Registry(store, box, redis, KeyLayout(redis_prefix))
+    await redis.aclose()
+
+
+def spec(name: str, **fields: Any) -> DataSourceSpec:
+    return DataSourceSpec.model_validate(
+        {"name": name, "source": {"url": "https://x.example/{{ id }}"}, **fields}
+    )
+
+
+async def create(store: SourceStore, name: str, **fields: Any) -> uuid.UUID:
+    return (await store.create(spec(name, **fields), None)).data_source_id
+
+
+async def test_concurrent_unknown_names_share_one_reload(
+    registry: Registry, store: CountingStore
+) -> None:
+    await create(store, "known")
+    found = await asyncio.gather(
+        *(registry.resolve_fresh(None, name) for name in ["known", *map(str, range(19))])
+    )
+    assert store.reads == 1
+    assert found[0] is not None and found[0].name == "known"
+    assert found[1:] == [None] * 19
+
+
+async def test_a_caller_that_needs_a_later_change_waits_for_a_later_reload(
+    registry: Registry, store: CountingStore
+) -> None:
+    store.gate = asyncio.Event()
+    early = asyncio.create_task(registry.resolve_fresh(None, "late"))
+    await async_wait_for(lambda: store.reads == 1)  # read, answer held: it misses "late"
+    await create(store, "late")
+    committed = asyncio.create_task(registry.load())  # as after an admin change
+    store.gate.set()
+    assert await early is None
+    await committed
+    assert store.reads == 2
+    assert registry.resolve(None, "late") is not None
+
+
+async def test_a_reload_rebuilds_only_what_changed(
+    registry: Registry, store: CountingStore, box: SecretBox
+) -> None:
+    one = await create(store, "one")
+    two = await create(store, "two", variables=["KEY"])
+    await registry.load()
+    first = {name: registry.resolve(None, name) for name in ("one", "two")}
+    await registry.load()
+    assert all(registry.resolve(None, name) is source for name, source in first.items())
+
+    await store.replace(one, spec("one", description="changed"), None)
+    await store.set_variables(two, [VariableValue(name="KEY", value="v1")])
+    await registry.load()
+    rebuilt = {name: registry.resolve(None, name) for name in ("one", "two")}
+    assert all(rebuilt[name] is not first[name] for name in first)
+    assert rebuilt["two"] is not None and dict(rebuilt["two"].values) == {"KEY": "v1"}
+
+    await store.publish(one)
+    await registry.load()
+    published = registry.resolve(None, "one")
+    assert published is not None and published.status == "PUBLISHED"
+    assert registry.resolve(None, "two") is rebuilt["two"]
+
+
+async def undecryptable_variable(store: SourceStore, db: AsyncEngine) -> None:
+    """A stored variable written under a key this sidecar does not have."""
+    sid = await create(store, "foreign", variables=["KEY"])
+    other = SourceStore(db, SecretBox([Fernet.generate_key().decode()]))
+    await other.set_variables(sid, [VariableValue(name="KEY", value="elsewhere")])
+
+
+async def test_a_change_is_announced_even_when_the_reload_after_it_fails(
+    registry: Registry, store: CountingStore, db: AsyncEngine, redis_prefix: str
+) -> None:
+    await undecryptable_variable(store, db)
+    with pytest.raises(SecretKeyError):
+        await registry.load()
+    redis = Redis.from_url(REDIS_URL)
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(KeyLayout(redis_prefix).registry_channel)
+        changed = uuid.uuid4()
+        await registry.changed(changed)  # does not raise: the change is committed
+        message = await async_wait_for(
+            lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        )
+    await redis.aclose()
+    assert message["data"] == str(changed).encode()
+
+
+async def test_a_committed_admin_change_answers_200_when_the_reload_fails(
+    broker: Broker, db: AsyncEngine
+) -> None:
+    """A 500 after the commit would make the caller retry, and the retry answer 409."""
+    await undecryptable_variable(SourceStore(db, SecretBox([Fernet.generate_key().decode()])), db)
+    spec_body = {"name": "committed", "source": {"url": "https://x.example/"}}
+    created = await broker.admin("POST", "/data-sources", spec_body)
+    assert created.status_code == 200, created.text
+    sid = created.json()["data_source_id"]
+    assert (await broker.admin("GET", f"/data-sources/{sid}")).status_code == 200
