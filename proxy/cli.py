@@ -1,5 +1,5 @@
-"""``databroker``: serve, migrate, rotate-secrets, bench. Validates settings, then forwards
-to uvicorn, Alembic, the source store or proxy.bench.
+"""``databroker``: serve, migrate, rotate-secrets. Validates settings, then forwards to
+uvicorn, Alembic or the source store.
 
 Every refusal ends the process with one line on stderr and a non-zero exit: a bad
 or incomplete setting (2, naming the variable), a service or database that cannot
@@ -335,63 +335,3 @@ def rotate_secrets_command() -> None:
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
     click.echo(f"rotated {rotated} stored variable values to the newest key")
-
-
-@main.command("bench")
-@click.option(
-    "--duration",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Seconds per wrk run.",
-)
-@click.option(
-    "--rounds",
-    default=2,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Alternating rounds; the table shows medians.",
-)
-@click.option(
-    "--threads",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 2),
-    help="wrk threads (at most the concurrency).",
-)
-@click.option(
-    "--out",
-    default=Path("bench-results"),
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-)
-@click.option(
-    "--postgres",
-    default="postgresql://postgres@127.0.0.1:5432/postgres",
-    show_default=True,
-    help="Admin connection that creates and drops the bench database.",
-)
-@click.option(
-    "--redis",
-    default="redis://127.0.0.1:6379/0",
-    show_default=True,
-    help="Redis; the bench uses a private key prefix and removes it.",
-)
-@click.option("--writer-records", default=200_000, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--memory", is_flag=True, help="Also drive mixed requests and report the broker's RSS."
-)
-@click.option(
-    "--memory-requests", default=1_000_000, show_default=True, type=click.IntRange(min=10)
-)
-@click.option(
-    "--profile", is_flag=True, help="Also run py-spy on the broker under hit load (c=16)."
-)
-@click.option(
-    "--skip-load", is_flag=True, help="Skip the hits/misses table (with --memory or --profile)."
-)
-def bench_command(**options: Any) -> None:
-    """Measure hits, misses and the outbox writer against their floors (needs wrk)."""
-    from proxy import bench
-
-    sys.exit(bench.run(bench.Options(**options)))

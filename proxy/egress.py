@@ -1,13 +1,13 @@
 """Which destinations sources may reach, decided on the addresses actually connected to.
 
 The policy (``EgressPolicy``) is pure: rules in, a decision or ``EgressDenied`` out.
-``EgressBackend`` is the one place it meets the network: an httpcore network
-backend that resolves the host itself, checks every resolved address, and
-connects to one of those very addresses. Checking a URL's host and letting the
-connection resolve it again would leave a DNS-rebinding window (a name that
+``EgressDialer`` is the one place it meets the network: it resolves the host
+itself, checks every resolved address, and connects to one of those very
+addresses; ``proxy.transport`` opens every upstream connection through it.
+Checking a URL's host and letting the connection resolve it again would leave a DNS-rebinding window (a name that
 answers 1.2.3.4 to the check and 169.254.169.254 to the connect); here the
 address checked is the address dialled. Redirect hops open connections through
-the same backend, so each hop is checked too.
+the same dialer, so each hop is checked too.
 
 Rules: built-in denies (link-local and cloud-metadata addresses) plus
 ``DATABROKER_EGRESS_DENY``; ``DATABROKER_EGRESS_ALLOW`` wins over both.
@@ -18,14 +18,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-import select
 import socket
-import ssl
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import httpcore
+from typing import TYPE_CHECKING
 
 from proxy.errors import EgressDenied
 
@@ -179,109 +174,59 @@ def _effective(ip: Address) -> Address:
     return mapped or ip
 
 
-class EgressBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's default backend, behind the policy: resolve, check every address, connect."""
+class EgressDialer:
+    """Resolve, check every address, dial one of them: how every upstream connection opens."""
 
-    def __init__(
-        self, policy: EgressPolicy, inner: httpcore.AsyncNetworkBackend | None = None
-    ) -> None:
+    def __init__(self, policy: EgressPolicy) -> None:
         self.policy = policy
-        self._inner = inner or httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(self, host: str, port: int) -> socket.socket:
+        """A connected non-blocking socket; EgressDenied, or OSError when none can be reached.
+
+        The caller bounds the time (resolution and connection together).
+        """
         trusted = self.policy.check_host(host)
-        addresses = await _resolve(host, port, timeout)
+        addresses = await _resolve(host, port)
         if not trusted:
             # Every address, not only the one dialled: a name that resolves partly to a
             # metadata address is hostile, and the fallback below may reach any of them.
             for address in addresses:
                 self.policy.check_address(address, host)
-        failure: httpcore.ConnectError | None = None
+        failure: OSError | None = None
         for address in addresses:
             try:
                 # The checked address itself, never the name: no second resolution. TLS keeps
-                # the URL's host for SNI and certificate checks (httpcore passes it to start_tls).
-                stream = await self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-                return PooledStream(stream)
-            except httpcore.ConnectError as exc:
+                # the URL's host for SNI and certificate checks (proxy.transport).
+                return await dial(address, port)
+            except OSError as exc:
                 # Refused on this address (say ::1 while the server listens on 127.0.0.1 only):
-                # try the next, as the default backend's happy eyeballs would.
+                # try the next, as happy eyeballs would.
                 failure = exc
         assert failure is not None  # _resolve never answers an empty list
         raise failure
 
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
-
-class PooledStream(httpcore.AsyncNetworkStream):
-    """A connection's stream that answers httpcore's "is it readable?" in one syscall.
-
-    httpcore asks it of every idle pooled connection on every request (an idle
-    connection with bytes to read was closed by its server). AnyIO's answer
-    looks the socket up through its typed attributes and the current task each
-    time: with 16 requests in flight that was ~40% of a miss's CPU (``databroker
-    bench --profile``). Here the poll object is made once per connection.
-    """
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._poll: select.poll | None = None
-        sock = inner.get_extra_info("socket")
-        if sock is not None:
-            self._poll = select.poll()
-            self._poll.register(sock, select.POLLIN)
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        self._poll = None
-        await self._inner.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        # TLS runs over the same socket: readable there means the same thing.
-        return PooledStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._poll is not None:
-            return bool(self._poll.poll(0))
-        return self._inner.get_extra_info(info)
-
-
-async def _resolve(host: str, port: int, timeout: float | None) -> list[Address]:
-    """The host's addresses in resolver order, without duplicates; numeric hosts included
-    (the resolver also reads forms such as 2852039166, which is 169.254.169.254)."""
+async def dial(address: Address, port: int) -> socket.socket:
+    """A TCP connection to ``address`` itself (tests wrap this to see what is dialled)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        async with asyncio.timeout(timeout):
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host.strip("[]"), port, type=socket.SOCK_STREAM
-            )
-    except TimeoutError as exc:
-        raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from exc
-    except OSError as exc:  # socket.gaierror: no such name, resolver down
-        raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from exc
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _resolve(host: str, port: int) -> list[Address]:
+    """The host's addresses in resolver order, without duplicates; numeric hosts included
+    (the resolver also reads forms such as 2852039166, which is 169.254.169.254).
+    socket.gaierror (an OSError) when the name does not resolve."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM
+    )
     addresses: list[Address] = []
     for family, _, _, _, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -290,5 +235,5 @@ async def _resolve(host: str, port: int, timeout: float | None) -> list[Address]
         if address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise httpcore.ConnectError(f"{host!r} resolved to no IP address")
+        raise OSError(f"{host!r} resolved to no IP address")
     return addresses

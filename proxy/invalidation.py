@@ -75,9 +75,12 @@ def _resp2_connection(redis: Redis) -> AbstractConnection:
     returns; RESP3 would hand them to the client's push-message handlers instead.
     """
     pool = redis.connection_pool
-    connection: AbstractConnection = pool.connection_class(
-        **{**pool.connection_kwargs, "protocol": 2, "maint_notifications_config": None}
-    )
+    kwargs = {**pool.connection_kwargs, "protocol": 2}
+    # redis-py 8 may carry its maintenance notifications (RESP3 only) in the pool's
+    # kwargs; turned off here. Older versions know no such argument and reject it.
+    if "maint_notifications_config" in kwargs:
+        kwargs["maint_notifications_config"] = None
+    connection: AbstractConnection = pool.connection_class(**kwargs)
     return connection
 
 

@@ -53,6 +53,11 @@ class RunDataRequestRecord:
     end_time: float | None
     error: dict[str, Any] | None
     created_at: float
+    # An upstream call's price (decimal text, as the source declares it) and currency.
+    cost_amount: str | None = None
+    cost_currency: str | None = None
+    # What a replayed request looked up by; None for every other request.
+    replay: str | None = None
 
 
 Record = DataObjectRecord | RunDataRequestRecord
@@ -100,6 +105,11 @@ def encode(record: Record) -> bytes:
             "e": None if record.error is None else orjson.dumps(record.error).decode(),
             "c": record.created_at,
         }
+        # Absent rather than null when unset: most rows are hits, and a hit's line is the hot path's.
+        if record.cost_amount is not None:
+            fields["ca"], fields["cc"] = record.cost_amount, record.cost_currency
+        if record.replay is not None:
+            fields["rp"] = record.replay
     return orjson.dumps(fields) + b"\n"
 
 
@@ -119,6 +129,9 @@ def decode(line: bytes) -> Record:
         f["et"],
         orjson.loads(f["e"]) if isinstance(f["e"], str) else f["e"],
         f["c"],
+        f.get("ca"),
+        f.get("cc"),
+        f.get("rp"),
     )
 
 

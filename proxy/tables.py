@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Numeric,
     String,
     Text,
     UniqueConstraint,
@@ -51,6 +53,8 @@ class DataSource(Base):
     status: Mapped[str] = mapped_column(String(16))
     project_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    # Days a source's DataObjects and audit rows are kept; None: the global default.
+    retention_days: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -86,14 +90,36 @@ class DataSourceEnvVar(Base):
     __table_args__ = (UniqueConstraint("data_source_id", "name"),)
 
 
+class DataSourceCredential(Base):
+    __tablename__ = "data_source_credential"
+
+    credential_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    data_source_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("data_source.data_source_id", ondelete="CASCADE")
+    )
+    credential_type: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(Text, doc="Fernet token of the JSON value")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("data_source_id", "credential_type"),)
+
+
 class DataObject(Base):
     __tablename__ = "data_object"
 
     data_object_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
-    key: Mapped[str] = mapped_column(String(32), index=True)
+    data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    key: Mapped[str] = mapped_column(String(32))
     value: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # A key's objects in time order (replay, erasure); a source's by age (paging,
+        # export, pruning).
+        Index("ix_data_object_source_key_created", "data_source_id", "key", "created_at"),
+        Index("ix_data_object_source_created", "data_source_id", "created_at"),
+    )
 
 
 class RunDataRequest(Base):
@@ -109,3 +135,10 @@ class RunDataRequest(Base):
     # none_as_null: a success stores SQL NULL, so "WHERE error IS NULL" finds it.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # The price of an upstream call, as the source declared it when the call was made.
+    cost_amount: Mapped[Decimal | None] = mapped_column(Numeric(18, 6))
+    cost_currency: Mapped[str | None] = mapped_column(String(3))
+    # Set on a replayed request: what the replay looked up by.
+    replay: Mapped[str | None] = mapped_column(String(8))
+    # Set when the object this row names was erased; the row stays, its reference cleared.
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Protocol, cast
 
 from sqlalchemy import Table
@@ -99,8 +100,12 @@ class SqliteSink:
         objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
         requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
         async with self.engine.begin() as conn:
-            for table, rows in ((_DATA_OBJECT, objects), (_RUN_DATA_REQUEST, requests)):
-                columns = [c.name for c in table.columns]
+            for table, rows, kind in (
+                (_DATA_OBJECT, objects, DataObjectRecord),
+                (_RUN_DATA_REQUEST, requests, RunDataRequestRecord),
+            ):
+                # The columns a record carries; others (erased_at) start as NULL.
+                columns = [c.name for c in table.columns if c.name in kind.__slots__]
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     stmt = sqlite.insert(table).on_conflict_do_nothing()
@@ -124,10 +129,12 @@ ON CONFLICT DO NOTHING
 """
 _INSERT_REQUESTS = f"""
 INSERT INTO {_RUN_DATA_REQUEST.name} (run_data_request_id, run_id, data_object_id,
-    data_source_id, data_origin, start_time, end_time, error, created_at)
+    data_source_id, data_origin, start_time, end_time, error, created_at,
+    cost_amount, cost_currency, replay)
 SELECT (line->>'id')::uuid, (line->>'run')::uuid, (line->>'o')::uuid, (line->>'s')::uuid,
        line->>'g', (line->>'st')::float8, (line->>'et')::float8, (line->>'e')::json,
-       to_timestamp((line->>'c')::float8)
+       to_timestamp((line->>'c')::float8),
+       (line->>'ca')::numeric, line->>'cc', line->>'rp'
 FROM {_STAGE} WHERE line->>'t' = 'r'
 ON CONFLICT DO NOTHING
 """
@@ -137,12 +144,18 @@ def _values(record: Record, columns: list[str]) -> tuple[Any, ...]:
     """A record's row in column order: records name their fields after the columns.
 
     ``error`` stays a Python value (None is SQL NULL: "error IS NULL" finds the
-    successes); ``created_at`` becomes a timestamp.
+    successes); ``created_at`` becomes a timestamp, ``cost_amount`` a Decimal.
     """
-    return tuple(
-        _ts(record.created_at) if column == "created_at" else getattr(record, column)
-        for column in columns
-    )
+    return tuple(_value(record, column) for column in columns)
+
+
+def _value(record: Record, column: str) -> Any:
+    value = getattr(record, column)
+    if column == "created_at":
+        return _ts(value)
+    if column == "cost_amount" and value is not None:
+        return Decimal(value)
+    return value
 
 
 class OutboxWriter:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,21 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import redis as sync_redis
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy.app import create_app
-from proxy.database import migrate
 from proxy.settings import Settings
+from tests.harness import (
+    ADMIN_TOKEN,
+    BROKER_PATH,
+    admin_headers,
+    broker_request,
+    private_database,
+    private_prefix,
+    register,
+)
 from tests.servers import Upstream, serve_in_thread, upstream_app
 
 # Private PostgreSQL/Redis instances and the sidecar subprocess, for fault tests.
@@ -34,8 +40,13 @@ pytest_plugins = ("tests.instances",)
 PG_HOST = os.environ.get("DATABROKER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
 REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ADMIN_TOKEN = "test-admin-token-0123456789"
-TABLES = ("run_data_request", "data_object", "data_source_env_var", "data_source")
+TABLES = (
+    "run_data_request",
+    "data_object",
+    "data_source_credential",
+    "data_source_env_var",
+    "data_source",
+)
 
 
 async def _pg_user() -> str:
@@ -49,31 +60,15 @@ async def _pg_user() -> str:
     raise RuntimeError(f"no Postgres reachable at {PG_HOST}:{PG_PORT} as postgres or root")
 
 
-async def pg_admin(sql: str) -> str:
-    """Run ``sql`` on the machine's PostgreSQL (CREATE/DROP DATABASE); returns the user."""
-    user = await _pg_user()
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-    return user
+async def pg_server() -> str:
+    """A URL on the machine's PostgreSQL, as a user that may create databases."""
+    return f"postgresql+asyncpg://{await _pg_user()}@{PG_HOST}:{PG_PORT}/test"
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    name = f"databroker_test_{uuid.uuid4().hex[:10]}"
-    user = asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
-
-    async def upgrade() -> None:
-        engine = create_async_engine(url)
-        await migrate(engine)
-        await engine.dispose()
-
-    asyncio.run(upgrade())
-    yield url
-    asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with private_database(asyncio.run(pg_server())) as url:
+        yield url
 
 
 @pytest.fixture
@@ -88,17 +83,8 @@ async def db(pg_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
-    prefix = f"dbtest:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    _drop_prefix(prefix)
-
-
-def _drop_prefix(prefix: str) -> None:
-    client = sync_redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.unlink(*keys)
-    client.close()
+    with private_prefix(REDIS_URL) as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")
@@ -142,13 +128,10 @@ def module_server(
     """One broker for a whole module, for tests that each make a few requests (a broker per
     test would be most of their time). Its tests name their sources uniquely; no table is
     emptied for them, and its Redis prefix is dropped at the end."""
-    prefix = f"dbtest:{uuid.uuid4().hex[:12]}:"
-    settings = make_settings(pg_url, prefix, tmp_path_factory.mktemp("module_server"))
-    try:
+    with private_prefix(REDIS_URL) as prefix:
+        settings = make_settings(pg_url, prefix, tmp_path_factory.mktemp("module_server"))
         with serve_in_thread(create_app(settings)) as url:
             yield url, settings
-    finally:
-        _drop_prefix(prefix)
 
 
 @dataclass
@@ -162,40 +145,16 @@ class Broker:
     async def call(
         self, name: str, params: dict[str, Any] | None = None, **extra: Any
     ) -> httpx.Response:
-        body = {
-            "data_source_name": name,
-            "configured_params": params or {},
-            "run_id": str(extra.pop("run_id", uuid.uuid4())),
-            **extra,
-        }
-        return await self.client.post("/internal/data-broker", json=body)
+        return await self.client.post(BROKER_PATH, json=broker_request(name, params, **extra))
 
     async def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        return await self.client.request(method, path, json=body, headers=headers)
+        return await self.client.request(method, path, json=body, headers=admin_headers())
 
     async def register(
         self, spec: dict[str, Any], variables: dict[str, Any] | None = None, publish: bool = True
     ) -> dict[str, Any]:
-        """Create a source (and set its variables, and publish it); fails the test on any error.
-
-        Later calls name the source's project: admin routes see only their project's sources.
-        """
-        created = await self.admin("POST", "/data-sources", spec)
-        assert created.status_code == 200, created.text
-        source: dict[str, Any] = created.json()
-        sid = source["data_source_id"]
-        project = source["project_id"]
-        query = "" if project is None else f"?project_id={project}"
-        if variables:
-            items = [{"name": k, "value": v} for k, v in variables.items()]
-            answer = await self.admin("PUT", f"/data-sources/{sid}/variables{query}", items)
-            assert answer.status_code == 200, answer.text
-        if publish:
-            published = await self.admin("POST", f"/data-sources/{sid}/publish{query}")
-            assert published.status_code == 200, published.text
-            source = published.json()
-        return source
+        """Create a source (and set its variables, and publish it); fails the test on any error."""
+        return await register(self.client, spec, variables, publish)
 
 
 @pytest.fixture

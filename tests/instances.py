@@ -15,8 +15,11 @@ of its own, in a temporary directory of its own, and is torn down in
 - ``RedisCluster``: three (or more) ``RedisInstance`` nodes in cluster mode,
   joined with ``redis-cli --cluster create``; a node restarted on its port
   rejoins from its ``nodes.conf``.
-- ``sidecar(env, cwd)``: ``databroker serve`` on a free port, healthy, with a
-  client; ``sidecar_env`` builds its environment from scratch.
+- ``sidecar(env, cwd)``: ``databroker serve`` on a free port, started, with a
+  client (``tests.harness.sidecar_env`` builds its environment from scratch).
+
+Ports, waits, processes, environments and source registration are
+``tests/harness.py``'s, shared with the benchmark.
 
 Fixtures (registered from ``tests/conftest.py``): ``postgres_instance``
 (session), ``private_pg`` (the same instance, guaranteed running before and
@@ -30,9 +33,7 @@ import asyncio
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -44,18 +45,21 @@ from typing import Any
 import httpx
 import pytest
 import redis as sync_redis
-from cryptography.fernet import Fernet
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
-from tests.conftest import ADMIN_TOKEN
-from tests.servers import async_wait_for, free_port, wait_for
+from tests.harness import (
+    BROKER_PATH,
+    DATABROKER,
+    EXIT_DEADLINE,
+    LOOPBACK,
+    START_DEADLINE,
+    Child,
+    broker_request,
+    clean_env,
+    create_database,
+    free_port,
+    wait_for,
+)
 
-DATABROKER = Path(sys.executable).with_name("databroker")
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-EXIT_DEADLINE = 60.0
-START_DEADLINE = 30.0
 PG_OWNER = "postgres"
 
 
@@ -133,18 +137,6 @@ class PostgresInstance:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
 
-    async def create_database(self, name: str | None = None, template: str | None = None) -> str:
-        """A new database, empty or a copy of ``template``; returns its SQLAlchemy URL."""
-        name = name or f"databroker_{uuid.uuid4().hex[:12]}"
-        copy = f' TEMPLATE "{template}"' if template else ""
-        engine = create_async_engine(self.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
-        try:
-            async with engine.connect() as conn:
-                await conn.execute(text(f'CREATE DATABASE "{name}"{copy}'))
-        finally:
-            await engine.dispose()
-        return self.url(name)
-
     def destroy(self) -> None:
         """Stop (as a crash would: nothing to keep) and remove every file."""
         try:
@@ -179,7 +171,7 @@ class RedisInstance:
         self.port = port or free_port()
         self.args = list(args)
         self.log = root / f"redis-{self.port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Child | None = None
 
     @property
     def url(self) -> str:
@@ -197,21 +189,19 @@ class RedisInstance:
         if self.running:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                    "--save", "", "--appendonly", "no", "--daemonize", "no",
-                    "--dir", str(self.root), *self.args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        process = self.process
+        self.process = process = Child(
+            [
+                "redis-server", "--port", str(self.port), "--bind", LOOPBACK,
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--dir", str(self.root), *self.args,
+            ],
+            os.environ,
+            self.log,
+        )  # fmt: skip
 
         def answers() -> bool:
             if process.poll() is not None:
-                raise RuntimeError(f"redis-server exited:\n{self.log.read_text(errors='replace')}")
+                raise RuntimeError(f"redis-server exited:\n{process.output()}")
             try:
                 with self.client() as client:
                     return bool(client.ping())
@@ -220,17 +210,17 @@ class RedisInstance:
 
         wait_for(answers, timeout=START_DEADLINE, interval=0.02)
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the server (SIGTERM: it closes its clients; SIGKILL: as a crash)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        self.process.wait(timeout=EXIT_DEADLINE)
-        self.process = None
+    def stop(self) -> None:
+        """SIGTERM: the server closes its clients."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
 
     def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        """SIGKILL: as a crash."""
+        if self.process is not None:
+            self.process.kill()
+            self.process = None
 
 
 def _cluster_args() -> list[str]:
@@ -292,39 +282,16 @@ class RedisCluster:
 # --- the databroker CLI ------------------------------------------------------------------
 
 
-def clean_env(**databroker: str) -> dict[str, str]:
-    """The test's environment without any DATABROKER_* variable, plus the given ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABROKER_")}
-    env.update({f"DATABROKER_{k.upper()}": v for k, v in databroker.items()})
-    return env
-
-
-def sidecar_env(database_url: str, redis_url: str, outbox_dir: Path, **more: str) -> dict[str, str]:
-    """A production-shaped sidecar environment (Postgres, Redis, admin token, secret key)."""
-    return clean_env(
-        database_url=database_url,
-        redis_url=redis_url,
-        admin_token=ADMIN_TOKEN,
-        secret_key=Fernet.generate_key().decode(),
-        outbox_dir=str(outbox_dir),
-        **more,
-    )
-
-
 @contextmanager
 def databroker(
     args: list[str], env: dict[str, str], cwd: Path, log_name: str = "databroker.log"
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> Iterator[Child]:
     """Run the console script; its output goes to ``cwd/log_name``; always killed."""
-    with (cwd / log_name).open("wb") as log:
-        process = subprocess.Popen(
-            [str(DATABROKER), *args], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            yield process
-        finally:
-            process.kill()
-            process.wait(timeout=EXIT_DEADLINE)
+    process = Child([str(DATABROKER), *args], env, cwd / log_name, cwd)
+    try:
+        yield process
+    finally:
+        process.kill()
 
 
 def log_of(cwd: Path, log_name: str = "databroker.log") -> str:
@@ -335,25 +302,18 @@ def log_of(cwd: Path, log_name: str = "databroker.log") -> str:
 class Sidecar:
     """A running ``databroker serve`` and a client for it."""
 
-    process: subprocess.Popen[bytes]
+    process: Child
     port: int
-    cwd: Path
-    log_name: str
     client: httpx.AsyncClient
 
     def log(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
-        return log_of(self.cwd, self.log_name)
+        return self.process.output()
 
     async def call(
         self, name: str, params: dict[str, Any], run_id: uuid.UUID | None = None
     ) -> httpx.Response:
-        body = {
-            "data_source_name": name,
-            "configured_params": params,
-            "run_id": str(run_id or uuid.uuid4()),
-        }
-        return await self.client.post("/internal/data-broker", json=body)
+        return await self.client.post(BROKER_PATH, json=broker_request(name, params, run_id))
 
     async def readyz(self) -> tuple[int, dict[str, Any]]:
         answer = await self.client.get("/readyz")
@@ -362,7 +322,6 @@ class Sidecar:
     def kill(self) -> None:
         """SIGKILL: no drain, no last flush — what the outbox holds is all that survives."""
         self.process.kill()
-        self.process.wait(timeout=EXIT_DEADLINE)
 
 
 @asynccontextmanager
@@ -373,58 +332,36 @@ async def sidecar(
     log_name: str | None = None,
     **limits: Any,
 ) -> AsyncIterator[Sidecar]:
-    """``databroker serve`` on ``port`` (a free one by default), healthy, with a client.
+    """``databroker serve`` on ``port`` (a free one by default), started, with a client.
 
     ``limits`` go to the client's ``httpx.Limits`` (to send many requests at once).
     """
     port = port or free_port()
     log_name = log_name or f"sidecar-{port}.log"
     with databroker(["serve", "--port", str(port)], env, cwd, log_name) as process:
+        await asyncio.to_thread(process.wait_listening, port)
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
+            base_url=f"http://{LOOPBACK}:{port}",
             timeout=30,
             limits=httpx.Limits(**limits) if limits else httpx.Limits(),
         ) as client:
-
-            async def healthy() -> bool:
-                assert process.poll() is None, f"databroker exited early:\n{log_of(cwd, log_name)}"
-                try:
-                    return (await client.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await async_wait_for(healthy, timeout=START_DEADLINE)
-            yield Sidecar(process, port, cwd, log_name, client)
+            yield Sidecar(process, port, client)
 
 
 @asynccontextmanager
 async def serving(
     env: dict[str, str], cwd: Path, **limits: Any
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
+) -> AsyncIterator[tuple[Child, httpx.AsyncClient]]:
     """``sidecar`` logging to ``cwd/databroker.log`` (what ``log_of(cwd)`` reads)."""
     async with sidecar(env, cwd, log_name="databroker.log", **limits) as running:
         yield running.process, running.client
 
 
-async def publish(client: httpx.AsyncClient, spec: dict[str, Any]) -> str:
-    """Create and publish a source through the admin API; returns its id."""
-    created = await client.post("/data-sources", json=spec, headers=ADMIN)
-    assert created.status_code == 200, created.text
-    sid: str = created.json()["data_source_id"]
-    published = await client.post(f"/data-sources/{sid}/publish", headers=ADMIN)
-    assert published.status_code == 200, published.text
-    return sid
-
-
-def terminate(process: subprocess.Popen[bytes], cwd: Path, signalled: bool = False) -> None:
+def terminate(process: Child, *, signalled: bool = False) -> None:
     """SIGTERM (unless already sent), then a clean exit within the deadline."""
-    if not signalled:
-        process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=EXIT_DEADLINE)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"databroker did not exit after SIGTERM:\n{log_of(cwd)}") from None
-    assert code == 0, f"exit code {code}:\n{log_of(cwd)}"
+    code = process.stop(signalled=signalled)
+    assert code is not None, f"databroker did not exit after SIGTERM:\n{process.output()}"
+    assert code == 0, f"exit code {code}:\n{process.output()}"
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -443,7 +380,7 @@ def postgres_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Post
     instance = PostgresInstance.create()
     try:
         instance.start()
-        url = asyncio.run(instance.create_database(MIGRATED_TEMPLATE))
+        url = asyncio.run(create_database(instance.url(), MIGRATED_TEMPLATE))
         migrate_database(url, tmp_path_factory.mktemp("migrate"))
         yield instance
     finally:
@@ -465,7 +402,7 @@ def private_pg(postgres_instance: PostgresInstance) -> Iterator[PostgresInstance
 @pytest.fixture
 def private_pg_url(private_pg: PostgresInstance) -> str:
     """A fresh database on the private PostgreSQL, migrated (by ``databroker migrate``)."""
-    return asyncio.run(private_pg.create_database(template=MIGRATED_TEMPLATE))
+    return asyncio.run(create_database(private_pg.url(), template=MIGRATED_TEMPLATE))
 
 
 @pytest.fixture

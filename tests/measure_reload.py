@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -26,7 +25,8 @@ from proxy.secrets import SecretBox
 from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
-from tests.conftest import PG_HOST, PG_PORT, REDIS_URL, _pg_user
+from tests.conftest import REDIS_URL, pg_server
+from tests.harness import create_database, drop_database
 
 SPEC = {
     "source": {
@@ -74,17 +74,14 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
 
 
 async def main(count: int) -> None:
+    server = await pg_server()
     name = f"databroker_measure_{uuid.uuid4().hex[:10]}"
-    user = await _pg_user()
-    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    engine = create_async_engine(f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}")
+    engine = create_async_engine(await create_database(server, name))
     try:
         await _measure(engine, count)
     finally:
         await engine.dispose()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(server, name)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,40 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
-async def async_wait_for(
-    condition: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """``wait_for`` without blocking the loop; ``condition`` may be a coroutine function."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+from tests.harness import LOOPBACK, free_port, wait_for
 
 
 @contextmanager
@@ -59,9 +22,7 @@ def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
     """Run ``app`` with uvicorn on a free port; yields its base URL."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **config
-        )
+        uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning", lifespan="on", **config)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -69,7 +30,7 @@ def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
     if not server.started:
         raise RuntimeError("server failed to start")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{LOOPBACK}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

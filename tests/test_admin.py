@@ -15,9 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
 from proxy.settings import Settings
-from tests.conftest import ADMIN_TOKEN, Broker
+from tests.conftest import Broker
+from tests.harness import ADMIN_TOKEN, async_wait_for
 from tests.instances import RedisInstance
-from tests.servers import Upstream, async_wait_for, serve_in_thread
+from tests.servers import Upstream, serve_in_thread
 from tests.tcp import HangingProxy
 from tests.test_redis_acl import ACL_LINE
 
@@ -99,7 +100,8 @@ async def archived(broker: Broker, body: dict[str, Any]) -> dict[str, Any]:
 # --- auth ---------------------------------------------------------------------------------
 
 
-async def test_admin_routes_are_off_without_a_token(settings: Settings) -> None:
+async def test_admin_routes_are_off_without_a_token(settings: Settings, db: AsyncEngine) -> None:
+    # ``db``: empty tables, so no variable another test encrypted with its own key is loaded.
     app = create_app(settings.model_copy(update={"admin_token": None}))
     with serve_in_thread(app) as url:
         async with httpx.AsyncClient(base_url=url) as client:

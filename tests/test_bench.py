@@ -1,26 +1,37 @@
-"""The benchmark's pure half (proxy.bench_stats): wrk scripts and output, medians,
-ratios, the table, profiles.
+"""The benchmark's pure half (bench.stats): wrk scripts and output, medians, ratios,
+the table, invalidation latency, profiles; and that the benchmark is not shipped.
 
 Nothing here starts a server or times anything; ``make bench`` runs the benchmark.
 """
 
 from __future__ import annotations
 
-import pytest
+import tomllib
+from pathlib import Path
 
-from proxy.bench_stats import (
+import pytest
+from click.testing import CliRunner
+from setuptools import find_packages
+
+from bench.stats import (
     MARK,
     STOPPED,
+    Latencies,
     Summary,
     WrkRun,
     fold_profile,
+    format_latencies,
     format_table,
     lua_script,
     parse_wrk,
     ratios,
     rss_kib,
     summarize,
+    summarize_latencies,
 )
+from proxy.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WRK_OUTPUT = f"""Running 10s test @ http://127.0.0.1:40000/internal/data-broker
   1 threads and 16 connections
@@ -142,3 +153,26 @@ def test_fold_profile_shares_self_inclusive_and_modules() -> None:
         "proxy/outbox.py": 30.0,
         "uvicorn/h.py": 10.0,
     }
+
+
+def test_latencies_are_judged_against_50_ms() -> None:
+    latencies = summarize_latencies([0.0004, 0.0012, 0.0009], stale_reads=1)
+    assert latencies == Latencies(
+        rounds=3, p50_ms=pytest.approx(0.9), max_ms=pytest.approx(1.2), over_target=0, stale_reads=1
+    )
+    assert format_latencies(latencies).endswith("1 stale answers (target <= 50 ms: ok)")
+    late = summarize_latencies([0.001, 0.051], stale_reads=0)
+    assert late.over_target == 1
+    assert "MISSED" in format_latencies(late)
+    with pytest.raises(ValueError):
+        summarize_latencies([], stale_reads=0)
+
+
+def test_the_benchmark_is_not_shipped() -> None:
+    """Neither in the wheel (the packages setuptools finds with our pyproject) nor in the CLI."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = find_packages(ROOT, **config["packages"]["find"])
+    assert "proxy" in packages
+    assert [p for p in packages if not p.startswith("proxy")] == []
+    assert "bench" not in main.commands
+    assert "bench" not in CliRunner().invoke(main, ["--help"]).output

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.instances import clean_env, databroker, log_of, serving, terminate
-from tests.servers import async_wait_for
+from tests.harness import async_wait_for, clean_env
+from tests.instances import databroker, log_of, serving, terminate
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ async def test_tcp_listens_on_loopback_only_by_default(tmp_path: Path) -> None:
         port = client.base_url.port
         assert port is not None
         assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, little-endian hex
-        terminate(process, tmp_path)
+        terminate(process)
 
 
 async def test_unix_socket_is_0600(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ async def test_unix_socket_is_0600(tmp_path: Path) -> None:
         await healthy_on(path, process, tmp_path)
         assert stat.S_ISSOCK(path.stat().st_mode)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
-        terminate(process, tmp_path)
+        terminate(process)
     assert not path.exists()
 
 
@@ -63,7 +63,7 @@ async def test_unix_socket_shared_with_a_group(tmp_path: Path) -> None:
         await healthy_on(path, process, tmp_path)
         assert stat.S_IMODE(path.stat().st_mode) == 0o660, oct(path.stat().st_mode)
         assert path.stat().st_gid == group
-        terminate(process, tmp_path)
+        terminate(process)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.keys import KeyLayout
 from tests.conftest import REDIS_URL
-from tests.servers import async_wait_for, free_port
+from tests.harness import async_wait_for, free_port
 
 KEY = "e465f2acfb33f03ef426739839a3e75c"
 

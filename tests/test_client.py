@@ -46,9 +46,10 @@ from proxy.client import (
     parse_retry_after,
 )
 from tests.conftest import REDIS_URL
+from tests.harness import admin_headers, free_port, sidecar_env, wait_for
 from tests.imports import loaded_beyond_stdlib
-from tests.instances import ADMIN, databroker, log_of, sidecar_env
-from tests.servers import Upstream, free_port, serve_in_thread, wait_for
+from tests.instances import databroker, log_of
+from tests.servers import Upstream, serve_in_thread
 
 # Every code of DESIGN.md's error tables, both releases, and the README's.
 DESIGN_CODES = {
@@ -239,7 +240,7 @@ def brokers(
             "source": {"url": url + "?id={{ user_id }}", "response_type": "JSON", "timeout": 5},
             "caching": {"enabled": True, "ttl": 3600},
         }
-        with httpx.Client(base_url=base, headers=ADMIN) as admin:
+        with httpx.Client(base_url=base, headers=admin_headers()) as admin:
             sid = admin.post("/data-sources", json=spec).raise_for_status().json()["data_source_id"]
             admin.post(f"/data-sources/{sid}/publish").raise_for_status()
         socket_path = str(root / "databroker.sock")

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.conftest import REDIS_URL
-from tests.instances import databroker, log_of, sidecar_env, terminate
-from tests.servers import wait_for
+from tests.harness import sidecar_env, wait_for
+from tests.instances import databroker, log_of, terminate
 
 ROOT = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 KUBECTL = shutil.which("kubectl")
@@ -285,6 +285,6 @@ def test_sidecar_arguments_and_probes_work(pg_url: str, redis_prefix: str, tmp_p
         for kind in ("livenessProbe", "readinessProbe"):
             done = probe(kind)
             assert done.returncode == 0, f"{kind}: {done.stdout}"
-        terminate(process, tmp_path)
+        terminate(process)
     done = probe("livenessProbe")
     assert done.returncode == 1 and "no answer" in done.stdout

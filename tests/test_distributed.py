@@ -21,8 +21,9 @@ from proxy.app import create_app
 from proxy.redis_pool import _parse_nodes
 from proxy.settings import Settings
 from tests.conftest import REDIS_URL, Broker
-from tests.instances import RedisCluster, RedisInstance, publish, sidecar, sidecar_env
-from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread, wait_for
+from tests.harness import async_wait_for, free_port, register, sidecar_env, wait_for
+from tests.instances import RedisCluster, RedisInstance, sidecar
+from tests.servers import Upstream, serve_in_thread
 
 
 @pytest.mark.parametrize(
@@ -199,7 +200,7 @@ async def test_200_identical_misses_across_3_sidecars_make_one_call(
             {**env, "DATABROKER_OUTBOX_DIR": str(tmp_path / "o3")}, tmp_path, max_connections=100
         ) as three,
     ):
-        await publish(
+        await register(
             one.client,
             {
                 "name": "bureau",

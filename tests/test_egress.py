@@ -1,8 +1,8 @@
-"""proxy.egress: the pure policy, then the backend through the real shared client and broker.
+"""proxy.egress: the pure policy, then the dialer through the real shared client and broker.
 
-Only loopback is ever contacted: the ``dialled`` guard records every connection
-the default backend is asked for and refuses any other address, so the tests
-that name 169.254.169.254 prove no connection to it was ever attempted.
+Only loopback is ever contacted: the ``dialled`` guard records every address
+``proxy.egress.dial`` is asked for and refuses any other, so the tests that
+name 169.254.169.254 prove no connection to it was ever attempted.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import httpcore
 import httpx
 import pytest
 from pydantic import ValidationError
@@ -22,15 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy import egress
 from proxy.app import create_app
-from proxy.egress import (
-    DEFAULT_DENY,
-    DENY_VARIABLE,
-    EgressBackend,
-    EgressPolicy,
-    PooledStream,
-    Rules,
-)
+from proxy.egress import DEFAULT_DENY, DENY_VARIABLE, EgressDialer, EgressPolicy, Rules
 from proxy.errors import EgressDenied, UpstreamHTTPError
 from proxy.lifecycle import forbidden_changes
 from proxy.retry import Retrying
@@ -40,7 +33,7 @@ from proxy.templates import RenderedRequest
 from proxy.upstream import MAX_REDIRECTS, Fetched, Upstream, create_client
 from tests.conftest import Broker
 from tests.servers import Upstream as UpstreamServer
-from tests.servers import async_wait_for, serve_in_thread
+from tests.servers import serve_in_thread
 from tests.test_flow import rows
 
 METADATA_URL = "http://169.254.169.254/latest/meta-data"
@@ -248,28 +241,26 @@ def test_follow_redirects_is_off_by_default_and_fixed_once_published() -> None:
     assert forbidden_changes(spec, following) == ["source.follow_redirects"]
 
 
-# --- the backend, through the shared client ------------------------------------------------
+# --- the dialer, through the shared client -------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
 def dialled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every host the default backend is asked to connect to, in this process.
+    """Every address the dialer connects to, in this process.
 
     Only loopback is really dialled: should the policy ever let another address
     through, the test fails on a refused connection instead of touching the network.
     """
     hosts: list[str] = []
-    connect = httpcore.AnyIOBackend.connect_tcp
+    dial = egress.dial
 
-    async def recording(
-        self: httpcore.AnyIOBackend, host: str, port: int, **kwargs: Any
-    ) -> httpcore.AsyncNetworkStream:
-        hosts.append(host)
-        if host not in ("127.0.0.1", "::1"):
-            raise httpcore.ConnectError(f"test guard: {host} is not loopback")
-        return await connect(self, host, port, **kwargs)
+    async def recording(address: egress.Address, port: int) -> socket.socket:
+        hosts.append(str(address))
+        if not address.is_loopback:
+            raise ConnectionRefusedError(f"test guard: {address} is not loopback")
+        return await dial(address, port)
 
-    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", recording)
+    monkeypatch.setattr(egress, "dial", recording)
     return hosts
 
 
@@ -409,16 +400,15 @@ async def test_next_address_is_tried_when_one_refuses(
     assert dialled == ["::1", "127.0.0.1"]
 
 
-async def test_backend_refuses_before_delegating() -> None:
-    """The backend alone, with an inner backend that fails the test if ever called."""
+async def test_dialer_refuses_before_dialling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dialer alone, with a dial that fails the test if ever called."""
 
-    class Forbidden(httpcore.AsyncNetworkBackend):
-        async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
-            raise AssertionError("connected despite the policy")
+    async def forbidden(address: egress.Address, port: int) -> socket.socket:
+        raise AssertionError("connected despite the policy")
 
-    backend = EgressBackend(EgressPolicy.parse(), Forbidden())
+    monkeypatch.setattr(egress, "dial", forbidden)
     with pytest.raises(EgressDenied):
-        await backend.connect_tcp("169.254.169.254", 80, timeout=5)
+        await EgressDialer(EgressPolicy.parse()).connect_tcp("169.254.169.254", 80)
 
 
 # --- redirects -----------------------------------------------------------------------------
@@ -523,20 +513,3 @@ async def test_broker_refuses_a_redirect_hop_to_metadata(
     assert follows.status_code == 403
     assert follows.json()["error"]["code"] == "EGRESS_DENIED"
     assert "169.254.169.254" not in dialled
-
-
-async def test_a_pooled_connection_is_readable_only_once_its_server_closed_it() -> None:
-    """What httpcore asks of idle pooled connections, answered by the stream itself."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        stream = await EgressBackend(EgressPolicy.parse()).connect_tcp("127.0.0.1", port)
-        assert isinstance(stream, PooledStream)
-        accepted, _ = server.accept()
-        try:
-            assert stream.get_extra_info("is_readable") is False
-            assert stream.get_extra_info("socket") is not None  # the rest still answered
-        finally:
-            accepted.close()
-        await async_wait_for(lambda: stream.get_extra_info("is_readable"), timeout=5)
-        assert await stream.read(1) == b""
-        await stream.aclose()

@@ -38,9 +38,17 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, _drop_prefix
-from tests.instances import START_DEADLINE, databroker, log_of, sidecar_env
-from tests.servers import Upstream, free_port, wait_for
+from tests.conftest import REDIS_URL
+from tests.harness import (
+    ADMIN_TOKEN,
+    START_DEADLINE,
+    drop_prefix,
+    free_port,
+    sidecar_env,
+    wait_for,
+)
+from tests.instances import databroker, log_of
+from tests.servers import Upstream
 
 REFERENCE = Path(__file__).parent / "reference" / "lineart-data-api.openapi.json"
 PACKAGE = "lineart_reference_client"
@@ -144,7 +152,7 @@ def served(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
             wait_for(healthy, timeout=START_DEADLINE, interval=0.05)
             yield url
     finally:
-        _drop_prefix(prefix)
+        drop_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module")

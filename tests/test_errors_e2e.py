@@ -24,8 +24,9 @@ from proxy.secrets import SecretBox
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
 from tests.conftest import REDIS_URL, Broker, make_settings
+from tests.harness import async_wait_for, free_port
 from tests.instances import PostgresInstance
-from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread
+from tests.servers import Upstream, serve_in_thread
 from tests.test_flow import rows
 
 

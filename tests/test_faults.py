@@ -31,16 +31,9 @@ from starlette.responses import Response
 
 from proxy.keys import make_cache_key
 from tests.conftest import REDIS_URL, Broker
-from tests.instances import (
-    PostgresInstance,
-    RedisCluster,
-    RedisInstance,
-    Sidecar,
-    publish,
-    sidecar,
-    sidecar_env,
-)
-from tests.servers import Upstream, async_wait_for, wait_for
+from tests.harness import async_wait_for, register, sidecar_env, wait_for
+from tests.instances import PostgresInstance, RedisCluster, RedisInstance, Sidecar, sidecar
+from tests.servers import Upstream
 from tests.test_flow import rows
 from tests.test_shutdown import slow_json
 
@@ -128,7 +121,7 @@ async def test_kill_9_under_load_loses_and_doubles_nothing(
     cut: list[uuid.UUID] = []
 
     async with sidecar(env, tmp_path, max_connections=total) as first:
-        sid = await publish(first.client, counted_spec("load", url))
+        sid = (await register(first.client, counted_spec("load", url)))["data_source_id"]
 
         async def call(i: int) -> None:
             try:
@@ -241,7 +234,7 @@ async def test_postgres_outage_under_load_then_everything_is_written(
     warm, waves, per_wave = 20, 10, 40
     answered: list[tuple[uuid.UUID, httpx.Response]] = []
     async with sidecar(env, tmp_path, max_connections=per_wave) as node:
-        await publish(node.client, counted_spec("outage", url))
+        await register(node.client, counted_spec("outage", url))
         answered += await fire(node, "outage", [{"n": str(i)} for i in range(warm)])
         assert all(a.status_code == 200 for _, a in answered)
 
@@ -342,7 +335,7 @@ async def test_redis_outage_answers_from_upstream_and_the_cache_comes_back(
         return str(answer.json()["origin"])
 
     async with sidecar(env, tmp_path) as node:
-        await publish(node.client, counted_spec("cached", url))
+        await register(node.client, counted_spec("cached", url))
         assert [await origin(node, 0), await origin(node, 0)] == ["REQUEST", "CACHE"]
         assert redis_warnings(node) == []
 

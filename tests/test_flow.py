@@ -11,7 +11,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import REDIS_URL, Broker
-from tests.servers import Upstream, async_wait_for, wait_for
+from tests.harness import async_wait_for, wait_for
+from tests.servers import Upstream
 
 
 async def rows(db: AsyncEngine, sql: str, **params: object) -> list[dict[str, object]]:

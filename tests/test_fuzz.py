@@ -37,7 +37,7 @@ from starlette.responses import Response
 
 from proxy.openapi import document
 from proxy.settings import Settings
-from tests.conftest import ADMIN_TOKEN
+from tests.harness import ADMIN_TOKEN
 from tests.servers import Upstream
 
 AnyCase = Case[Any]

@@ -22,7 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from tests.conftest import REDIS_URL, Broker
-from tests.servers import Upstream, async_wait_for
+from tests.harness import async_wait_for
+from tests.servers import Upstream
 from tests.test_flow import rows
 
 MiB = 1024 * 1024

@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from proxy.routes.bodies import MAX_BODY_BYTES
-from tests.conftest import ADMIN_TOKEN, Broker
+from tests.conftest import Broker
+from tests.harness import ADMIN_TOKEN
 from tests.servers import Upstream
 
 BROKER = "/internal/data-broker"

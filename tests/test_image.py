@@ -31,9 +31,9 @@ from cryptography.fernet import Fernet
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from tests.conftest import PG_HOST, PG_PORT, REDIS_URL, _drop_prefix, pg_admin
-from tests.instances import clean_env, terminate
-from tests.servers import wait_for
+from tests.conftest import REDIS_URL, pg_server
+from tests.harness import Child, clean_env, create_database, drop_database, drop_prefix, wait_for
+from tests.instances import terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -198,11 +198,12 @@ def venv(path: Path) -> Path:
 def empty_database() -> Iterator[str]:
     """A database with no tables yet, on the machine's PostgreSQL; dropped afterwards."""
     name = f"databroker_image_{uuid.uuid4().hex[:10]}"
-    user = asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
+    server = asyncio.run(pg_server())
+    url = asyncio.run(create_database(server, name))
     try:
-        yield f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
+        yield url
     finally:
-        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_database(server, name))
 
 
 async def _tables(url: str) -> set[str]:
@@ -281,24 +282,22 @@ def test_image_steps_build_migrate_and_serve(tmp_path: Path, empty_database: str
         outbox_dir=str(tmp_path / "outbox"),
     )
     group = os.getgid() if os.getgid() != 0 else 65534  # a group the server is not in as root
-    log = tmp_path / "databroker.log"  # where terminate() looks
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                databroker,
-                "serve",
-                "--uds",
-                str(socket_path),
-                "--uds-mode",
-                "0660",
-                "--uds-group",
-                str(group),
-            ],
-            cwd=work,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    log = tmp_path / "databroker.log"
+    process = Child(
+        [
+            databroker,
+            "serve",
+            "--uds",
+            str(socket_path),
+            "--uds-mode",
+            "0660",
+            "--uds-group",
+            str(group),
+        ],
+        env,
+        log,
+        work,
+    )
     try:
 
         def probe(path: str) -> subprocess.CompletedProcess[str]:
@@ -317,8 +316,7 @@ def test_image_steps_build_migrate_and_serve(tmp_path: Path, empty_database: str
         mode = socket_path.stat()
         assert stat.S_IMODE(mode.st_mode) == 0o660 and mode.st_gid == group
         process.send_signal(signal.SIGTERM)
-        terminate(process, tmp_path, signalled=True)
+        terminate(process, signalled=True)
     finally:
         process.kill()
-        process.wait(timeout=60)
-        _drop_prefix(prefix)
+        drop_prefix(REDIS_URL, prefix)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from proxy.outbox import (
     encode,
     new_id,
 )
-from tests.servers import wait_for
+from tests.harness import wait_for
 
 AWKWARD_BYTES = b'{"a": "line one\nline two"}\r\n\x00\xff\xfe\x80 not utf-8 \n\n'
 
@@ -70,7 +71,9 @@ def segments(directory: Path, suffix: str = "") -> list[Path]:
 
 
 def test_encode_decode_round_trip() -> None:
-    for record in (data_object(), audit_row(), audit_row(ERROR)):
+    paid = replace(audit_row(), cost_amount="0.35", cost_currency="USD")
+    replayed = replace(audit_row(), replay="AS_OF")
+    for record in (data_object(), audit_row(), audit_row(ERROR), paid, replayed):
         line = encode(record)
         assert line.endswith(b"\n")
         assert line.count(b"\n") == 1

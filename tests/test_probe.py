@@ -13,8 +13,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.probe import main, probe
+from tests.harness import free_port
 from tests.imports import loaded_beyond_stdlib
-from tests.servers import free_port, serve_in_thread
+from tests.servers import serve_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
 from proxy.tables import DataSource, DataSourceEnvVar
 from tests.conftest import REDIS_URL, Broker
-from tests.servers import async_wait_for
+from tests.harness import async_wait_for
 
 
 class CountingStore(SourceStore):

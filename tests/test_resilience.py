@@ -16,7 +16,8 @@ from starlette.responses import Response
 from proxy.app import create_app
 from proxy.settings import Settings
 from tests.conftest import Broker
-from tests.servers import Upstream, async_wait_for, serve_in_thread
+from tests.harness import async_wait_for
+from tests.servers import Upstream, serve_in_thread
 from tests.test_flow import rows
 
 

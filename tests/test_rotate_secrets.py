@@ -26,7 +26,7 @@ from proxy.settings import Settings
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
 from tests.conftest import Broker
-from tests.instances import DATABROKER, EXIT_DEADLINE, clean_env
+from tests.harness import DATABROKER, EXIT_DEADLINE, clean_env
 from tests.servers import Upstream, serve_in_thread
 
 pytestmark = pytest.mark.slow

@@ -41,9 +41,10 @@ from proxy.source_registry import Source
 from proxy.source_store import VariableValue
 from proxy.tables import DataSource
 from proxy.templates import render
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, TABLES
-from tests.instances import clean_env, log_of, serving, terminate
-from tests.servers import Upstream, async_wait_for, free_port, serve_in_thread
+from tests.conftest import REDIS_URL, TABLES
+from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, free_port
+from tests.instances import log_of, serving, terminate
+from tests.servers import Upstream, serve_in_thread
 
 CANARY = "canary-7f3a9c"
 SECRETS = {
@@ -490,7 +491,7 @@ async def test_no_secret_leaves_the_console_script(
     with black_hole() as hole, published_messages(redis_prefix) as messages:
         async with serving(env, tmp_path) as (process, client):
             seen = await drive(client, upstream, hole)
-            terminate(process, tmp_path)  # SIGTERM: the outbox is shipped before exit
+            terminate(process)  # SIGTERM: the outbox is shipped before exit
     await audited(db, seen.resolved)
     assert_secrets_reached_upstream(upstream)
     assert set(SECRETS.values()) <= await stored_secrets(db, key)

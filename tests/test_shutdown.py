@@ -23,18 +23,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.conftest import ADMIN_TOKEN, PG_HOST, PG_PORT, REDIS_URL, TABLES, _pg_user
-from tests.instances import (
+from tests.conftest import REDIS_URL, TABLES, pg_server
+from tests.harness import (
+    ADMIN_TOKEN,
     EXIT_DEADLINE,
+    async_wait_for,
     clean_env,
-    databroker,
-    log_of,
-    publish,
-    serving,
+    create_database,
+    drop_database,
+    free_port,
+    register,
     sidecar_env,
-    terminate,
 )
-from tests.servers import Upstream, async_wait_for, free_port
+from tests.instances import databroker, log_of, serving, terminate
+from tests.servers import Upstream
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +68,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         process,
         client,
     ):
-        sid = await publish(client, spec)
+        sid = (await register(client, spec))["data_source_id"]
 
         async def call(i: int) -> None:
             body = {
@@ -93,7 +95,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         finally:
             for task in calls:
                 task.cancel()
-        terminate(process, tmp_path, signalled=True)
+        terminate(process, signalled=True)
 
     assert len(answers) + len(failures) == total
     assert len(answers) >= 20
@@ -147,7 +149,7 @@ async def test_embedded_default_needs_nothing_installed(upstream: Upstream, tmp_
     }
     env = clean_env(admin_token=ADMIN_TOKEN)
     async with serving(env, tmp_path) as (process, client):
-        await publish(client, spec)
+        await register(client, spec)
         origins = []
         for _ in range(2):
             body = {
@@ -161,7 +163,7 @@ async def test_embedded_default_needs_nothing_installed(upstream: Upstream, tmp_
             origins.append(answer.json()["origin"])
         assert origins == ["REQUEST", "CACHE"]
         assert upstream.hits("/users/42") == 1
-        terminate(process, tmp_path)
+        terminate(process)
 
     database = tmp_path / ".databroker" / "databroker.db"
     assert database.is_file()
@@ -174,33 +176,28 @@ async def test_embedded_default_needs_nothing_installed(upstream: Upstream, tmp_
 
 
 async def test_migrate_creates_the_tables(tmp_path: Path) -> None:
-    user = await _pg_user()
+    server = await pg_server()
     name = f"databroker_migrate_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
+    url = await create_database(server, name)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        env = clean_env(database_url=url)
+        for _ in range(2):  # the second run finds the database current
+            with databroker(["migrate"], env, tmp_path) as process:
+                code = await asyncio.to_thread(process.wait, EXIT_DEADLINE)
+                assert code == 0, log_of(tmp_path)
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
         try:
-            url = f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
-            env = clean_env(database_url=url)
-            for _ in range(2):  # the second run finds the database current
-                with databroker(["migrate"], env, tmp_path) as process:
-                    code = await asyncio.to_thread(process.wait, EXIT_DEADLINE)
-                    assert code == 0, log_of(tmp_path)
-            conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database=name)
-            try:
-                tables = {
-                    r["tablename"]
-                    for r in await conn.fetch(
-                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-                    )
-                }
-            finally:
-                await conn.close()
-            assert set(TABLES) <= tables
+            tables = {
+                r["tablename"]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                )
+            }
         finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.close()
+        assert set(TABLES) <= tables
     finally:
-        await admin.close()
+        await drop_database(server, name)
 
 
 def test_an_invalid_setting_is_named(tmp_path: Path) -> None:

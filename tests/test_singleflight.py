@@ -20,7 +20,7 @@ from proxy.errors import InternalError, RelayedError, UpstreamHTTPError, Upstrea
 from proxy.keys import KeyLayout
 from proxy.singleflight import Flights
 from tests.conftest import REDIS_URL
-from tests.servers import async_wait_for, free_port
+from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.uuid4()
 

@@ -21,7 +21,8 @@ from proxy.app import create_app
 from proxy.keys import make_cache_key
 from proxy.settings import Settings
 from tests.conftest import REDIS_URL, Broker
-from tests.servers import Upstream, async_wait_for, serve_in_thread
+from tests.harness import async_wait_for
+from tests.servers import Upstream, serve_in_thread
 from tests.test_admin import ID_ROUTES
 from tests.test_flow import rows
 

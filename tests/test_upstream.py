@@ -23,8 +23,8 @@ from proxy.errors import (
 from proxy.retry import Retrying
 from proxy.templates import RenderedRequest
 from proxy.upstream import Fetched, Upstream, create_client
+from tests.harness import free_port
 from tests.servers import Upstream as UpstreamServer
-from tests.servers import free_port
 
 BIG = 10 * 1024 * 1024
 NO_RETRY = Retrying()

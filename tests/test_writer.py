@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from proxy.outbox import (
 )
 from proxy.tables import DataObject, RunDataRequest
 from proxy.writer import OutboxWriter, PostgresSink, SqliteSink, sink_for
-from tests.servers import async_wait_for, free_port
+from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000007")
 VALUE = b'{"a": "line one\nline two"}\r\n\x00\xff\xfe\x80 not utf-8'
@@ -145,7 +146,8 @@ def test_each_database_gets_its_own_sink(tmp_path: Path) -> None:
 async def test_sink_writes_exact_values(database: AsyncEngine) -> None:
     db = database
     obj = data_object()
-    ok, failed, hit = success(obj), failure(), success(obj, "CACHE")
+    ok = replace(success(obj), cost_amount="0.35", cost_currency="USD")
+    failed, hit = failure(), replace(success(obj, "CACHE"), replay="AS_OF")
 
     await sink_for(db, batch_size=1000).write(journal([obj, ok, failed, hit]))
 
@@ -175,7 +177,31 @@ async def test_sink_writes_exact_values(database: AsyncEngine) -> None:
             "end_time": record.end_time,
             "error": record.error,
             "created_at": datetime.fromtimestamp(record.created_at, UTC),
+            "cost_amount": None if record.cost_amount is None else Decimal(record.cost_amount),
+            "cost_currency": record.cost_currency,
+            "replay": record.replay,
+            "erased_at": None,
         }
+
+
+async def test_sqlite_sink_writes_cost_and_replay(tmp_path: Path) -> None:
+    """The embedded default's sink carries the same audit fields as the COPY path."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}")
+    await migrate(engine)
+    obj = data_object()
+    paid = replace(success(obj), cost_amount="12.5", cost_currency="EUR")
+    replayed = replace(success(obj, "CACHE"), replay="RUN_ID")
+    try:
+        await SqliteSink(engine, batch_size=1000).write(journal([obj, paid, replayed, failure()]))
+        rows = await requests(engine)
+    finally:
+        await engine.dispose()
+    assert (
+        rows[paid.run_data_request_id]["cost_amount"],
+        rows[paid.run_data_request_id]["cost_currency"],
+    ) == (Decimal("12.5"), "EUR")
+    assert rows[replayed.run_data_request_id]["replay"] == "RUN_ID"
+    assert {r["erased_at"] for r in rows.values()} == {None}
 
 
 async def test_an_error_holding_any_text_is_written_as_it_was(database: AsyncEngine) -> None:

@@ -2,7 +2,7 @@
 
 It is the hot path. Starlette's request/response wrapper (a Request, a Response
 object, the per-route exception handling) cost about 8% of a cache hit's CPU
-(``databroker bench --profile``), so this route reads the body and sends the
+(``python -m bench --profile``), so this route reads the body and sends the
 answer itself. The contract is unchanged: declared JSON only, bodies over
 MAX_BODY_BYTES refused before they are buffered, both as INVALID_REQUEST. Past
 Starlette's error middleware, this route catches what raises itself: every

@@ -1,4 +1,4 @@
-"""The benchmark's reference apps, each served by ``proxy.bench`` as its own uvicorn process.
+"""The benchmark's reference apps, each served by ``bench.run`` as its own uvicorn process.
 
 - ``upstream``: answers a fixed JSON body on any path — the local API every miss calls.
 - ``ceiling``: reads one Redis key and returns it with orjson — the least any cached
@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.redis_pool import CONNECT_TIMEOUT, SOCKET_TIMEOUT
+from tests.harness import BROKER_PATH
 
 UPSTREAM_BODY = orjson.dumps(
     {
@@ -40,8 +41,6 @@ UPSTREAM_BODY = orjson.dumps(
     }
 )
 """The upstream's answer: small, like most credit and identity lookups."""
-
-PATH = "/internal/data-broker"
 
 
 def upstream() -> Starlette:
@@ -78,7 +77,7 @@ def ceiling() -> Starlette:
             orjson.dumps({"value": orjson.Fragment(raw)}), media_type="application/json"
         )
 
-    return Starlette(routes=[Route(PATH, read, methods=["POST"])], lifespan=lifespan)
+    return Starlette(routes=[Route(BROKER_PATH, read, methods=["POST"])], lifespan=lifespan)
 
 
 def direct() -> Starlette:
@@ -101,4 +100,4 @@ def direct() -> Starlette:
         answer = await request.state.client.get(url)
         return Response(answer.content, media_type="application/json")
 
-    return Starlette(routes=[Route(PATH, call, methods=["POST"])], lifespan=lifespan)
+    return Starlette(routes=[Route(BROKER_PATH, call, methods=["POST"])], lifespan=lifespan)

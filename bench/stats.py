@@ -1,6 +1,7 @@
-"""The benchmark's pure half: wrk scripts and output, medians, ratios, the table, profiles.
+"""The benchmark's pure half: wrk scripts and output, medians, ratios, the table,
+invalidation latency, profiles.
 
-No I/O here: ``proxy.bench`` runs the servers and wrk and hands the text over;
+No I/O here: ``bench.run`` runs the servers and wrk and hands the text over;
 tests/test_bench.py checks these functions on canned output.
 """
 
@@ -149,6 +150,8 @@ HIT_P99_TARGET = 1.5
 MISS_OVERHEAD_TARGET_MS = 1.0
 WRITER_TARGET = 20_000
 MEMORY_GROWTH_TARGET = 1.10
+INVALIDATION_TARGET_MS = 50.0
+"""A change made elsewhere is seen by the broker's next read within this (hot entries)."""
 
 
 Table = Mapping[tuple[str, int], Summary]
@@ -216,6 +219,40 @@ def format_table(table: Table, ratio: Mapping[str, Mapping[int, float]]) -> str:
             )
         )
     return "\n".join(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Latencies:
+    """Write elsewhere → the broker's next read sees it, over several rounds."""
+
+    rounds: int
+    p50_ms: float
+    max_ms: float
+    over_target: int
+    stale_reads: int
+    """Answers that still carried the old entry after the write (hot copies not yet dropped)."""
+
+
+def summarize_latencies(seconds: Sequence[float], stale_reads: int) -> Latencies:
+    if not seconds:
+        raise ValueError("no latencies to summarize")
+    ms = [s * 1000 for s in seconds]
+    return Latencies(
+        rounds=len(ms),
+        p50_ms=statistics.median(ms),
+        max_ms=max(ms),
+        over_target=sum(1 for m in ms if m > INVALIDATION_TARGET_MS),
+        stale_reads=stale_reads,
+    )
+
+
+def format_latencies(latencies: Latencies) -> str:
+    return (
+        f"invalidation: a write elsewhere seen by the next read in p50 {latencies.p50_ms:.2f} ms, "
+        f"max {latencies.max_ms:.2f} ms over {latencies.rounds} rounds, "
+        f"{latencies.stale_reads} stale answers (target <= {INVALIDATION_TARGET_MS:g} ms: "
+        f"{verdict(latencies.over_target == 0)})"
+    )
 
 
 def rss_kib(status: str) -> int:

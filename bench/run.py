@@ -1,4 +1,4 @@
-"""``databroker bench``: the hot path measured against the least its stack can do.
+"""``python -m bench``: the hot path measured against the least its stack can do.
 
 One run starts five uvicorn processes with the broker's own settings (uvloop,
 httptools, one worker, no access log): the broker on real Redis and Postgres
@@ -7,7 +7,8 @@ a *ceiling* app (one Redis GET, answered with orjson), a local *upstream* and a
 *direct* app (the upstream through one shared httpx client). wrk drives
 ceiling, hits, hits_redis, direct and misses in turn, at each concurrency, for
 several rounds, and the medians make the table. The outbox writer is timed on
-its own.
+its own, and so is invalidation: a write made elsewhere, until the broker's next
+read sees it.
 
 wrk, not a Python load generator: on two cores the generator would eat the CPU
 it measures. Everything runs on 127.0.0.1, in a private Postgres database and
@@ -15,7 +16,8 @@ under a private Redis prefix, both removed at the end, and every process
 started here is stopped in a ``finally``.
 
 The pure half (wrk scripts and output, medians, ratios, the table, profiles)
-is ``proxy.bench_stats``; this module does the I/O.
+is ``bench.stats``; this module does the I/O, with the helpers the tests use
+(``tests/harness.py``: ports, private database and prefix, processes, sources).
 """
 
 from __future__ import annotations
@@ -28,35 +30,46 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import redis as sync_redis
-from cryptography.fernet import Fernet
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from proxy import bench_stats as stats
-from proxy.bench_apps import UPSTREAM_BODY
-from proxy.database import create_engine, migrate
+from bench import stats
+from bench.apps import UPSTREAM_BODY
+from proxy.database import create_engine
 from proxy.outbox import Outbox, RunDataRequestRecord
 from proxy.writer import OutboxWriter, PostgresSink
+from tests.harness import (
+    BROKER_PATH,
+    DATABROKER,
+    LOOPBACK,
+    Child,
+    broker_request,
+    counter,
+    free_port,
+    private_database,
+    private_prefix,
+    register,
+    sidecar_env,
+    wait_for,
+)
 
-PATH = "/internal/data-broker"
-LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = "3f1c5a3e-8f2a-4b7e-9a55-0d1c2b3a4f5e"
 # The process each target is measured on; the others are their own.
 SERVERS = {"hits": "broker", "misses": "broker", "hits_redis": "broker_redis"}
 
@@ -74,6 +87,7 @@ class Options:
     memory_requests: int = 1_000_000
     profile: bool = False
     skip_load: bool = False
+    invalidation_rounds: int = 20
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Results:
     table: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
     outbox_backlog: dict[str, Any] = field(default_factory=dict)
+    invalidation: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
     profile: dict[str, dict[str, Any]] | None = None
 
@@ -115,59 +130,6 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Processes:
-    """Child servers, each logged to a file; ``stop_all`` ends each by its own pid."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, argv: list[str], env: Mapping[str, str], port: int) -> int:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            child = subprocess.Popen(
-                argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self.children[name] = child
-        self._wait_listening(name, child, port)
-        return child.pid
-
-    def _wait_listening(self, name: str, child: subprocess.Popen[bytes], port: int) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                raise RuntimeError(f"{name} exited with {child.returncode}:\n{self.tail(name)}")
-            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.2):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{name} did not listen on {port} within 60s:\n{self.tail(name)}")
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        path = self.logs / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, name: str) -> None:
-        child = self.children.pop(name, None)
-        if child is None or child.poll() is not None:
-            return
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in list(self.children):
-            self.stop(name)
-
-
 def _uvicorn(factory: str, port: int) -> list[str]:
     """The broker's own uvicorn settings (proxy.cli serve), for a reference app."""
     return [
@@ -189,62 +151,9 @@ def _uvicorn(factory: str, port: int) -> list[str]:
         "--no-access-log",
         "--workers",
         "1",
+        "--app-dir",
+        str(ROOT),
     ]
-
-
-def _databroker() -> list[str]:
-    script = Path(sys.executable).with_name("databroker")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from proxy.cli import main; main()"]
-
-
-@contextlib.contextmanager
-def _private_database(admin_url: str) -> Iterator[str]:
-    """A fresh database, migrated, dropped at the end; yields its SQLAlchemy URL."""
-    name = f"databroker_bench_{uuid.uuid4().hex[:10]}"
-    parts = urlsplit(_local(admin_url))
-    admin_engine_url = urlunsplit(("postgresql+asyncpg", *parts[1:]))
-
-    async def admin(sql: str) -> None:
-        engine = create_async_engine(admin_engine_url, isolation_level="AUTOCOMMIT")
-        try:
-            async with engine.connect() as conn:
-                await conn.execute(text(sql))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = urlunsplit(("postgresql+asyncpg", parts.netloc, f"/{name}", "", ""))
-    try:
-
-        async def upgrade() -> None:
-            engine = create_engine(url)
-            try:
-                await migrate(engine)
-            finally:
-                await engine.dispose()
-
-        asyncio.run(upgrade())
-        yield url
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@contextlib.contextmanager
-def _private_prefix(redis_url: str) -> Iterator[str]:
-    """A Redis key prefix of our own; every key under it is unlinked at the end."""
-    prefix = f"dbbench:{uuid.uuid4().hex[:12]}:"
-    try:
-        yield prefix
-    finally:
-        client = sync_redis.Redis.from_url(_local(redis_url), socket_timeout=5)
-        try:
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.unlink(*keys[start : start + 1000])
-        finally:
-            client.close()
 
 
 async def _writer_throughput(database_url: str, records: int, directory: Path) -> dict[str, Any]:
@@ -321,32 +230,38 @@ class Bench:
         self.work = work
         self.database_url = database_url
         self.prefix = prefix
-        self.processes = Processes(work)
+        self.children: dict[str, Child] = {}
         self.ports = {
-            name: _free_port()
+            name: free_port()
             for name in ("upstream", "ceiling", "direct", "broker", "broker_redis")
         }
-        self.admin_token = uuid.uuid4().hex
-        self.broker_env = self._broker_env()
+        self.broker_env = sidecar_env(
+            database_url,
+            options.redis,
+            work / "outbox",
+            redis_prefix=prefix,
+            data_dir=str(work / "data"),
+            shutdown_grace="10",
+        )
         self.scripts: dict[str, Path] = {}
-        self.pids: dict[str, int] = {}
 
-    def url(self, name: str, path: str = PATH) -> str:
+    def url(self, name: str, path: str = BROKER_PATH) -> str:
         return f"http://{LOOPBACK}:{self.ports[name]}{path}"
 
-    def _broker_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DATABROKER_")}
-        env.update(
-            DATABROKER_DATABASE_URL=self.database_url,
-            DATABROKER_REDIS_URL=self.options.redis,
-            DATABROKER_REDIS_PREFIX=self.prefix,
-            DATABROKER_ADMIN_TOKEN=self.admin_token,
-            DATABROKER_SECRET_KEY=Fernet.generate_key().decode(),
-            DATABROKER_DATA_DIR=str(self.work / "data"),
-            DATABROKER_OUTBOX_DIR=str(self.work / "outbox"),
-            DATABROKER_SHUTDOWN_GRACE="10",
-        )
-        return env
+    def _start(self, name: str, argv: list[str], env: Mapping[str, str]) -> Child:
+        """``argv`` as ``name``, logged to ``work/name.log``, listening on its port."""
+        child = self.children[name] = Child(argv, env, self.work / f"{name}.log", ROOT)
+        child.wait_listening(self.ports[name], timeout=60)
+        return child
+
+    def stop(self, name: str) -> None:
+        child = self.children.pop(name, None)
+        if child is not None:
+            child.stop(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self.children):
+            self.stop(name)
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DATABROKER_")}
@@ -355,15 +270,10 @@ class Bench:
             DATABROKER_BENCH_KEY=f"{self.prefix}bench:ceiling",
             DATABROKER_BENCH_UPSTREAM_URL=self.url("upstream", "/users/42"),
         )
-        client = sync_redis.Redis.from_url(self.options.redis, socket_timeout=5)
-        try:
+        with sync_redis.Redis.from_url(self.options.redis, socket_timeout=5) as client:
             client.set(env["DATABROKER_BENCH_KEY"], UPSTREAM_BODY)
-        finally:
-            client.close()
         for name in ("upstream", "ceiling", "direct"):
-            self.pids[name] = self.processes.start(
-                name, _uvicorn(f"proxy.bench_apps:{name}", self.ports[name]), env, self.ports[name]
-            )
+            self._start(name, _uvicorn(f"bench.apps:{name}", self.ports[name]), env)
         self.start_broker()
         self._register()
         # Started after the sources exist; its own outbox, the same database and Redis.
@@ -374,11 +284,9 @@ class Bench:
         )
         self._check("broker_redis", self.body("bench_cached"), "CACHE")
 
-    def start_broker(self, name: str = "broker", **env: str) -> int:
-        argv = [*_databroker(), "serve", "--host", LOOPBACK, "--port", str(self.ports[name])]
-        pid = self.processes.start(name, argv, {**self.broker_env, **env}, self.ports[name])
-        self.pids[name] = pid
-        return pid
+    def start_broker(self, name: str = "broker", **env: str) -> Child:
+        argv = [str(DATABROKER), "serve", "--host", LOOPBACK, "--port", str(self.ports[name])]
+        return self._start(name, argv, {**self.broker_env, **env})
 
     def _check(self, server: str, body: bytes, origin: str) -> None:
         """The broker answers ``body`` with 200 from ``origin``, or the bench stops here."""
@@ -395,19 +303,21 @@ class Bench:
 
     def _register(self) -> None:
         """The cached and uncached sources, checked to answer CACHE and REQUEST."""
-        headers = {"Authorization": f"Bearer {self.admin_token}"}
         upstream = self.url("upstream", "/users/{{ user_id }}")
-        with httpx.Client(base_url=self.url("broker", ""), timeout=10, trust_env=False) as client:
-            for name, caching in (("bench_cached", True), ("bench_uncached", False)):
-                spec = {
-                    "name": name,
-                    "source": {"url": upstream, "response_type": "JSON", "timeout": 5},
-                    "caching": {"enabled": caching, "ttl": 3600 if caching else None},
-                }
-                created = client.post("/data-sources", json=spec, headers=headers)
-                created.raise_for_status()
-                sid = created.json()["data_source_id"]
-                client.post(f"/data-sources/{sid}/publish", headers=headers).raise_for_status()
+
+        async def register_sources() -> None:
+            async with httpx.AsyncClient(
+                base_url=self.url("broker", ""), timeout=10, trust_env=False
+            ) as client:
+                for name, caching in (("bench_cached", True), ("bench_uncached", False)):
+                    spec = {
+                        "name": name,
+                        "source": {"url": upstream, "response_type": "JSON", "timeout": 5},
+                        "caching": {"enabled": caching, "ttl": 3600 if caching else None},
+                    }
+                    await register(client, spec)
+
+        asyncio.run(register_sources())
         for body, origin in (
             (self.body("bench_cached"), "REQUEST"),
             (self.body("bench_cached"), "CACHE"),
@@ -423,13 +333,7 @@ class Bench:
             self.scripts[target] = self.scripts["hits"]
 
     def body(self, source: str, user_id: str = "42") -> bytes:
-        return orjson.dumps(
-            {
-                "data_source_name": source,
-                "configured_params": {"user_id": user_id},
-                "run_id": "3f1c5a3e-8f2a-4b7e-9a55-0d1c2b3a4f5e",
-            }
-        )
+        return orjson.dumps(broker_request(source, {"user_id": user_id}, RUN_ID))
 
     def _script(self, name: str, bodies: Sequence[bytes], limit: int | None = None) -> Path:
         path = self.work / f"{name}.lua"
@@ -515,7 +419,7 @@ class Bench:
         server = SERVERS.get(target, target)
         raw = self.work / f"profile-{target}.txt"
         wrk = ["wrk", "-t1", "-c16", f"-d{duration + 2}s", "-s", str(self.scripts[target])]
-        spy_argv = [spy, "record", "-p", str(self.pids[server]), "-d", str(duration)]
+        spy_argv = [spy, "record", "-p", str(self.children[server].pid), "-d", str(duration)]
         spy_argv += ["-r", str(rate), "-f", "raw", "-o", str(raw)]
         with subprocess.Popen(
             [*wrk, self.target_url(target)], stdout=subprocess.PIPE, text=True
@@ -543,10 +447,57 @@ class Bench:
             **asdict(profile),
         }
 
+    def invalidation(self, out: TextIO) -> dict[str, Any]:
+        """How soon a write made elsewhere reaches the broker's answers, hot entries on.
+
+        Each round, a user of its own: a miss, then hits until one is served hot (the
+        broker's ``databroker_hot_hits_total`` moves); then another Redis client unlinks
+        the entry, and the clock runs from that UNLINK's reply to the first answer with a
+        new ``data_object_id`` (a miss again: its upstream call on 127.0.0.1 is counted).
+        """
+        metrics = self.url("broker", "/metrics")
+        seconds: list[float] = []
+        stale = 0
+        with (
+            httpx.Client(timeout=10, trust_env=False) as client,
+            sync_redis.Redis.from_url(self.options.redis, socket_timeout=5) as redis,
+        ):
+
+            def ask(body: bytes) -> dict[str, Any]:
+                answer = client.post(
+                    self.url("broker"), content=body, headers={"content-type": "application/json"}
+                )
+                answer.raise_for_status()
+                got: dict[str, Any] = answer.json()
+                return got
+
+            def hot_hits() -> float:
+                return counter(client.get(metrics).text, "databroker_hot_hits")
+
+            for round_ in range(self.options.invalidation_rounds):
+                body = self.body("bench_cached", f"invalidation-{round_}")
+                first = ask(body)
+
+                def served_hot(body: bytes = body) -> bool:
+                    before = hot_hits()
+                    ask(body)
+                    return hot_hits() > before
+
+                wait_for(served_hot, timeout=10)
+                (name,) = redis.scan_iter(match=f"{self.prefix}cache:*{first['key']}")
+                redis.unlink(name)
+                written = time.perf_counter()
+                while ask(body)["data_object_id"] == first["data_object_id"]:
+                    stale += 1
+                seconds.append(time.perf_counter() - written)
+        summary = stats.summarize_latencies(seconds, stale)
+        print(stats.format_latencies(summary), file=out, flush=True)
+        return {"summary": asdict(summary), "seconds": seconds}
+
     def memory(self, out: TextIO) -> dict[str, Any]:
         """A fresh broker's RSS after the first 10% of ``memory_requests`` mixed requests and after all."""
-        self.processes.stop("broker")
-        pid = self.start_broker()
+        self.stop("broker")
+        pid = self.start_broker().pid
         # Three hits to one miss: 1000 users on the cached source (each a miss the first
         # time), and the uncached source every fourth request.
         bodies = [
@@ -656,8 +607,6 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             "bench: wrk not found; `make bench` installs it (apt-get install wrk)", file=sys.stderr
         )
         return 2
-    _local(options.postgres)
-    _local(options.redis)
     # One line per /readyz sample would bury the progress lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stamp = datetime.now(UTC)
@@ -669,8 +618,8 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
     options.out.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="databroker-bench-") as tmp,
-        _private_database(options.postgres) as database_url,
-        _private_prefix(options.redis) as prefix,
+        private_database(_local(options.postgres), "databroker_bench") as database_url,
+        private_prefix(_local(options.redis), "dbbench") as prefix,
     ):
         work = Path(tmp)
         results.writer = asyncio.run(
@@ -687,16 +636,17 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             bench.start()
             if not options.skip_load:
                 bench.load(results, out)
+            results.invalidation = bench.invalidation(out)
             if options.profile:
                 results.profile = {t: bench.profile(t, out) for t in stats.TARGETS}
             if options.memory:
                 results.memory = bench.memory(out)
         except BaseException:
-            for name in list(bench.processes.children):
-                print(f"--- {name} log (tail)\n{bench.processes.tail(name)}", file=sys.stderr)
+            for name, child in bench.children.items():
+                print(f"--- {name} log (tail)\n{child.tail()}", file=sys.stderr)
             raise
         finally:
-            bench.processes.stop_all()
+            bench.stop_all()
             results.machine["load_average_end"] = os.getloadavg()
     _report(results, options.out, stamp, out)
     return 0
@@ -718,6 +668,8 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
         f"({writer['records']} audit rows in {writer['seconds']:.2f}s; target >= {stats.WRITER_TARGET}: "
         f"{stats.verdict(writer['records_per_s'] >= stats.WRITER_TARGET)})"
     )
+    if results.invalidation:
+        lines.append(stats.format_latencies(stats.Latencies(**results.invalidation["summary"])))
     backlog = results.outbox_backlog
     if backlog.get("max_bytes") is not None:
         lines.append(
