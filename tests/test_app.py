@@ -18,7 +18,8 @@ from proxy.settings import Settings
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
 from tests.conftest import REDIS_URL
-from tests.servers import free_port, serve_in_thread
+from tests.harness import free_port
+from tests.servers import serve_in_thread
 
 
 def test_the_app_leaves_the_collector_alone_and_calls_started_once(

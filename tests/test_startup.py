@@ -26,8 +26,8 @@ from sqlalchemy.engine import make_url
 
 from proxy.cli import main
 from tests.conftest import REDIS_URL
-from tests.instances import DATABROKER, PostgresInstance, databroker, log_of, sidecar_env
-from tests.servers import free_port, wait_for
+from tests.harness import DATABROKER, create_database, free_port, sidecar_env, wait_for
+from tests.instances import PostgresInstance, databroker, log_of
 from tests.tcp import HangingProxy, silent_server
 
 # Imports, a connect timeout of 1 s and redis-py's retries, on a loaded 2-core machine.
@@ -152,7 +152,7 @@ def test_a_database_that_never_answers_is_one_line(command: list[str]) -> None:
 def test_an_unmigrated_database_says_to_migrate(
     private_pg: PostgresInstance, command: list[str]
 ) -> None:
-    empty = asyncio.run(private_pg.create_database())
+    empty = asyncio.run(create_database(private_pg.url()))
     refused(*invoke(command, **production(empty)), 1, "run `databroker migrate`")
 
 
