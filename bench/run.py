@@ -52,7 +52,7 @@ from bench import stats
 from bench.apps import UPSTREAM_BODY
 from proxy.database import create_engine
 from proxy.outbox import Outbox, RunDataRequestRecord
-from proxy.writer import DatabaseSink, OutboxWriter
+from proxy.writer import OutboxWriter, PostgresSink
 from tests.harness import (
     BROKER_PATH,
     DATABROKER,
@@ -173,8 +173,7 @@ async def _writer_throughput(database_url: str, records: int, directory: Path) -
         )
     journal_bytes = outbox.pending_bytes()
     engine = create_engine(database_url)
-    sink = DatabaseSink(engine, batch_size=2000)
-    writer = OutboxWriter(outbox, sink, interval=1.0)
+    writer = OutboxWriter(outbox, PostgresSink(engine), interval=1.0)
     try:
         started = time.perf_counter()
         shipped = await writer.flush()
@@ -195,7 +194,6 @@ async def _writer_throughput(database_url: str, records: int, directory: Path) -
         "journal_bytes": journal_bytes,
         "seconds": seconds,
         "records_per_s": records / seconds,
-        "batch_size": sink.batch_size,
     }
 
 

@@ -19,7 +19,6 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -106,16 +105,6 @@ class Rules:
         return next((net for net in self.networks if address in net), None)
 
 
-def rules_validator(variable: str) -> Callable[[str], str]:
-    """A settings validator: the value parses as rules, or start-up fails naming ``variable``."""
-
-    def validate(value: str) -> str:
-        Rules.parse(value, variable)
-        return value
-
-    return validate
-
-
 class EgressPolicy:
     """ALLOW wins over DENY; DENY is the built-in list plus the deployment's entries."""
 
@@ -124,16 +113,20 @@ class EgressPolicy:
         self.allow = allow
 
     @classmethod
+    def with_defaults(cls, deny: Rules, allow: Rules) -> EgressPolicy:
+        """The deployment's rules on top of the built-in denies."""
+        return cls(Rules(DEFAULT_DENY + deny.networks, deny.hosts, deny.suffixes), allow)
+
+    @classmethod
     def parse(cls, deny: str = "", allow: str = "") -> EgressPolicy:
-        extra = Rules.parse(deny, DENY_VARIABLE)
-        return cls(
-            Rules(DEFAULT_DENY + extra.networks, extra.hosts, extra.suffixes),
-            Rules.parse(allow, ALLOW_VARIABLE),
+        return cls.with_defaults(
+            Rules.parse(deny, DENY_VARIABLE), Rules.parse(allow, ALLOW_VARIABLE)
         )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EgressPolicy:
-        return cls.parse(settings.egress_deny, settings.egress_allow)
+        # The settings hold the rules parsed once, when they were validated.
+        return cls.with_defaults(settings.egress_deny, settings.egress_allow)
 
     def check_host(self, host: str) -> bool:
         """Judge what the URL's host alone decides; raise EgressDenied if it is refused.

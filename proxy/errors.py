@@ -22,7 +22,11 @@
         ├── AdminDisabled ......... 403 ADMIN_DISABLED
         ├── NotFound .............. 404 NOT_FOUND
         ├── Conflict .............. 409 CONFLICT
-        └── ValidationFailed ...... 422 VALIDATION_ERROR
+        ├── ValidationFailed ...... 422 VALIDATION_ERROR
+        ├── BodyTooLarge .......... 413 BODY_TOO_LARGE
+        └── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+
+    StartupError .................. the process cannot start: one line, exit non-zero
 
 Lower-level exceptions (httpx, redis, SQLAlchemy) are translated where they
 enter, with ``raise … from exc``. Messages are written for the caller and must
@@ -195,3 +199,21 @@ class Conflict(AdminError):
 class ValidationFailed(AdminError):
     code = "VALIDATION_ERROR"
     status = 422
+
+
+class BodyTooLarge(AdminError):
+    code = "BODY_TOO_LARGE"
+    status = 413
+
+
+class DatabaseUnavailable(AdminError):
+    """The database did not answer (down, or slower than its timeouts): retry later."""
+
+    code = "DATABASE_UNAVAILABLE"
+    status = 503
+
+
+class StartupError(Exception):
+    """A reason the process cannot start, as the one line an operator reads (never a secret):
+    a bad or missing setting named by its variable, a service that does not answer, a
+    database that needs ``databroker migrate``."""

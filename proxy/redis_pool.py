@@ -11,14 +11,16 @@ Credentials go in the usual place (``redis+cluster://[user]:secret@host:port``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
-from proxy.settings import Settings
+if TYPE_CHECKING:
+    from proxy.settings import Settings
 
 # Explicit timeouts: a hung Redis must cost a request milliseconds, not forever.
 SOCKET_TIMEOUT = 1.0
@@ -57,9 +59,27 @@ def _parse_nodes(url: str, scheme: str) -> _Nodes:
     for node in netloc.split(","):
         host, _, port = node.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"DATABROKER_REDIS_URL: {node!r} is not host:port")
+            raise ValueError(f"{node!r} is not host:port")
         nodes.append((host.strip("[]"), int(port)))
     return _Nodes(password, username, nodes, [p for p in path.split("/") if p])
+
+
+def check_url(url: str) -> None:
+    """ValueError unless ``url`` is one of the forms above (parsed only: nothing is dialled).
+
+    The message never repeats the URL: it may hold a password.
+    """
+    forms = "redis://, rediss://, unix://, redis+cluster:// or redis+sentinel://"
+    if url.startswith(CLUSTER_SCHEME):
+        _parse_nodes(url, CLUSTER_SCHEME)
+    elif url.startswith(SENTINEL_SCHEME):
+        if not _parse_nodes(url, SENTINEL_SCHEME).path:
+            raise ValueError("redis+sentinel:// needs /service_name")
+    else:
+        try:
+            parse_url(url)
+        except ValueError:
+            raise ValueError(f"not a Redis URL: expected {forms}") from None
 
 
 def create_redis(settings: Settings) -> Redis | RedisCluster:
@@ -83,8 +103,6 @@ def create_redis(settings: Settings) -> Redis | RedisCluster:
         )
     if url.startswith(SENTINEL_SCHEME):
         parsed = _parse_nodes(url, SENTINEL_SCHEME)
-        if not parsed.path:
-            raise ValueError("DATABROKER_REDIS_URL: redis+sentinel:// needs /service_name")
         db = int(parsed.path[1]) if len(parsed.path) > 1 else 0
         sentinel = Sentinel(parsed.nodes, sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
         master: Redis = sentinel.master_for(

@@ -11,16 +11,31 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from proxy.settings import Settings
+from proxy.errors import StartupError
+
+if TYPE_CHECKING:
+    from proxy.settings import Settings
 
 
-class SecretKeyError(RuntimeError):
-    """The configured key is missing or malformed; raised at start."""
+class SecretKeyError(StartupError):
+    """The configured key is missing or malformed, or a stored value needs a key it lacks."""
+
+
+def parse_keys(keys: list[str]) -> MultiFernet:
+    """Fernet keys, newest first; SecretKeyError (never echoing a key) if any is malformed."""
+    if not keys:
+        raise SecretKeyError("DATABROKER_SECRET_KEY holds no key")
+    try:
+        return MultiFernet([Fernet(k.strip().encode()) for k in keys])
+    except ValueError as exc:
+        raise SecretKeyError(
+            "DATABROKER_SECRET_KEY must be Fernet keys (urlsafe base64, 32 bytes), comma-separated"
+        ) from exc
 
 
 class Secrets(Mapping[str, Any]):
@@ -55,14 +70,7 @@ class SecretBox:
     """Encrypts and decrypts with the configured keys; shows none of them."""
 
     def __init__(self, keys: list[str]) -> None:
-        if not keys:
-            raise SecretKeyError("DATABROKER_SECRET_KEY holds no key")
-        try:
-            self._fernet = MultiFernet([Fernet(k.strip().encode()) for k in keys])
-        except ValueError as exc:
-            raise SecretKeyError(
-                "DATABROKER_SECRET_KEY must be Fernet keys (urlsafe base64, 32 bytes), comma-separated"
-            ) from exc
+        self._fernet = parse_keys(keys)
 
     def encrypt(self, value: Any) -> str:
         return self._fernet.encrypt(orjson.dumps(value)).decode()

@@ -1,4 +1,9 @@
-"""Typed settings from ``DATABROKER_*`` environment variables, validated once at start."""
+"""Typed settings from ``DATABROKER_*`` environment variables, validated once at start.
+
+Each value's form is checked here, so a bad one stops the process with one line
+naming its variable; what a command needs beyond that (``serve`` needs a
+complete configuration) it asks with ``check_serving``.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,78 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from proxy.egress import ALLOW_VARIABLE, DENY_VARIABLE, rules_validator
+from proxy.egress import ALLOW_VARIABLE, DENY_VARIABLE, Rules
+from proxy.errors import StartupError
+from proxy.redis_pool import check_url
+from proxy.secrets import SecretKeyError, parse_keys
 
 MiB = 1024 * 1024
+DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+
+
+def _database_url(url: str | None) -> str | None:
+    """The URL, if SQLAlchemy reads it as one of our async drivers; never echoed (a password)."""
+    if url is None:
+        return None
+    forms = "postgresql+asyncpg://user@host:5432/db or sqlite+aiosqlite:///path"
+    try:
+        driver = make_url(url).drivername
+    except ArgumentError:
+        raise ValueError(f"not a database URL: expected {forms}") from None
+    if driver not in DATABASE_DRIVERS:
+        raise ValueError(f"{driver}:// is not supported: expected {forms}")
+    return url
+
+
+def _redis_url(url: str | None) -> str | None:
+    if url is not None:
+        check_url(url)
+    return url
+
+
+def _secret_key(key: SecretStr | None) -> SecretStr | None:
+    if key is not None:
+        try:
+            parse_keys(key.get_secret_value().split(","))
+        except SecretKeyError as exc:
+            raise ValueError(str(exc)) from None
+    return key
+
+
+def _rules(variable: str) -> BeforeValidator:
+    """Parsed here, once: the egress policy is built from these rules, never from the text."""
+
+    def parse(value: object) -> object:
+        return Rules.parse(value, variable) if isinstance(value, str) else value
+
+    return BeforeValidator(parse)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DATABROKER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="DATABROKER_", extra="ignore", frozen=True, arbitrary_types_allowed=True
+    )
 
     # URLs may carry a password: never in repr (tracebacks, %r, test diffs).
-    database_url: str | None = Field(default=None, repr=False)
-    redis_url: str | None = Field(default=None, repr=False)
+    database_url: Annotated[str | None, AfterValidator(_database_url)] = Field(
+        default=None, repr=False
+    )
+    redis_url: Annotated[str | None, AfterValidator(_redis_url)] = Field(default=None, repr=False)
     redis_prefix: str = "databroker:"
     admin_token: SecretStr | None = None
-    secret_key: SecretStr | None = None
+    secret_key: Annotated[SecretStr | None, AfterValidator(_secret_key)] = None
     project_id: uuid.UUID | None = None
     data_dir: Path = Path(".databroker")
     outbox_dir: Path | None = None
+    # A database that stops answering holds a request (or start-up) this long, not
+    # asyncpg's 60 s default: to connect, and then per statement.
+    database_connect_timeout: float = Field(default=5.0, gt=0, le=600)
+    database_command_timeout: float = Field(default=10.0, gt=0, le=3600)
     max_response_bytes: int = Field(default=10 * MiB, gt=0)
     default_timeout: float = Field(default=10.0, gt=0, le=600)
     outbox_flush_interval: float = Field(default=1.0, gt=0, le=60)
@@ -36,8 +93,8 @@ class Settings(BaseSettings):
     registry_refresh_interval: float = Field(default=30.0, gt=0)
     shutdown_grace: float = Field(default=15.0, ge=0)
     # Comma-separated CIDRs and host names, added to the built-in denies / winning over them.
-    egress_deny: Annotated[str, AfterValidator(rules_validator(DENY_VARIABLE))] = ""
-    egress_allow: Annotated[str, AfterValidator(rules_validator(ALLOW_VARIABLE))] = ""
+    egress_deny: Annotated[Rules, NoDecode, _rules(DENY_VARIABLE)] = Rules()
+    egress_allow: Annotated[Rules, NoDecode, _rules(ALLOW_VARIABLE)] = Rules()
 
     @field_validator("database_url", "redis_url", "admin_token", "secret_key", mode="before")
     @classmethod
@@ -48,6 +105,25 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No database configured: SQLite and in-process Redis, for a laptop."""
         return self.database_url is None
+
+    def check_serving(self) -> None:
+        """StartupError unless this is the embedded default (neither service set) or both are.
+
+        Half a configuration is refused rather than completed with the embedded part:
+        a production sidecar on the in-process Redis would cache alone, out of reach
+        of every other sidecar and of redis-cli, while ``/readyz`` says ok.
+        """
+        given = {
+            "DATABROKER_DATABASE_URL": self.database_url,
+            "DATABROKER_REDIS_URL": self.redis_url,
+        }
+        missing = [name for name, value in given.items() if value is None]
+        if len(missing) == 1:
+            [present] = given.keys() - set(missing)
+            raise StartupError(
+                f"{missing[0]} is not set while {present} is: set both (production) "
+                "or neither (the embedded default)"
+            )
 
     @property
     def resolved_database_url(self) -> str:

@@ -72,8 +72,8 @@ def to_api(row: DataSource) -> dict[str, Any]:
     }
 
 
-def _checked(spec: DataSourceSpec, default_project: uuid.UUID | None) -> DataSourceSpec:
-    """The spec with its names resolved and its project filled in."""
+def _checked(spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSourceSpec:
+    """The spec with its names resolved, in ``project_id``."""
     try:
         runtime_params, variables = resolve_names(spec)
     except TemplateError as exc:
@@ -82,7 +82,7 @@ def _checked(spec: DataSourceSpec, default_project: uuid.UUID | None) -> DataSou
         update={
             "runtime_params": runtime_params,
             "variables": variables,
-            "project_id": spec.project_id or default_project,
+            "project_id": project_id,
         }
     )
 
@@ -109,14 +109,19 @@ async def _stored_variables(
 
 
 class SourceStore:
+    """Every method that names a source takes the project the request works in: a source
+    of another project (the global namespace being ``None``) is NotFound, as if absent."""
+
     def __init__(self, engine: AsyncEngine, box: SecretBox) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._box = box
 
-    async def _get(self, session: AsyncSession, data_source_id: uuid.UUID) -> DataSource:
+    async def _get(
+        self, session: AsyncSession, data_source_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> DataSource:
         row = await session.get(DataSource, data_source_id)
-        if row is None:
-            raise NotFound(f"no data source {data_source_id}")
+        if row is None or row.project_id != project_id:
+            raise NotFound(f"no data source {data_source_id} in this project")
         return row
 
     async def _check_name_free(
@@ -142,8 +147,8 @@ class SourceStore:
         except IntegrityError as exc:
             raise Conflict("a data source with this name already exists in this project") from exc
 
-    async def create(self, spec: DataSourceSpec, default_project: uuid.UUID | None) -> DataSource:
-        spec = _checked(spec, default_project)
+    async def create(self, spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSource:
+        spec = _checked(spec, project_id)
         now = datetime.now(UTC)
         row = DataSource(data_source_id=uuid.uuid4(), status="DRAFT", created_at=now)
         _assign(row, spec, now)
@@ -154,11 +159,11 @@ class SourceStore:
         return row
 
     async def replace(
-        self, data_source_id: uuid.UUID, spec: DataSourceSpec, default_project: uuid.UUID | None
+        self, data_source_id: uuid.UUID, spec: DataSourceSpec, project_id: uuid.UUID | None
     ) -> DataSource:
         async with self._sessions() as session:
-            row = await self._get(session, data_source_id)
-            spec = _checked(spec, row.project_id if spec.project_id is None else default_project)
+            row = await self._get(session, data_source_id, project_id)
+            spec = _checked(spec, project_id)
             if row.status == "ARCHIVED":
                 raise Conflict("an archived data source cannot change")
             if row.status == "PUBLISHED":
@@ -174,10 +179,12 @@ class SourceStore:
             await self._commit(session)
         return row
 
-    async def delete(self, data_source_id: uuid.UUID) -> Status | None:
+    async def delete(
+        self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> Status | None:
         """Hard-delete a draft, archive a published source; the new status (None if gone)."""
         async with self._sessions() as session:
-            row = await self._get(session, data_source_id)
+            row = await self._get(session, data_source_id, project_id)
             if row.status == "DRAFT":
                 await session.delete(row)
                 await session.commit()
@@ -187,9 +194,9 @@ class SourceStore:
             await session.commit()
             return "ARCHIVED"
 
-    async def publish(self, data_source_id: uuid.UUID) -> DataSource:
+    async def publish(self, data_source_id: uuid.UUID, project_id: uuid.UUID | None) -> DataSource:
         async with self._sessions() as session:
-            row = await self._get(session, data_source_id)
+            row = await self._get(session, data_source_id, project_id)
             if row.status == "ARCHIVED":
                 raise Conflict("an archived data source cannot be published")
             if row.status == "DRAFT":
@@ -198,9 +205,9 @@ class SourceStore:
                 await session.commit()
             return row
 
-    async def get(self, data_source_id: uuid.UUID) -> DataSource:
+    async def get(self, data_source_id: uuid.UUID, project_id: uuid.UUID | None) -> DataSource:
         async with self._sessions() as session:
-            return await self._get(session, data_source_id)
+            return await self._get(session, data_source_id, project_id)
 
     async def list_sources(
         self, project_id: uuid.UUID | None, include_archived: bool, status: Status | None
@@ -242,10 +249,12 @@ class SourceStore:
                     rotated += 1
         return rotated
 
-    async def get_variables(self, data_source_id: uuid.UUID) -> list[dict[str, Any]]:
+    async def get_variables(
+        self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> list[dict[str, Any]]:
         """Names and whether each is set; values never leave the store."""
         async with self._sessions() as session:
-            row = await self._get(session, data_source_id)
+            row = await self._get(session, data_source_id, project_id)
             stored = await _stored_variables(session, row.data_source_id)
         answer = []
         for name in sorted(set(row.variables) | stored.keys()):
@@ -261,14 +270,16 @@ class SourceStore:
             )
         return answer
 
-    async def set_variables(self, data_source_id: uuid.UUID, desired: list[VariableValue]) -> None:
+    async def set_variables(
+        self, data_source_id: uuid.UUID, desired: list[VariableValue], project_id: uuid.UUID | None
+    ) -> None:
         """Make the stored variables exactly ``desired`` (the reference's desired-state PUT)."""
         names = [v.name for v in desired]
         if len(set(names)) != len(names):
             raise ValidationFailed("a variable is listed twice")
         now = datetime.now(UTC)
         async with self._sessions() as session:
-            row = await self._get(session, data_source_id)
+            row = await self._get(session, data_source_id, project_id)
             undeclared = sorted(set(names) - set(row.variables))
             if undeclared:
                 raise ValidationFailed(

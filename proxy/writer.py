@@ -11,7 +11,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
@@ -40,46 +40,35 @@ def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-class DatabaseSink:
-    """Writes a segment's records so that rows already present are skipped (replays are harmless).
-
-    Postgres gets the journal lines themselves: one ``COPY`` of the segment's
-    bytes into a per-session staging table, then one ``INSERT … SELECT … ON
-    CONFLICT DO NOTHING`` per table that reads the JSON fields in SQL. This
-    process decodes nothing: under hit load, decoding and re-encoding every
-    record here cost a fifth of the broker's throughput and was the whole hit
-    p99. Other databases (SQLite, the embedded default) get the records decoded
-    and multi-row inserts.
-    """
-
-    def __init__(self, engine: AsyncEngine, batch_size: int) -> None:
-        self.engine = engine
-        self.batch_size = batch_size
-        self._postgres = engine.dialect.name == "postgresql"
+class Sink(Protocol):
+    """Where shipped records go: rows already present are skipped, so replays are harmless."""
 
     async def write(self, segment: bytes) -> int:
         """Write the complete lines of ``segment``; returns how many records they hold."""
-        if self._postgres:
-            return await self._copy(complete(segment))
-        records = await _decode(segment)
-        objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
-        requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
-        async with self.engine.begin() as conn:
-            for table, rows, kind in (
-                (_DATA_OBJECT, objects, DataObjectRecord),
-                (_RUN_DATA_REQUEST, requests, RunDataRequestRecord),
-            ):
-                # The columns a record carries; others (erased_at) start as NULL.
-                columns = [c.name for c in table.columns if c.name in kind.__slots__]
-                for start in range(0, len(rows), self.batch_size):
-                    chunk = rows[start : start + self.batch_size]
-                    stmt = sqlite.insert(table).on_conflict_do_nothing()
-                    await conn.execute(
-                        stmt, [dict(zip(columns, _values(r, columns), strict=True)) for r in chunk]
-                    )
-        return len(records)
+        ...
 
-    async def _copy(self, lines: bytes) -> int:
+
+def sink_for(engine: AsyncEngine, batch_size: int) -> Sink:
+    """The database's own way of loading a segment."""
+    if engine.dialect.name == "postgresql":
+        return PostgresSink(engine)
+    return SqliteSink(engine, batch_size)
+
+
+class PostgresSink:
+    """The journal lines themselves: one ``COPY`` of the segment's bytes into a
+    per-session staging table, then one ``INSERT … SELECT … ON CONFLICT DO
+    NOTHING`` per table that reads the JSON fields in SQL.
+
+    This process decodes nothing: under hit load, decoding and re-encoding every
+    record here cost a fifth of the broker's throughput and was the whole hit p99.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def write(self, segment: bytes) -> int:
+        lines = complete(segment)
         if not lines:
             return 0
         async with self.engine.connect() as conn:
@@ -97,6 +86,33 @@ class DatabaseSink:
                 await driver.execute(_INSERT_OBJECTS)
                 await driver.execute(_INSERT_REQUESTS)
         return lines.count(b"\n")
+
+
+class SqliteSink:
+    """The embedded default's: records decoded here, then multi-row inserts of ``batch_size``."""
+
+    def __init__(self, engine: AsyncEngine, batch_size: int) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+
+    async def write(self, segment: bytes) -> int:
+        records = await _decode(segment)
+        objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
+        requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
+        async with self.engine.begin() as conn:
+            for table, rows, kind in (
+                (_DATA_OBJECT, objects, DataObjectRecord),
+                (_RUN_DATA_REQUEST, requests, RunDataRequestRecord),
+            ):
+                # The columns a record carries; others (erased_at) start as NULL.
+                columns = [c.name for c in table.columns if c.name in kind.__slots__]
+                for start in range(0, len(rows), self.batch_size):
+                    chunk = rows[start : start + self.batch_size]
+                    stmt = sqlite.insert(table).on_conflict_do_nothing()
+                    await conn.execute(
+                        stmt, [dict(zip(columns, _values(r, columns), strict=True)) for r in chunk]
+                    )
+        return len(records)
 
 
 _DATA_OBJECT = cast(Table, DataObject.__table__)
@@ -145,7 +161,7 @@ def _value(record: Record, column: str) -> Any:
 class OutboxWriter:
     """The background task: seal, claim, ship, remove; on a loop and once more at exit."""
 
-    def __init__(self, outbox: Outbox, sink: DatabaseSink, interval: float) -> None:
+    def __init__(self, outbox: Outbox, sink: Sink, interval: float) -> None:
         self.outbox = outbox
         self.sink = sink
         self.interval = interval

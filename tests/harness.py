@@ -312,14 +312,18 @@ async def register(
 ) -> dict[str, Any]:
     """Create a source through ``client``'s broker (set its variables, publish it); the source.
 
-    Any answer but 200 raises, with the broker's answer in the message.
+    Any answer but 200 raises, with the broker's answer in the message. Later calls name
+    the source's project: admin routes see only their project's sources.
     """
     headers = admin_headers(token)
     source = _ok(await client.post("/data-sources", json=dict(spec), headers=headers))
     sid = source["data_source_id"]
+    path = f"/data-sources/{sid}"
+    project = {} if source["project_id"] is None else {"project_id": source["project_id"]}
     if variables:
         items = [{"name": k, "value": v} for k, v in variables.items()]
-        _ok(await client.put(f"/data-sources/{sid}/variables", json=items, headers=headers))
+        answer = await client.put(f"{path}/variables", json=items, headers=headers, params=project)
+        _ok(answer)
     if publish:
-        source = _ok(await client.post(f"/data-sources/{sid}/publish", headers=headers))
+        source = _ok(await client.post(f"{path}/publish", headers=headers, params=project))
     return source

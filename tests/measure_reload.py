@@ -59,7 +59,7 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
     for i in range(count):
         row = await store.create(DataSourceSpec.model_validate({"name": f"s{i}", **SPEC}), None)
         values = [VariableValue(name="KEY", value="k"), VariableValue(name="TOKEN", value="t")]
-        await store.set_variables(row.data_source_id, values)
+        await store.set_variables(row.data_source_id, values, None)
     redis = Redis.from_url(REDIS_URL)
     try:
         first = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import uuid
 from datetime import datetime
 from typing import Any
@@ -9,13 +10,17 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
 from proxy.settings import Settings
 from tests.conftest import Broker
-from tests.harness import ADMIN_TOKEN
+from tests.harness import ADMIN_TOKEN, async_wait_for
+from tests.instances import RedisInstance
 from tests.servers import Upstream, serve_in_thread
+from tests.tcp import HangingProxy
+from tests.test_redis_acl import ACL_LINE
 
 CANARY = "s3cr3t-canary"
 SOME_ID = str(uuid.uuid4())
@@ -466,3 +471,121 @@ async def test_registry_follows_admin_changes(broker: Broker, upstream: Upstream
     assert after.status_code == 200, after.text
     assert after.json()["origin"] == "REQUEST"
     assert upstream.hits("/live") == 2
+
+
+# --- every failure in the contract's shape ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nope", 404, "NOT_FOUND"),
+        ("GET", "/data-sources/a/b/c", 404, "NOT_FOUND"),
+        ("DELETE", "/data-sources", 405, "METHOD_NOT_ALLOWED"),
+        ("PATCH", f"/data-sources/{SOME_ID}", 405, "METHOD_NOT_ALLOWED"),
+        ("GET", "/internal/data-broker", 405, "METHOD_NOT_ALLOWED"),
+    ],
+)
+async def test_no_such_route_or_method_answers_json(
+    broker: Broker, method: str, path: str, status: int, code: str
+) -> None:
+    answer = await broker.admin(method, path)
+    assert answer.headers["content-type"] == "application/json"
+    error(answer, status, code)
+
+
+async def test_an_unexpected_failure_answers_500_internal_json(
+    broker: Broker, db: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored source this release cannot read (written by hand, or by a newer release):
+    the answer and the log say what failed and where, never what it held."""
+    sid = (await broker.register(spec()))["data_source_id"]
+    async with db.begin() as conn:
+        await conn.execute(
+            text("UPDATE data_source SET source = :s"), {"s": f'{{"nonsense": "{CANARY}"}}'}
+        )
+    answer = await broker.admin("PUT", f"/data-sources/{sid}", spec(description="d"))
+    assert answer.headers["content-type"] == "application/json"
+    assert "ValidationError" in error(answer, 500, "INTERNAL")["detail"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "databroker.admin"]
+    assert len(logged) == 1 and "ValidationError" in logged[0]
+    assert CANARY not in answer.text + caplog.text
+
+
+async def test_a_database_that_hangs_answers_503_without_holding_the_request(
+    settings: Settings, db: AsyncEngine
+) -> None:
+    """Behind a proxy that stops passing bytes: each admin request ends after the timeouts
+    (1 s here; asyncpg alone waits for ever on a statement), as 503 DATABASE_UNAVAILABLE."""
+    url = make_url(settings.database_url or "")
+    with HangingProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        hanging = settings.model_copy(
+            update={
+                "database_url": url.set(port=proxy.port).render_as_string(hide_password=False),
+                "database_connect_timeout": 1.0,
+                "database_command_timeout": 1.0,
+            }
+        )
+        with serve_in_thread(create_app(hanging)) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                broker = Broker(base, hanging, client)
+                sid = (await broker.register(WITH_VARIABLES, publish=False))["data_source_id"]
+                proxy.hang()
+                try:
+                    for method, path, body in [
+                        ("GET", f"/data-sources/{sid}", None),
+                        ("GET", "/data-sources", None),
+                        ("PUT", f"/data-sources/{sid}/variables", [{"name": "TOKEN", "value": 1}]),
+                    ]:
+                        answer = await broker.admin(method, path, body)
+                        detail = error(answer, 503, "DATABASE_UNAVAILABLE")["detail"]
+                        assert "DATABROKER_DATABASE_URL" in detail
+                        assert str(proxy.port) not in detail
+                finally:
+                    proxy.resume()
+                assert (await broker.admin("GET", f"/data-sources/{sid}")).status_code == 200
+
+
+async def test_a_committed_draft_answers_200_and_its_flush_is_retried_until_done(
+    settings: Settings, db: AsyncEngine, private_redis: RedisInstance, upstream: Upstream
+) -> None:
+    """Redis refuses the flush (an ACL without UNLINK): the change is committed, so it
+    answers 200 and the registry serves it; the flush happens once Redis allows it."""
+    assert ACL_LINE is not None
+    rule = shlex.split(ACL_LINE.group(0))
+    password = next(r[1:] for r in rule if r.startswith(">"))
+    redis = private_redis.client()
+    redis.execute_command(*rule, "-unlink")
+    as_user = settings.model_copy(
+        update={
+            "redis_url": f"redis://databroker:{password}@127.0.0.1:{private_redis.port}/0",
+            "redis_prefix": "databroker:",
+        }
+    )
+    old, new = upstream.answer("/flush/old", b"old"), upstream.answer("/flush/new", b"new")
+    caching = {"enabled": True, "ttl": 600}
+    try:
+        with serve_in_thread(create_app(as_user)) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                broker = Broker(base, as_user, client)
+                draft = await broker.register(spec("cached", old, caching=caching), publish=False)
+                sid = draft["data_source_id"]
+                assert (await broker.call("cached")).json()["value"] == "old"
+                entries = redis.keys(f"databroker:cache:{sid}:*")
+                assert len(entries) == 1
+
+                # The new URL takes a runtime param: the registry's copy is new once it asks for it.
+                changed = spec("cached", new + "?id={{ id }}", caching=caching)
+                replaced = await broker.admin("PUT", f"/data-sources/{sid}", changed)
+                assert replaced.status_code == 200, replaced.text
+                assert replaced.json()["runtime_params"] == ["id"]
+                missing = await broker.call("cached")
+                assert missing.json()["error"]["code"] == "MISSING_PARAMS", missing.text
+                assert redis.keys(f"databroker:cache:{sid}:*") == entries  # owed, not done
+
+                redis.execute_command("ACL", "SETUSER", "databroker", "+unlink")
+                await async_wait_for(lambda: not redis.keys(f"databroker:cache:{sid}:*"))
+                answer = (await broker.call("cached", {"id": "1"})).json()
+                assert (answer["origin"], answer["value"]) == ("REQUEST", "new")
+    finally:
+        redis.close()

@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from proxy import egress
 from proxy.app import create_app
-from proxy.egress import DEFAULT_DENY, EgressDialer, EgressPolicy, Rules
+from proxy.egress import DEFAULT_DENY, DENY_VARIABLE, EgressDialer, EgressPolicy, Rules
 from proxy.errors import EgressDenied, UpstreamHTTPError
 from proxy.lifecycle import forbidden_changes
 from proxy.retry import Retrying
@@ -213,10 +213,20 @@ def test_a_bad_entry_fails_at_start_naming_the_variable(
     assert repr(entry) in error["msg"]
 
 
-def test_unvalidated_settings_still_fail_loudly(settings: Settings) -> None:
-    """model_copy skips validation: building the policy checks the rules again."""
-    with pytest.raises(ValueError, match="DATABROKER_EGRESS_ALLOW"):
-        EgressPolicy.from_settings(settings.model_copy(update={"egress_allow": "10.0.0.0/33"}))
+def test_the_policy_is_built_from_the_rules_the_settings_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABROKER_EGRESS_DENY", "10.0.0.0/8,.corp.example")
+    monkeypatch.setenv("DATABROKER_EGRESS_ALLOW", "10.1.2.3")
+    settings = Settings()
+    assert settings.egress_deny == Rules.parse("10.0.0.0/8,.corp.example", DENY_VARIABLE)
+    policy = EgressPolicy.from_settings(settings)
+    policy.check_address("10.1.2.3")
+    for refused in ("10.0.0.1", "169.254.169.254"):  # the deployment's deny, a built-in one
+        with pytest.raises(EgressDenied):
+            policy.check_address(refused)
+    with pytest.raises(EgressDenied):
+        policy.check_host("api.corp.example")
 
 
 # --- the spec ------------------------------------------------------------------------------
@@ -466,7 +476,7 @@ async def test_broker_answers_403_egress_denied_and_audits_it(
 ) -> None:
     url = upstream.answer("/users/1", b'{"id": 1}')
     run_id = uuid.uuid4()
-    denying = settings.model_copy(update={"egress_deny": "127.0.0.0/8"})
+    denying = settings.model_copy(update={"egress_deny": Rules.parse("127.0.0.0/8", DENY_VARIABLE)})
     with serve_in_thread(create_app(denying)) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             broker = Broker(base, denying, client)

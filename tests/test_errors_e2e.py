@@ -290,7 +290,9 @@ async def test_an_undecryptable_variable_is_internal_and_says_nothing_of_it(
         ),
         None,
     )
-    await foreign.set_variables(row.data_source_id, [VariableValue(name="KEY", value="hush-42")])
+    await foreign.set_variables(
+        row.data_source_id, [VariableValue(name="KEY", value="hush-42")], None
+    )
     body = internal(await past_the_index(broker, "foreign"))
     assert "hush-42" not in body["error"]["message"]
     assert (await broker.call("known")).status_code == 200

@@ -1,7 +1,8 @@
 """Hostile requests against the running broker: each is a 4xx with a stable code, never a 500.
 
 The broker route answers 400 INVALID_REQUEST (or the param codes once a source
-resolved); the admin routes answer 422 VALIDATION_ERROR. Every case goes over a
+resolved); the admin routes answer 422 VALIDATION_ERROR, and 413 BODY_TOO_LARGE
+past the size cap. Every case goes over a
 real socket, so uvicorn's own handling of the bytes is part of what is proven.
 """
 
@@ -140,8 +141,8 @@ async def test_oversized_bodies_are_refused(
         assert answer.status_code == 400
         assert answer.json()["error"]["code"] == "INVALID_REQUEST"
     else:
-        assert answer.status_code == 422
-        assert answer.json()["code"] == "VALIDATION_ERROR"
+        assert answer.status_code == 413
+        assert answer.json()["code"] == "BODY_TOO_LARGE"
     assert str(MAX_BODY_BYTES) in answer.text
 
 
@@ -166,7 +167,7 @@ async def test_an_endless_body_is_answered_without_waiting_for_its_end(
             status = await reader.readline()
     finally:
         writer.close()
-    assert status.split()[1] == (b"400" if path == BROKER else b"422")
+    assert status.split()[1] == (b"400" if path == BROKER else b"413")
 
 
 async def test_a_body_just_under_the_cap_is_read(hostile: Broker) -> None:

@@ -106,13 +106,13 @@ async def test_a_reload_rebuilds_only_what_changed(
     assert all(registry.resolve(None, name) is source for name, source in first.items())
 
     await store.replace(one, spec("one", description="changed"), None)
-    await store.set_variables(two, [VariableValue(name="KEY", value="v1")])
+    await store.set_variables(two, [VariableValue(name="KEY", value="v1")], None)
     await registry.load()
     rebuilt = {name: registry.resolve(None, name) for name in ("one", "two")}
     assert all(rebuilt[name] is not first[name] for name in first)
     assert rebuilt["two"] is not None and dict(rebuilt["two"].values) == {"KEY": "v1"}
 
-    await store.publish(one)
+    await store.publish(one, None)
     await registry.load()
     published = registry.resolve(None, "one")
     assert published is not None and published.status == "PUBLISHED"
@@ -123,7 +123,7 @@ async def undecryptable_variable(store: SourceStore, db: AsyncEngine) -> None:
     """A stored variable written under a key this sidecar does not have."""
     sid = await create(store, "foreign", variables=["KEY"])
     other = SourceStore(db, SecretBox([Fernet.generate_key().decode()]))
-    await other.set_variables(sid, [VariableValue(name="KEY", value="elsewhere")])
+    await other.set_variables(sid, [VariableValue(name="KEY", value="elsewhere")], None)
 
 
 async def test_a_change_is_announced_even_when_the_reload_after_it_fails(

@@ -126,7 +126,7 @@ async def test_one_value_no_key_decrypts_leaves_every_value_as_it_was(
             {"name": name, "source": {"url": "http://127.0.0.1:9/{{ env.V }}"}}
         )
         row = await store.create(source, None)
-        await store.set_variables(row.data_source_id, [VariableValue(name="V", value=name)])
+        await store.set_variables(row.data_source_id, [VariableValue(name="V", value=name)], None)
     # Rewritten last, this row is met last by the scan (Postgres appends the new version):
     # the other value is rotated in the transaction before this one fails it.
     lost = next(iter(await tokens(db)))

@@ -2,7 +2,8 @@
 
 Two projects A and B and the global namespace (no project) each hold a source named
 ``users`` that calls a different upstream path, so an answer says whose source served
-it. The admin token itself is one for all projects (tests/test_admin.py covers it).
+it. The admin token itself is one for all projects (tests/test_admin.py covers it);
+each admin request works in one project and sees no other's sources.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis as sync_redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,6 +23,7 @@ from proxy.settings import Settings
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import async_wait_for
 from tests.servers import Upstream, serve_in_thread
+from tests.test_admin import ID_ROUTES
 from tests.test_flow import rows
 
 A, B = uuid.uuid4(), uuid.uuid4()
@@ -142,9 +145,11 @@ async def test_a_project_resolves_and_reads_only_its_own_sources(
     assert await listed(broker, f"?project_id={B}") == {sid[B]}
     assert await listed(broker) == {sid[None]}
 
-    # Replacing A's source without naming a project keeps it in A.
+    # Replacing A's source in A, the body naming no project, keeps it in A.
     replaced = await broker.admin(
-        "PUT", f"/data-sources/{sid[A]}", {**users(upstream, "a", None), "description": "d"}
+        "PUT",
+        f"/data-sources/{sid[A]}?project_id={A}",
+        {**users(upstream, "a", None), "description": "d"},
     )
     assert replaced.status_code == 200, replaced.text
     assert replaced.json()["project_id"] == str(A)
@@ -185,3 +190,40 @@ async def test_the_default_project_applies_when_a_request_names_none(
     # Without a default, a request naming no project is global: A's new source is not there.
     await not_found(broker, "made_here", None)
     assert (await served(broker, "users", None))["value"] == {"owner": "global"}
+
+
+SCOPED: dict[str, Any] = {
+    "name": "scoped",
+    "source": {"url": "https://api.example.com/users", "headers": {"X-Key": "{{ env.KEY }}"}},
+    "project_id": str(A),
+}
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ID_ROUTES)
+async def test_admin_routes_see_only_their_projects_sources(
+    broker: Broker, method: str, path: str, body: Any
+) -> None:
+    """Reads included: another project, or the global namespace, gets 404 and changes nothing."""
+    source = await broker.register(SCOPED, variables={"KEY": "k"}, publish=False)
+    sid = source["data_source_id"]
+    for query in (f"?project_id={B}", ""):
+        answer = await broker.admin(method, path.format(id=sid) + query, body)
+        assert answer.status_code == 404, (query, answer.text)
+        assert answer.json()["code"] == "NOT_FOUND"
+
+    kept = await broker.admin("GET", f"/data-sources/{sid}?project_id={A}")
+    assert kept.status_code == 200, kept.text
+    assert kept.json() == source
+    variables = await broker.admin("GET", f"/data-sources/{sid}/variables?project_id={A}")
+    assert [(v["name"], v["is_set"]) for v in variables.json()] == [("KEY", True)]
+
+
+async def test_the_body_may_not_name_another_project_than_the_query(broker: Broker) -> None:
+    created = await broker.admin("POST", f"/data-sources?project_id={B}", SCOPED)
+    assert created.status_code == 422, created.text
+    sid = (await broker.register(SCOPED, publish=False))["data_source_id"]
+    moved = await broker.admin(
+        "PUT", f"/data-sources/{sid}?project_id={A}", {**SCOPED, "project_id": str(B)}
+    )
+    assert moved.status_code == 422, moved.text
+    assert await listed(broker, f"?project_id={B}") == set()

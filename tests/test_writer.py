@@ -1,10 +1,10 @@
-"""DatabaseSink and OutboxWriter against the real Postgres."""
+"""The sinks (Postgres: COPY; SQLite: multi-row inserts) and OutboxWriter, on real databases."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.database import migrate
+from proxy.database import create_engine, migrate
 from proxy.outbox import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
@@ -28,7 +28,7 @@ from proxy.outbox import (
     encode,
 )
 from proxy.tables import DataObject, RunDataRequest
-from proxy.writer import DatabaseSink, OutboxWriter
+from proxy.writer import OutboxWriter, PostgresSink, SqliteSink, sink_for
 from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000007")
@@ -83,16 +83,24 @@ def batch(pairs: int) -> list[Record]:
     return records
 
 
+def _row(mapping: Any) -> dict[str, Any]:
+    """A row, its timestamp in UTC: SQLite hands back the stored UTC time without a zone."""
+    row = dict(mapping)
+    if row["created_at"].tzinfo is None:
+        row["created_at"] = row["created_at"].replace(tzinfo=UTC)
+    return row
+
+
 async def objects(db: AsyncEngine) -> dict[uuid.UUID, dict[str, Any]]:
     async with db.connect() as conn:
         result = await conn.execute(select(DataObject.__table__))
-        return {r.data_object_id: dict(r._mapping) for r in result}
+        return {r.data_object_id: _row(r._mapping) for r in result}
 
 
 async def requests(db: AsyncEngine) -> dict[uuid.UUID, dict[str, Any]]:
     async with db.connect() as conn:
         result = await conn.execute(select(RunDataRequest.__table__))
-        return {r.run_data_request_id: dict(r._mapping) for r in result}
+        return {r.run_data_request_id: _row(r._mapping) for r in result}
 
 
 async def count(db: AsyncEngine, table: str) -> int:
@@ -114,12 +122,34 @@ def unreachable() -> AsyncEngine:
     return create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
 
 
-async def test_sink_writes_exact_values(db: AsyncEngine) -> None:
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def database(
+    request: pytest.FixtureRequest, db: AsyncEngine, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    """Each database a sink is made for: the test Postgres (emptied), a migrated SQLite file."""
+    if request.param == "postgresql":
+        yield db
+        return
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'sink.db'}")
+    await migrate(engine)
+    yield engine
+    await engine.dispose()
+
+
+def test_each_database_gets_its_own_sink(tmp_path: Path) -> None:
+    postgres = create_async_engine("postgresql+asyncpg://x@127.0.0.1/x")
+    sqlite = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    assert isinstance(sink_for(postgres, 10), PostgresSink)
+    assert isinstance(sink_for(sqlite, 10), SqliteSink)
+
+
+async def test_sink_writes_exact_values(database: AsyncEngine) -> None:
+    db = database
     obj = data_object()
     ok = replace(success(obj), cost_amount="0.35", cost_currency="USD")
     failed, hit = failure(), replace(success(obj, "CACHE"), replay="AS_OF")
 
-    await DatabaseSink(db, batch_size=1000).write(journal([obj, ok, failed, hit]))
+    await sink_for(db, batch_size=1000).write(journal([obj, ok, failed, hit]))
 
     assert await objects(db) == {
         obj.data_object_id: {
@@ -162,7 +192,7 @@ async def test_sqlite_sink_writes_cost_and_replay(tmp_path: Path) -> None:
     paid = replace(success(obj), cost_amount="12.5", cost_currency="EUR")
     replayed = replace(success(obj, "CACHE"), replay="RUN_ID")
     try:
-        await DatabaseSink(engine, batch_size=1000).write(journal([obj, paid, replayed, failure()]))
+        await SqliteSink(engine, batch_size=1000).write(journal([obj, paid, replayed, failure()]))
         rows = await requests(engine)
     finally:
         await engine.dispose()
@@ -174,8 +204,9 @@ async def test_sqlite_sink_writes_cost_and_replay(tmp_path: Path) -> None:
     assert {r["erased_at"] for r in rows.values()} == {None}
 
 
-async def test_an_error_holding_any_text_is_written_as_it_was(db: AsyncEngine) -> None:
+async def test_an_error_holding_any_text_is_written_as_it_was(database: AsyncEngine) -> None:
     """Request-supplied text (a parameter name) may hold NUL, quotes, escapes, newlines."""
+    db = database
     hostile = {
         "code": "UNKNOWN_PARAMS",
         "message": 'a\x00b "q" \\u0000 \n\x02\x01 é \u2028 🙂',
@@ -187,16 +218,17 @@ async def test_an_error_holding_any_text_is_written_as_it_was(db: AsyncEngine) -
     old_line = encode(old_form).replace(
         orjson.dumps(orjson.dumps(old_form.error).decode()), orjson.dumps(old_form.error)
     )
-    assert await DatabaseSink(db, batch_size=1000).write(encode(record) + old_line) == 2
+    assert await sink_for(db, batch_size=1000).write(encode(record) + old_line) == 2
     rows = await requests(db)
     assert rows[record.run_data_request_id]["error"] == hostile
     assert rows[old_form.run_data_request_id]["error"] == old_form.error
 
 
-async def test_success_rows_have_sql_null_error(db: AsyncEngine) -> None:
+async def test_success_rows_have_sql_null_error(database: AsyncEngine) -> None:
     """``error IS NULL`` tells successes from failures (not a JSON ``null``)."""
+    db = database
     obj = data_object()
-    await DatabaseSink(db, batch_size=1000).write(journal([obj, success(obj), failure()]))
+    await sink_for(db, batch_size=1000).write(journal([obj, success(obj), failure()]))
     async with db.connect() as conn:
         result = await conn.execute(
             text("SELECT data_origin, error IS NULL AS ok FROM run_data_request")
@@ -207,9 +239,10 @@ async def test_success_rows_have_sql_null_error(db: AsyncEngine) -> None:
         ]
 
 
-async def test_sink_is_idempotent(db: AsyncEngine) -> None:
+async def test_sink_is_idempotent(database: AsyncEngine) -> None:
+    db = database
     records = [*batch(3), failure()]
-    sink = DatabaseSink(db, batch_size=2)
+    sink = sink_for(db, batch_size=2)
 
     await sink.write(journal(records))
     first = (await objects(db), await requests(db))
@@ -220,9 +253,10 @@ async def test_sink_is_idempotent(db: AsyncEngine) -> None:
     assert len(first[0]) == 3 and len(first[1]) == 4
 
 
-async def test_sink_writes_more_than_a_batch(db: AsyncEngine) -> None:
+async def test_sink_writes_more_than_a_batch(database: AsyncEngine) -> None:
+    db = database
     records = batch(2_500)
-    assert await DatabaseSink(db, batch_size=1000).write(journal(records)) == 5_000
+    assert await sink_for(db, batch_size=1000).write(journal(records)) == 5_000
     assert await count(db, "data_object") == 2_500
     assert await count(db, "run_data_request") == 2_500
     assert set(await objects(db)) == {
@@ -235,7 +269,7 @@ async def test_flush_ships_sealed_segments_and_removes_them(
 ) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
-    writer = OutboxWriter(outbox, DatabaseSink(db, batch_size=1000), interval=60)
+    writer = OutboxWriter(outbox, PostgresSink(db), interval=60)
     first, second = batch(2), [*batch(1), failure()]
     outbox.append(*first)
     outbox.seal()  # a segment sealed earlier, beside the one flush seals itself
@@ -256,7 +290,7 @@ async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path:
     outbox = Outbox(tmp_path)
     outbox.open()
     down = unreachable()
-    writer = OutboxWriter(outbox, DatabaseSink(down, batch_size=1000), interval=60)
+    writer = OutboxWriter(outbox, PostgresSink(down), interval=60)
     records = [*batch(2), failure()]
     outbox.append(*records)
     try:
@@ -271,7 +305,7 @@ async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path:
     assert writer.backlog_bytes == kept[0].stat().st_size
     assert await count(db, "run_data_request") == 0
 
-    writer.sink = DatabaseSink(db, batch_size=1000)
+    writer.sink = PostgresSink(db)
     assert await writer.flush() is True
 
     assert not kept[0].exists()
@@ -293,7 +327,7 @@ async def test_a_segment_replayed_after_commit_writes_nothing_twice(
     outbox.close()
     [segment] = segments(tmp_path)
     saved = segment.read_bytes()
-    writer = OutboxWriter(Outbox(tmp_path), DatabaseSink(db, batch_size=1000), interval=60)
+    writer = OutboxWriter(Outbox(tmp_path), PostgresSink(db), interval=60)
     assert await writer.flush() is True
     before = (await objects(db), await requests(db))
 
@@ -309,7 +343,7 @@ async def test_run_ships_on_its_own_and_stop_ships_the_rest(
 ) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
-    writer = OutboxWriter(outbox, DatabaseSink(db, batch_size=1000), interval=0.02)
+    writer = OutboxWriter(outbox, PostgresSink(db), interval=0.02)
     task = asyncio.create_task(writer.run())
     try:
         outbox.append(*batch(2))
@@ -334,7 +368,7 @@ async def test_stop_with_the_database_down_leaves_the_rest_on_disk(tmp_path: Pat
     outbox = Outbox(tmp_path)
     outbox.open()
     down = unreachable()
-    writer = OutboxWriter(outbox, DatabaseSink(down, batch_size=1000), interval=60)
+    writer = OutboxWriter(outbox, PostgresSink(down), interval=60)
     outbox.append(*batch(2))
     try:
         await writer.stop(timeout=10)
@@ -343,7 +377,7 @@ async def test_stop_with_the_database_down_leaves_the_rest_on_disk(tmp_path: Pat
     assert [p.suffix for p in segments(tmp_path)] == [SEALED_SUFFIX]
 
 
-class BreaksOnce(DatabaseSink):
+class BreaksOnce(PostgresSink):
     """A sink whose first write fails the way a raw driver does: not a SQLAlchemy error."""
 
     failed = False
@@ -360,7 +394,7 @@ async def test_any_sink_failure_keeps_the_segment_and_the_writer_running(
 ) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
-    sink = BreaksOnce(db, batch_size=1000)
+    sink = BreaksOnce(db)
     writer = OutboxWriter(outbox, sink, interval=0.02)
     outbox.append(*batch(2))
     task = asyncio.create_task(writer.run())

@@ -2,41 +2,65 @@
 
 Bodies and answers follow the reference OpenAPI. Every route needs
 ``Authorization: Bearer $DATABROKER_ADMIN_TOKEN``; with no token configured
-the admin surface is off (403). Validation errors never echo input values,
-since a variable's value is a secret.
+the admin surface is off (403). Every failure answers ``{"detail", "code"}``
+JSON, whatever raised it. Validation errors never echo input values, since a
+variable's value is a secret.
+
+Each request works in one project: ``?project_id=``, else the body's
+``project_id``, else ``DATABROKER_PROJECT_ID``, else the global namespace. A
+source of another project does not exist for it (404), reads included.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, get_args
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.cache import CacheUnavailable
-from proxy.errors import AdminDisabled, AdminError, NotFound, Unauthorized, ValidationFailed
+from proxy.database import describe, is_unavailable
+from proxy.errors import (
+    AdminDisabled,
+    BodyTooLarge,
+    BrokerError,
+    DatabaseUnavailable,
+    InternalError,
+    NotFound,
+    Unauthorized,
+    ValidationFailed,
+)
 from proxy.messages import loads_strict
 from proxy.routes.bodies import read_json
+from proxy.services import services
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue, to_api
 from proxy.types import Status
+
+logger = logging.getLogger("databroker.admin")
 
 Handler = Callable[[Request], Awaitable[Response]]
 _VARIABLES = TypeAdapter(list[VariableValue])
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status, media_type="application/json")
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def error_answer(exc: BrokerError) -> Response:
+    return _json({"detail": exc.message, "code": exc.code, **exc.extra}, exc.status)
 
 
 def _authorize(request: Request) -> None:
-    token = request.state.settings.admin_token
+    token = services(request).settings.admin_token
     if token is None:
         raise AdminDisabled("admin routes are off: set DATABROKER_ADMIN_TOKEN to enable them")
     given = request.headers.get("authorization", "")
@@ -46,21 +70,52 @@ def _authorize(request: Request) -> None:
 
 
 def admin(handler: Handler) -> Handler:
-    """Authorize, then answer AdminErrors as ``{"detail", "code"}``."""
+    """Authorize, then answer every failure as ``{"detail", "code"}``: an unexpected one
+    as 500 INTERNAL (logged), a database that is away or too slow as 503."""
 
     async def guarded(request: Request) -> Response:
         try:
             _authorize(request)
             return await handler(request)
-        except AdminError as exc:
-            return _json({"detail": exc.message, "code": exc.code, **exc.extra}, exc.status)
+        except BrokerError as exc:
+            return error_answer(exc)
+        except ClientDisconnect:
+            return error_answer(ValidationFailed("the client left before sending its body"))
+        except Exception as exc:
+            if is_unavailable(exc):
+                return error_answer(DatabaseUnavailable(f"{describe(exc)}; retry"))
+            # Where, not what: an exception's message may quote a value it was given.
+            where = "".join(traceback.format_tb(exc.__traceback__))
+            logger.error(
+                "admin %s %s failed: %s at\n%s",
+                request.method,
+                request.url.path,
+                type(exc).__name__,
+                where,
+            )
+            return error_answer(InternalError(f"internal error ({type(exc).__name__})"))
 
     return guarded
 
 
+async def _http_error(_: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, method not allowed) in the same shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+    return _json({"detail": exc.detail, "code": code}, exc.status_code, exc.headers)
+
+
+async def _internal_error(_: Request, exc: Exception) -> Response:
+    return error_answer(InternalError(f"internal error ({type(exc).__name__})"))
+
+
+# For the whole application: every route outside the hot path answers JSON errors.
+exception_handlers = {HTTPException: _http_error, Exception: _internal_error}
+
+
 async def _parse(request: Request, validate: Callable[[Any], Any]) -> Any:
     """Read and validate a body: the same strict JSON as the broker route, then the model."""
-    body = await read_json(request.scope, request.receive, ValidationFailed)
+    body = await read_json(request.scope, request.receive, ValidationFailed, BodyTooLarge)
     try:
         data = loads_strict(body)
     except ValueError as exc:
@@ -83,19 +138,21 @@ def _source_id(request: Request) -> uuid.UUID:
 
 
 def _store(request: Request) -> SourceStore:
-    store: SourceStore = request.state.sources
-    return store
+    return services(request).sources
 
 
-def _project(request: Request) -> uuid.UUID | None:
+def _project(request: Request, in_body: uuid.UUID | None = None) -> uuid.UUID | None:
+    """The project the request works in (see the module's docstring)."""
     given = request.query_params.get("project_id")
     if given is None:
-        project: uuid.UUID | None = request.state.settings.project_id
-        return project
+        return in_body or services(request).settings.project_id
     try:
-        return uuid.UUID(given)
+        project = uuid.UUID(given)
     except ValueError as exc:
         raise ValidationFailed("project_id is not a UUID") from exc
+    if in_body is not None and in_body != project:
+        raise ValidationFailed("project_id in the body differs from ?project_id=")
+    return project
 
 
 @admin
@@ -117,59 +174,58 @@ async def list_sources(request: Request) -> Response:
 @admin
 async def create_source(request: Request) -> Response:
     spec = await _parse(request, DataSourceSpec.model_validate)
-    row = await _store(request).create(spec, request.state.settings.project_id)
-    await request.state.registry.changed(row.data_source_id)
+    row = await _store(request).create(spec, _project(request, spec.project_id))
+    await services(request).registry.changed(row.data_source_id)
     return _json(to_api(row))
 
 
 @admin
 async def get_source(request: Request) -> Response:
-    return _json(to_api(await _store(request).get(_source_id(request))))
+    return _json(to_api(await _store(request).get(_source_id(request), _project(request))))
 
 
 @admin
 async def replace_source(request: Request) -> Response:
     spec = await _parse(request, DataSourceSpec.model_validate)
     row = await _store(request).replace(
-        _source_id(request), spec, request.state.settings.project_id
+        _source_id(request), spec, _project(request, spec.project_id)
     )
+    # Committed: from here on nothing may answer as if it were not.
     if row.status == "DRAFT":
         # A draft's templates may have changed: its cached answers are no longer its answers.
-        try:
-            await request.state.cache.flush_source(row.data_source_id)
-        except CacheUnavailable:
-            raise AdminError("draft saved, but its cache could not be flushed; retry") from None
-    await request.state.registry.changed(row.data_source_id)
+        # Never raises: a flush Redis refuses is retried in the background (proxy.flushes).
+        await services(request).flushes.flush_source(row.data_source_id)
+    await services(request).registry.changed(row.data_source_id)
     return _json(to_api(row))
 
 
 @admin
 async def delete_source(request: Request) -> Response:
     data_source_id = _source_id(request)
-    await _store(request).delete(data_source_id)
-    await request.state.registry.changed(data_source_id)
+    await _store(request).delete(data_source_id, _project(request))
+    await services(request).registry.changed(data_source_id)
     return _json({"data_source_id": str(data_source_id)})
 
 
 @admin
 async def publish_source(request: Request) -> Response:
-    row = await _store(request).publish(_source_id(request))
-    await request.state.registry.changed(row.data_source_id)
+    row = await _store(request).publish(_source_id(request), _project(request))
+    await services(request).registry.changed(row.data_source_id)
     return _json(to_api(row))
 
 
 @admin
 async def get_variables(request: Request) -> Response:
-    return _json(await _store(request).get_variables(_source_id(request)))
+    return _json(await _store(request).get_variables(_source_id(request), _project(request)))
 
 
 @admin
 async def set_variables(request: Request) -> Response:
     desired = await _parse(request, _VARIABLES.validate_python)
-    data_source_id = _source_id(request)
-    await _store(request).set_variables(data_source_id, desired)
-    await request.state.registry.changed(data_source_id)
-    return _json(await _store(request).get_variables(data_source_id))
+    data_source_id, project = _source_id(request), _project(request)
+    await _store(request).set_variables(data_source_id, desired, project)
+    await services(request).registry.changed(data_source_id)
+    return _json(await _store(request).get_variables(data_source_id, project))
 
 
 routes = [

@@ -22,9 +22,15 @@ def is_json(content_type: str | None) -> bool:
     )
 
 
-async def read_json(scope: Scope, receive: Receive, error: type[BrokerError]) -> bytes:
-    """The body of a route that takes JSON: ``error`` unless it is declared JSON and at
-    most MAX_BODY_BYTES (never buffered past that); ClientDisconnect if the client left.
+async def read_json(
+    scope: Scope,
+    receive: Receive,
+    error: type[BrokerError],
+    too_large: type[BrokerError] | None = None,
+) -> bytes:
+    """The body of a route that takes JSON: ``error`` unless it is declared JSON, and
+    ``too_large`` (default ``error``: each route keeps its contract's status) past
+    MAX_BODY_BYTES, never buffered beyond that; ClientDisconnect if the client left.
 
     Declared JSON is required, not guessed: a browser page may post text/plain, a
     form or a typeless body to 127.0.0.1 without a CORS preflight, and must not be
@@ -39,9 +45,10 @@ async def read_json(scope: Scope, receive: Receive, error: type[BrokerError]) ->
             declared = value
     if not is_json(content_type):
         raise error("Content-Type must be application/json")
-    too_large = f"body exceeds {MAX_BODY_BYTES} bytes"
+    refuse = too_large or error
+    too_big = f"body exceeds {MAX_BODY_BYTES} bytes"
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise error(too_large)
+        raise refuse(too_big)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -51,7 +58,7 @@ async def read_json(scope: Scope, receive: Receive, error: type[BrokerError]) ->
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise error(too_large)
+            raise refuse(too_big)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

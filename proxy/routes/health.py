@@ -11,6 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from proxy.services import services
+
 CHECK_TIMEOUT = 2.0
 
 
@@ -28,17 +30,18 @@ async def _check(probe: Awaitable[object]) -> str:
 
 
 async def _database_ok(request: Request) -> None:
-    async with request.state.engine.connect() as conn:
+    async with services(request).engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
 
 
 async def readyz(request: Request) -> Response:
     """Ready when Redis and the database answer; each check is bounded."""
-    backlog = request.state.writer.backlog_bytes
+    running = services(request)
+    backlog = running.writer.backlog_bytes
     checks = {
-        "redis": await _check(request.state.redis.ping()),
+        "redis": await _check(running.redis.ping()),
         "database": await _check(_database_ok(request)),
-        "outbox": "full" if request.state.broker.outbox_full() else "ok",
+        "outbox": "full" if running.broker.outbox_full() else "ok",
     }
     ready = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ready else "degraded", **checks, "outbox_backlog_bytes": backlog}

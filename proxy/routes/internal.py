@@ -38,7 +38,7 @@ class BrokerRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body = await read_json(scope, receive, InvalidRequest)
-            answer = await scope["state"]["broker"].handle(body)
+            answer = await scope["state"]["services"].broker.handle(body)
             status, payload = answer.status, answer.body
         except InvalidRequest as exc:
             status, payload = exc.status, messages.failure(exc)

@@ -1,0 +1,41 @@
+"""What the lifespan hands to the routes: every shared resource, typed, in one frozen object.
+
+The lifespan puts it in the ASGI state under ``"services"``; uvicorn copies that
+state into every request's scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from proxy.broker import Broker
+    from proxy.cache import RedisCache, RedisClient
+    from proxy.flushes import Flushes
+    from proxy.settings import Settings
+    from proxy.source_registry import Registry
+    from proxy.source_store import SourceStore
+    from proxy.writer import OutboxWriter
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    redis: RedisClient
+    cache: RedisCache
+    sources: SourceStore
+    registry: Registry
+    writer: OutboxWriter
+    broker: Broker
+    flushes: Flushes
+
+
+def services(request: Request) -> Services:
+    found: Services = request.scope["state"]["services"]
+    return found
