@@ -264,7 +264,8 @@ async def _client(option: str) -> AsyncIterator[Get]:
 
             async def get_aiohttp(url: str) -> bytes:
                 async with session.get(url) as answer:
-                    return await answer.read()
+                    body: bytes = await answer.read()
+                    return body
 
             yield get_aiohttp
         return
