@@ -34,6 +34,11 @@ ROWS_PRUNED = Counter(
     "DataObjects and audit rows deleted for being older than their retention, by table.",
     ["table"],
 )
+DEPENDENCY_UP = Gauge(
+    "databroker_dependency_up",
+    "1 if the dependency (redis, database) answered its last background check, else 0.",
+    ["dependency"],
+)
 HOT_BYTES = Gauge("databroker_hot_bytes", "Bytes held by hot entries.")
 HOT_LIVE = Gauge(
     "databroker_hot_live", "1 while the invalidation link is up and hot entries are in use."

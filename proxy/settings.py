@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     prune_interval: float = Field(default=3600.0, gt=0)
     prune_batch_size: int = Field(default=1000, gt=0, le=100_000)
     prune_pause: float = Field(default=0.05, ge=0, le=60)
+    # How often Redis and the database are checked for /readyz and databroker_dependency_up.
+    dependency_check_interval: float = Field(default=2.0, gt=0, le=60)
     shutdown_grace: float = Field(default=15.0, ge=0)
     # Comma-separated CIDRs and host names, added to the built-in denies / winning over them.
     egress_deny: Annotated[Rules, NoDecode, _rules(DENY_VARIABLE)] = Rules()
