@@ -89,6 +89,11 @@ HOT_INVALIDATIONS = Counter(
     "databroker_hot_invalidations_total",
     "Invalidations received from Redis (one per name; a flush counts one).",
 )
+ROWS_PRUNED = Counter(
+    "databroker_rows_pruned_total",
+    "DataObjects and audit rows deleted for being older than their retention, by table.",
+    ["table"],
+)
 HOT_BYTES = Gauge("databroker_hot_bytes", "Bytes held by hot entries.", multiprocess_mode="livesum")
 HOT_LIVE = Gauge(
     "databroker_hot_live",
