@@ -43,6 +43,7 @@ from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
+from proxy.replays import Replays
 from proxy.routes import admin, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
@@ -230,6 +231,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
+        replays=Replays(engine),
     )
     dependencies = Dependencies(
         {"redis": redis.ping, "database": lambda: _database_answers(engine)},
