@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.app import create_app
+from proxy.cache import CacheEntry
 from proxy.cli import main
 from proxy.database import create_engine
 from proxy.keys import make_cache_key
@@ -34,18 +35,32 @@ from tests.conftest import REDIS_URL, Broker, make_settings
 from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env
 from tests.servers import Upstream, serve_in_thread
 
+T = TypeVar("T")
+
 
 class Captured:
-    """The application, with the services its lifespan made: the test looks inside them."""
+    """The application, with the services its lifespan made and the loop they live on: the
+    test looks inside them, on that loop."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.state: dict[str, Any] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             self.state = scope["state"]
+            self.loop = asyncio.get_running_loop()
         await self.app(scope, receive, send)
+
+    async def run(self, job: Callable[[Services], Awaitable[T]]) -> T:
+        """``job(services)`` on the application's loop (its Redis client is bound there)."""
+        assert self.loop is not None
+
+        async def call() -> T:
+            return await job(self.services)
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), self.loop))
 
     @property
     def services(self) -> Services:
@@ -159,14 +174,21 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
         answer = await broker.call("people", params, run_id=run_id)
         assert answer.status_code == 200, answer.text
     key = make_cache_key(sid, {"id": "1"})
-    name = services.cache.layout.cache_entry(uuid.UUID(sid), key)
+
+    async def cached(services: Services) -> CacheEntry | None:
+        return await services.cache.get(uuid.UUID(sid), key)
+
+    async def hot_copy(services: Services) -> CacheEntry | None:
+        hot = services.cache.hot
+        name = services.cache.layout.cache_entry(uuid.UUID(sid), key)
+        return None if hot is None else hot.get(name)
+
     outbox = services.settings.resolved_outbox_dir
     # Everything is where an erasure must reach: the outbox (not shipped yet), Redis, hot copies.
     assert outbox_holding(outbox, canary)
-    assert await services.cache.get(uuid.UUID(sid), key) is not None
-    hot = services.cache.hot
+    assert await side.app.run(cached) is not None
     if services.settings.redis_url is not None:
-        assert hot is not None and hot.get(name) is not None
+        assert await side.app.run(hot_copy) is not None
 
     answer = await broker.admin("DELETE", f"/data-sources/{sid}/objects?key={key}")
 
@@ -180,8 +202,8 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
     assert outbox_holding(outbox, canary) == []
     assert await rows_holding(engine, canary) == []
     assert redis_holding(services, canary) == []
-    assert await services.cache.get(uuid.UUID(sid), key) is None
-    assert hot is None or hot.get(name) is None
+    assert await side.app.run(cached) is None
+    assert await side.app.run(hot_copy) is None
     async with engine.connect() as conn:
         audit = (
             await conn.execute(select(RunDataRequest).where(RunDataRequest.run_id == run_id))
