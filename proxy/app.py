@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -39,6 +40,7 @@ from proxy.keys import KeyLayout
 from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
+from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.routes import admin, credentials, health, internal
 from proxy.secrets import load_secret_box
@@ -219,7 +221,19 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
     )
-    return Services(settings, engine, redis, cache, sources, registry, writer, broker, flushes)
+    dependencies = Dependencies(
+        {"redis": redis.ping, "database": lambda: _database_answers(engine)},
+        settings.dependency_check_interval,
+    )
+    _background(stack, dependencies.run(), "dependency checks")
+    return Services(
+        settings, engine, redis, cache, sources, registry, writer, broker, flushes, dependencies
+    )
+
+
+async def _database_answers(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 def _hot_entries(

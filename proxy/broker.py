@@ -152,6 +152,8 @@ class _Call:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.stale_because: BrokerError | None = None
+        # max_age is measured from here.
+        self.arrival = time.time()
 
     async def run(self) -> Answer:
         try:
@@ -195,14 +197,21 @@ class _Call:
                 turn.share(new)
                 return new.value_json
         except BrokerError as exc:
-            if entry is None or exc.code not in UPSTREAM_FAILURES:
+            if (
+                entry is None
+                or exc.code not in UPSTREAM_FAILURES
+                or not entry.within(self.request.max_age, self.arrival)
+            ):
                 raise
             # stale-if-error: the entry outlived its TTL only because the source allows it.
             self.stale_because = exc
             return self._from_cache(entry)
 
     def _fresh(self, entry: CacheEntry) -> bool:
-        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds)
+        """Within the source's TTL and the request's max_age (hot copies are judged the same)."""
+        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds) and entry.within(
+            self.request.max_age, self.arrival
+        )
 
     def _from_cache(self, entry: CacheEntry) -> bytes:
         self.origin, self.data_object_id = "CACHE", entry.data_object_id

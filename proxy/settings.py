@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # In-process copies of cache entries, kept correct by Redis invalidations; 0 turns them off.
     hot_cache_max_bytes: int = Field(default=64 * MiB, ge=0)
     registry_refresh_interval: float = Field(default=30.0, gt=0)
+    # How often Redis and the database are checked for /readyz and databroker_dependency_up.
+    dependency_check_interval: float = Field(default=2.0, gt=0, le=60)
     shutdown_grace: float = Field(default=15.0, ge=0)
     # Comma-separated CIDRs and host names, added to the built-in denies / winning over them.
     egress_deny: Annotated[Rules, NoDecode, _rules(DENY_VARIABLE)] = Rules()
