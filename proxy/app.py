@@ -40,6 +40,7 @@ from proxy.keys import KeyLayout
 from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
+from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.routes import admin, credentials, health, internal
@@ -211,6 +212,14 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     _background(stack, registry.follow(settings.registry_refresh_interval), "registry follower")
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
+    pruner = Pruner(
+        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+    )
+    _background(
+        stack,
+        prune_in_background(pruner, redis, layout.prune_lock, settings.prune_interval),
+        "pruner",
+    )
 
     broker = Broker(
         registry,
