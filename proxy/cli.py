@@ -13,9 +13,11 @@ import copy
 import gc
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -34,6 +36,8 @@ from proxy.settings import Settings
 from proxy.source_store import SourceStore
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# prometheus-client's; named here so that serve need not import it (see _shared_metrics).
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _refuse(message: str) -> NoReturn:
@@ -128,6 +132,7 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
+    made = _shared_metrics() if workers > 1 else None
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -161,6 +166,26 @@ def serve(
         if listener is not None and uds is not None:
             listener.close()
             uds.unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _shared_metrics() -> Path | None:
+    """With several workers, one metrics directory for all (prometheus-client's
+    multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
+    temporary directory made here, whose path is returned to be removed at exit.
+
+    Set before anything imports prometheus-client, which picks its value store at
+    import; the workers, spawned, inherit it. A previous run's files are removed: its
+    counts are not this run's (a restarted worker's are kept: they are this run's).
+    """
+    given = os.environ.get(MULTIPROCESS_VARIABLE)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_VARIABLE] = str(directory)
+    return None if given else directory
 
 
 def serving_app() -> ASGIApp:
