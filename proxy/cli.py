@@ -336,10 +336,11 @@ def migrate_command() -> None:
 
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
-    """Re-encrypt every stored variable with the newest key of DATABROKER_SECRET_KEY."""
+    """Re-encrypt every stored variable and credential with the newest key of
+    DATABROKER_SECRET_KEY."""
     settings = _settings()
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         box = load_secret_box(settings)
         engine = create_engine(
             settings.resolved_database_url,
@@ -356,7 +357,7 @@ def rotate_secrets_command() -> None:
             await engine.dispose()
 
     try:
-        rotated = asyncio.run(run())
+        variables, credentials = asyncio.run(run())
     except SecretKeyError as exc:
         click.echo(f"rotate-secrets: {exc}; nothing was changed", err=True)
         sys.exit(1)
@@ -364,7 +365,10 @@ def rotate_secrets_command() -> None:
         raise click.ClickException(f"rotate-secrets: {exc}") from exc
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
-    click.echo(f"rotated {rotated} stored variable values to the newest key")
+    click.echo(
+        f"rotated {variables} stored variable values and {credentials} credential values "
+        "to the newest key"
+    )
 
 
 @main.command("prune")
