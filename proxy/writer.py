@@ -17,7 +17,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN
+from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN, WRITE_FAILURES
 from proxy.outage import Outage
 from proxy.outbox import (
     DataObjectRecord,
@@ -174,6 +174,9 @@ class OutboxWriter:
             "database writes resumed; outbox is draining",
         )
         self._stopping = asyncio.Event()
+        # One flush at a time: a second one would find the segments the first holds locked
+        # and skip them, and return before they are written (an erasure needs them written).
+        self._flushing = asyncio.Lock()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -189,16 +192,17 @@ class OutboxWriter:
                 logger.exception("outbox flush failed; retrying at the next interval")
 
     async def flush(self) -> bool:
-        """Ship everything sealed so far; False if the database refused (kept for later)."""
-        self.outbox.seal()
-        try:
-            return await self._ship()
-        finally:
-            # Race window: bytes appended during the scan are counted twice until the
-            # next scan; the backlog errs on the full side, never the empty one.
-            self._appended_at_scan = self.outbox.appended_bytes
-            self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
-            OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
+        """Ship everything journaled so far; False if the database refused (kept for later)."""
+        async with self._flushing:
+            self.outbox.seal()
+            try:
+                return await self._ship()
+            finally:
+                # Race window: bytes appended during the scan are counted twice until the
+                # next scan; the backlog errs on the full side, never the empty one.
+                self._appended_at_scan = self.outbox.appended_bytes
+                self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
+                OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
 
     @property
     def backlog_bytes(self) -> int:
@@ -216,6 +220,7 @@ class OutboxWriter:
                     # directly, whose errors (a connection dropped mid-COPY) are its own.
                     # The segment stays; the next flush tries again.
                     self._outage.failed(type(exc).__name__)
+                    WRITE_FAILURES.inc()
                     return False
                 self.outbox.remove(path)
                 self.records_written += written
