@@ -40,7 +40,7 @@ from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
-from proxy.routes import admin, health, internal
+from proxy.routes import admin, analytics, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -67,6 +67,7 @@ def create_app(
         routes=[
             *internal.routes,
             *admin.routes,
+            *analytics.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
