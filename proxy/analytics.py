@@ -71,7 +71,7 @@ class Window:
 
 
 def _date(name: str, given: str | None) -> date | None:
-    if given is None or given == "":
+    if given is None:
         return None
     try:
         if len(given) != 10:

@@ -47,6 +47,7 @@ def test_the_default_window_is_the_30_days_that_end_today() -> None:
     ("start", "end", "field"),
     [
         ("yesterday", None, "start_date"),
+        ("", None, "start_date"),
         ("2026-3-1", None, "start_date"),
         (None, "2026-02-30", "end_date"),
         ("2026-03-02", "2026-03-01", "end_date"),
