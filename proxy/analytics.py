@@ -3,7 +3,8 @@
 Definitions are the engine's (DESIGN.md, "The whole engine API"): days in UTC;
 latency and error rate over the upstream calls (audit rows with timings); hit
 ratio CACHE / (CACHE + REQUEST); percentages 0 to 100. Replayed requests are
-requests but never hits: they are counted apart. Every day of a window has its
+counted apart and never as hits (a hybrid replay that made a fresh call is an
+upstream call like any other). Every day of a window has its
 point, 0 where nothing happened, so a chart needs no gap filling.
 """
 
@@ -27,8 +28,8 @@ TOP_SOURCES: Final = 10
 # Metric names (the rollup's ``metric`` column); the label says what each splits by.
 REQUESTS: Final = "requests"  # every audit row
 HITS: Final = "hits"  # origin CACHE, not a replay
-MISSES: Final = "misses"  # origin REQUEST, not a replay
-REPLAYS: Final = "replays"  # label: the replay mode
+MISSES: Final = "misses"  # origin REQUEST (a hybrid replay's fresh call too)
+REPLAYS: Final = "replays"  # rows with ``replay`` set; label: what it looked up by
 UPSTREAM: Final = "upstream"  # rows with timings (upstream calls); total: latency ms
 UPSTREAM_ERRORS: Final = "upstream_errors"  # upstream calls that failed
 LATENCY: Final = "latency"  # upstream calls; label: the bucket's upper bound in ms

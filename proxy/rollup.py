@@ -61,7 +61,8 @@ _CODE = {
     "postgresql": 'substring(r.error::text from \'"code"\\s*:\\s*"([A-Za-z0-9_]*)"\')',
     "sqlite": "json_extract(r.error, '$.code')",
 }
-_TIMED = "r.start_time IS NOT NULL AND r.end_time IS NOT NULL AND r.replay IS NULL"
+# Upstream calls, a hybrid replay's fresh call included (a stored answer has no timings).
+_TIMED = "r.start_time IS NOT NULL AND r.end_time IS NOT NULL"
 _MS = "(r.end_time - r.start_time) * 1000"
 
 
@@ -81,7 +82,7 @@ def fold(dialect: str, rows: str) -> str:
     branches = (
         (REQUESTS, "''", "0", "TRUE"),
         (HITS, "''", "0", "r.data_origin = 'CACHE' AND r.replay IS NULL"),
-        (MISSES, "''", "0", "r.data_origin = 'REQUEST' AND r.replay IS NULL"),
+        (MISSES, "''", "0", "r.data_origin = 'REQUEST'"),
         (REPLAYS, "r.replay", "0", "r.replay IS NOT NULL"),
         (UPSTREAM, "''", f"sum({_MS})", _TIMED),
         (UPSTREAM_ERRORS, "''", "0", f"{_TIMED} AND r.error IS NOT NULL"),
@@ -91,7 +92,7 @@ def fold(dialect: str, rows: str) -> str:
             SPEND,
             "coalesce(r.cost_currency, '')",
             "sum(r.cost_amount)",
-            "r.cost_amount IS NOT NULL AND r.replay IS NULL",
+            "r.cost_amount IS NOT NULL",
         ),
     )
     union = "\nUNION ALL\n".join(

@@ -213,7 +213,7 @@ def _day(r: RunDataRequestRecord) -> date:
 
 
 def _timed(rows: Iterable[RunDataRequestRecord]) -> list[RunDataRequestRecord]:
-    return [r for r in rows if r.start_time is not None and r.replay is None]
+    return [r for r in rows if r.start_time is not None]
 
 
 def _ms(r: RunDataRequestRecord) -> float:
@@ -223,7 +223,7 @@ def _ms(r: RunDataRequestRecord) -> float:
 
 def _hit_ratio(rows: list[RunDataRequestRecord]) -> float:
     hits = sum(r.data_origin == "CACHE" and r.replay is None for r in rows)
-    misses = sum(r.data_origin == "REQUEST" and r.replay is None for r in rows)
+    misses = sum(r.data_origin == "REQUEST" for r in rows)
     return 100 * hits / (hits + misses) if hits + misses else 0.0
 
 
@@ -240,7 +240,7 @@ def _avg_ms(rows: list[RunDataRequestRecord]) -> float:
 def _spend(rows: list[RunDataRequestRecord]) -> dict[str, Decimal]:
     spent: dict[str, Decimal] = {}
     for r in rows:
-        if r.cost_amount is not None and r.replay is None:
+        if r.cost_amount is not None:
             assert r.cost_currency is not None
             spent[r.cost_currency] = spent.get(r.cost_currency, Decimal(0)) + Decimal(r.cost_amount)
     return spent
@@ -270,7 +270,8 @@ async def test_analytics_match_the_rows_written(served: Served) -> None:
         row(a, at(today), "REQUEST", ms=300, cost=usd),
         row(a, at(today), "REQUEST", ms=1000, code="HTTP_ERROR", cost=usd),
         row(a, at(today), None, code="MISSING_PARAMS"),
-        row(a, at(today), "CACHE", replay="AS_OF"),
+        row(a, at(today), "CACHE", replay="as_of"),
+        row(a, at(today), "REQUEST", ms=400, cost=usd, replay="run_id"),  # a hybrid's fresh call
         row(a, at(yesterday, 23, 3599.5), "REQUEST", ms=50, cost=usd),  # its last second
         row(a, at(yesterday), "CACHE"),
         *(row(a, at(long_ago), "CACHE") for _ in range(5)),
@@ -296,7 +297,7 @@ async def test_analytics_match_the_rows_written(served: Served) -> None:
     assert _amounts(usage["spend"]) == _spend(of(a, today, yesterday))
     hits = [r for r in of(a, today, yesterday) if r.data_origin == "CACHE" and r.replay is None]
     assert _amounts(usage["spend_saved"]) == {"USD": Decimal("0.35") * len(hits)}
-    assert usage["replays"] == 1
+    assert usage["replays"] == 2
 
     metrics = await served.get(f"/data-sources/{a}/metrics", **project)
     latency, errors = (
@@ -340,7 +341,7 @@ async def test_analytics_match_the_rows_written(served: Served) -> None:
     assert summary["errors_by_code"] == {"HTTP_ERROR": 1, "MISSING_PARAMS": 1, "TIMEOUT": 1}
     assert _amounts(summary["spend"]) == _spend(mine)
     assert _amounts(summary["spend_saved"]) == {"USD": Decimal("0.35") * len(hits)}
-    assert summary["replays"] == 1
+    assert summary["replays"] == 2
 
     other = await served.get("/analytics/summary", project_id=str(OTHER_PROJECT))
     assert [s["data_source_id"] for s in other["top_sources"]] == [str(c)]
