@@ -37,14 +37,14 @@ from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from proxy.metrics import HOT_BYTES, HOT_LIVE
+from proxy.metrics import HOT_BYTES, HOT_LIVE, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import Replays
-from proxy.routes import admin, analytics, health, internal
+from proxy.routes import admin, analytics, credentials, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -57,6 +57,8 @@ logger = logging.getLogger("databroker")
 
 # How long one close step, or one background task's cancel, may take at shutdown.
 CLOSE_TIMEOUT = 5.0
+# How often the hot entries' gauges are sampled (seconds).
+HOT_SAMPLE_INTERVAL = 1.0
 # How long Redis has to answer its first PING (each connection attempt has its own 1 s).
 REDIS_START_TIMEOUT = 10.0
 
@@ -72,6 +74,7 @@ def create_app(
             *internal.routes,
             *admin.routes,
             *analytics.routes,
+            *credentials.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
@@ -258,8 +261,8 @@ def _hot_entries(
         return None
     assert isinstance(redis, Redis)
     hot: HotEntries[CacheEntry] = HotEntries(settings.hot_cache_max_bytes)
-    HOT_BYTES.set_function(lambda: hot.bytes)
-    HOT_LIVE.set_function(lambda: int(hot.live))
+    gauges = [(HOT_BYTES, lambda: float(hot.bytes)), (HOT_LIVE, lambda: float(hot.live))]
+    _background(stack, sample(HOT_SAMPLE_INTERVAL, gauges), "hot entry gauges")
     _background(stack, follow_invalidations(redis, layout.cache_family, hot), "invalidation link")
     return hot
 

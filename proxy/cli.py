@@ -13,9 +13,11 @@ import copy
 import gc
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -34,6 +36,8 @@ from proxy.settings import Settings
 from proxy.source_store import SourceStore
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# prometheus-client's; named here so that serve need not import it (see _shared_metrics).
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _refuse(message: str) -> NoReturn:
@@ -128,6 +132,7 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
+    made = _shared_metrics() if workers > 1 else None
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -161,6 +166,26 @@ def serve(
         if listener is not None and uds is not None:
             listener.close()
             uds.unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _shared_metrics() -> Path | None:
+    """With several workers, one metrics directory for all (prometheus-client's
+    multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
+    temporary directory made here, whose path is returned to be removed at exit.
+
+    Set before anything imports prometheus-client, which picks its value store at
+    import; the workers, spawned, inherit it. A previous run's files are removed: its
+    counts are not this run's (a restarted worker's are kept: they are this run's).
+    """
+    given = os.environ.get(MULTIPROCESS_VARIABLE)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_VARIABLE] = str(directory)
+    return None if given else directory
 
 
 def serving_app() -> ASGIApp:
@@ -307,10 +332,11 @@ def migrate_command() -> None:
 
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
-    """Re-encrypt every stored variable with the newest key of DATABROKER_SECRET_KEY."""
+    """Re-encrypt every stored variable and credential with the newest key of
+    DATABROKER_SECRET_KEY."""
     settings = _settings()
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         box = load_secret_box(settings)
         engine = create_engine(
             settings.resolved_database_url,
@@ -327,7 +353,7 @@ def rotate_secrets_command() -> None:
             await engine.dispose()
 
     try:
-        rotated = asyncio.run(run())
+        variables, credentials = asyncio.run(run())
     except SecretKeyError as exc:
         click.echo(f"rotate-secrets: {exc}; nothing was changed", err=True)
         sys.exit(1)
@@ -335,7 +361,10 @@ def rotate_secrets_command() -> None:
         raise click.ClickException(f"rotate-secrets: {exc}") from exc
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
-    click.echo(f"rotated {rotated} stored variable values to the newest key")
+    click.echo(
+        f"rotated {variables} stored variable values and {credentials} credential values "
+        "to the newest key"
+    )
 
 
 @main.command("prune")

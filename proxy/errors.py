@@ -13,7 +13,8 @@
     │   ├── UpstreamConnectError .. 502 CONNECTION_ERROR
     │   ├── UpstreamHTTPError ..... 502 HTTP_ERROR         (+ upstream_status)
     │   ├── ResponseTooLarge ...... 502 RESPONSE_TOO_LARGE
-    │   └── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   ├── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   └── AuthError ............. 502 AUTH_ERROR         (the token endpoint failed or refused)
     ├── RelayedError .............. another fetch's failure, shared with its waiters
     ├── AuditBacklogFull .......... 503 AUDIT_BACKLOG_FULL
     ├── ParseError ................ 500 PARSE_ERROR
@@ -151,6 +152,12 @@ class EgressDenied(UpstreamError):
         # The host stays out of the message: a variable may have put it in the URL.
         super().__init__(f"egress refused: {reason}")
         self.host = host
+
+
+class AuthError(UpstreamError):
+    """The source's OAuth2 token endpoint failed or refused: no token, so no upstream call."""
+
+    code = "AUTH_ERROR"
 
 
 class RelayedError(BrokerError):

@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.messages import REQUEST_SCHEMA
 from proxy.routes.internal import PATH as BROKER_PATH
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import VariableValue
+from proxy.source_store import CredentialValue, VariableValue
 from proxy.types import Status
 
 _REF = "#/components/schemas/{model}"
@@ -108,6 +108,10 @@ def document() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}"
     )
     schemas.update(schemas["VariableValues"].pop("$defs", {}))
+    schemas["CredentialValues"] = TypeAdapter(list[CredentialValue]).json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(schemas["CredentialValues"].pop("$defs", {}))
     source = "DataSourceSpec"
     one = ("data_source_id",)
     broker_errors = {
@@ -176,6 +180,15 @@ def document() -> dict[str, Any]:
                 "get": _dated(
                     _op("Hit rate, latency, error rate, top sources, spend", {"type": "object"})
                 )
+            },
+            "/data-sources/{data_source_id}/credentials": {
+                "get": _op("Credential types, values masked", {"type": "array"}, params=one),
+                "put": _op(
+                    "Set credentials (each given type replaced, others kept)",
+                    {"type": "array"},
+                    "CredentialValues",
+                    params=one,
+                ),
             },
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
