@@ -18,11 +18,14 @@ import signal
 import socket
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 import click
+import httpx
+import orjson
 import uvicorn
 from alembic.util import CommandError
 from pydantic import ValidationError
@@ -30,6 +33,7 @@ from starlette.types import ASGIApp
 
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
+from proxy.keys import make_cache_key
 from proxy.pruner import Pruned, Pruner
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
@@ -410,3 +414,77 @@ def prune_command(dry_run: bool) -> None:
             f" {pruned.requests} audit rows created before {cut.before.isoformat()}"
             f" ({cut.days} days) {verb}"
         )
+
+
+def _params(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[str, Any]:
+    """The JSON object the engine sends as ``configured_params``: the key is made from it."""
+    try:
+        params = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        params = None
+    if not isinstance(params, dict):
+        raise click.BadParameter("not a JSON object")
+    return params
+
+
+def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    """An admin route's JSON answer; a refusal as one line with its code (never a value)."""
+    try:
+        answer = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {client.base_url}: {type(exc).__name__}"
+        ) from exc
+    if answer.is_success:
+        return answer.json()
+    try:
+        error = answer.json()
+        reason = f"{error['code']}: {error['detail']}"
+    except (ValueError, KeyError, TypeError):
+        reason = f"HTTP {answer.status_code}"
+    raise click.ClickException(f"{method} {path}: {reason}")
+
+
+@main.command("erase")
+@click.option("--source", "name", required=True, help="The data source's name.")
+@click.option(
+    "--params",
+    required=True,
+    callback=_params,
+    help="The configured_params whose DataObjects go, as JSON.",
+)
+@click.option("--project-id", type=click.UUID, help="The source's project (default: the broker's).")
+@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+def erase_command(
+    name: str, params: dict[str, Any], project_id: uuid.UUID | None, url: str
+) -> None:
+    """Erase the DataObjects and cache entry of one key, through a running broker's admin API.
+
+    Every source of that name is erased, archived ones included: each has its own key for
+    the same params. Audit rows stay, their object reference cleared and erased_at set.
+    """
+    token = _settings().admin_token
+    if token is None:
+        _refuse("invalid settings: DATABROKER_ADMIN_TOKEN is not set (erase uses the admin API)")
+    project = {} if project_id is None else {"project_id": str(project_id)}
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        listed = _admin_call(
+            client, "GET", "/data-sources", params={"include_archived": "true", **project}
+        )
+        found = [source for source in listed if source["name"] == name]
+        if not found:
+            raise click.ClickException(f"no data source named {name!r} in this project")
+        for source in found:
+            key = make_cache_key(source["data_source_id"], params)
+            done = _admin_call(
+                client,
+                "DELETE",
+                f"/data-sources/{source['data_source_id']}/objects",
+                params={"key": key, **project},
+            )
+            click.echo(
+                f"{name} ({source['data_source_id']}, {source['status']}): key {key}:"
+                f" {done['data_objects_erased']} DataObjects erased,"
+                f" {done['audit_rows_marked']} audit rows marked erased"
+            )

@@ -26,7 +26,8 @@
         ├── Conflict .............. 409 CONFLICT
         ├── ValidationFailed ...... 422 VALIDATION_ERROR
         ├── BodyTooLarge .......... 413 BODY_TOO_LARGE
-        └── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        ├── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        └── RedisUnavailable ...... 503 REDIS_UNAVAILABLE  (an erasure cannot reach the cache)
 
     StartupError .................. the process cannot start: one line, exit non-zero
 
@@ -225,6 +226,13 @@ class DatabaseUnavailable(AdminError):
     """The database did not answer (down, or slower than its timeouts): retry later."""
 
     code = "DATABASE_UNAVAILABLE"
+    status = 503
+
+
+class RedisUnavailable(AdminError):
+    """Redis did not answer a change that must reach it (an erasure): retry later."""
+
+    code = "REDIS_UNAVAILABLE"
     status = 503
 
 

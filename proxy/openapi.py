@@ -127,6 +127,15 @@ def document() -> dict[str, Any]:
             ("project_id", {"type": "string", "format": "uuid"}),
         )
     ]
+    erase = _op(
+        "Erase one key's DataObjects and cache entry; audit rows stay, marked erased_at",
+        {"type": "object"},
+        params=one,
+        errors=(401, 403, 404, 422, 503),
+    )
+    erase["parameters"].append(
+        {"name": "key", "in": "query", "required": True, "schema": {"pattern": "^[0-9a-f]{32}$"}}
+    )
     sources = {
         "get": listing,
         "post": _op("Register a data source (DRAFT)", {"type": "object"}, source),
@@ -190,6 +199,7 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
+            "/data-sources/{data_source_id}/objects": {"delete": erase},
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
                 "get": {

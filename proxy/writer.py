@@ -208,6 +208,9 @@ class OutboxWriter:
             "database writes resumed; outbox is draining",
         )
         self._stopping = asyncio.Event()
+        # One flush at a time: a second one would find the segments the first holds locked
+        # and skip them, and return before they are written (an erasure needs them written).
+        self._flushing = asyncio.Lock()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -223,16 +226,17 @@ class OutboxWriter:
                 logger.exception("outbox flush failed; retrying at the next interval")
 
     async def flush(self) -> bool:
-        """Ship everything sealed so far; False if the database refused (kept for later)."""
-        self.outbox.seal()
-        try:
-            return await self._ship()
-        finally:
-            # Race window: bytes appended during the scan are counted twice until the
-            # next scan; the backlog errs on the full side, never the empty one.
-            self._appended_at_scan = self.outbox.appended_bytes
-            self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
-            OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
+        """Ship everything journaled so far; False if the database refused (kept for later)."""
+        async with self._flushing:
+            self.outbox.seal()
+            try:
+                return await self._ship()
+            finally:
+                # Race window: bytes appended during the scan are counted twice until the
+                # next scan; the backlog errs on the full side, never the empty one.
+                self._appended_at_scan = self.outbox.appended_bytes
+                self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
+                OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
 
     @property
     def backlog_bytes(self) -> int:
