@@ -32,12 +32,11 @@ from pathlib import Path
 import httpx
 import orjson
 from sqlalchemy import text
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench import stats
 from proxy.keys import make_cache_key
-from proxy.replays import as_of
+from proxy.replays import AS_OF_SQL
 from tests.harness import (
     BROKER_PATH,
     DATABROKER,
@@ -138,11 +137,14 @@ async def _load(engine: AsyncEngine, sid: uuid.UUID, objects: int, keys: int) ->
 
 
 async def _explain(engine: AsyncEngine, sid: uuid.UUID, keys: int) -> list[str]:
-    statement = as_of(sid, make_cache_key(sid, {"n": str(keys // 2)}), T0 + YEAR / 2)
-    dialect = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
-    sql = statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    """The plan of the very statement the broker's replay pool runs."""
+    key = make_cache_key(sid, {"n": str(keys // 2)})
     async with engine.connect() as conn:
-        plan = await conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"))
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        plan = await driver.fetch(
+            f"EXPLAIN (ANALYZE, BUFFERS) {AS_OF_SQL}", sid, key, T0 + YEAR / 2
+        )
         return [row[0] for row in plan]
 
 
