@@ -1,5 +1,5 @@
-"""``databroker``: serve, migrate, rotate-secrets. Validates settings, then forwards to
-uvicorn, Alembic or the source store.
+"""``databroker``: serve, migrate, rotate-secrets, prune, erase, stats. Validates settings,
+then forwards to uvicorn, Alembic, the source store or a running broker's admin API.
 
 Every refusal ends the process with one line on stderr and a non-zero exit: a bad
 or incomplete setting (2, naming the variable), a service or database that cannot
@@ -31,6 +31,7 @@ from alembic.util import CommandError
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
+from proxy.analytics import render
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
 from proxy.keys import make_cache_key
@@ -427,6 +428,17 @@ def _params(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[st
     return params
 
 
+def _admin_client(url: str, command: str) -> httpx.Client:
+    """A client of a running broker's admin API, with the token of DATABROKER_ADMIN_TOKEN."""
+    token = _settings().admin_token
+    if token is None:
+        _refuse(
+            f"invalid settings: DATABROKER_ADMIN_TOKEN is not set ({command} uses the admin API)"
+        )
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
 def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     """An admin route's JSON answer; a refusal as one line with its code (never a value)."""
     try:
@@ -463,12 +475,8 @@ def erase_command(
     Every source of that name is erased, archived ones included: each has its own key for
     the same params. Audit rows stay, their object reference cleared and erased_at set.
     """
-    token = _settings().admin_token
-    if token is None:
-        _refuse("invalid settings: DATABROKER_ADMIN_TOKEN is not set (erase uses the admin API)")
     project = {} if project_id is None else {"project_id": str(project_id)}
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+    with _admin_client(url, "erase") as client:
         listed = _admin_call(
             client, "GET", "/data-sources", params={"include_archived": "true", **project}
         )
@@ -488,3 +496,22 @@ def erase_command(
                 f" {done['data_objects_erased']} DataObjects erased,"
                 f" {done['audit_rows_marked']} audit rows marked erased"
             )
+
+
+@main.command("stats")
+@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+@click.option("--project-id", type=click.UUID, help="The project (default: the broker's).")
+@click.option("--start-date", help="First UTC day, YYYY-MM-DD (default: 29 days before the end).")
+@click.option("--end-date", help="Last UTC day, YYYY-MM-DD (default: today).")
+def stats_command(
+    url: str, project_id: uuid.UUID | None, start_date: str | None, end_date: str | None
+) -> None:
+    """Print hit rate, average latency, error rate and top sources of a running broker.
+
+    Reads GET /analytics/summary of its admin API (token: DATABROKER_ADMIN_TOKEN).
+    """
+    given = {"project_id": project_id, "start_date": start_date, "end_date": end_date}
+    params = {name: str(value) for name, value in given.items() if value is not None}
+    with _admin_client(url, "stats") as client:
+        summary = _admin_call(client, "GET", "/analytics/summary", params=params)
+    click.echo(render(summary))
