@@ -45,7 +45,7 @@ from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import Replays
-from proxy.routes import admin, credentials, erasure, health, internal
+from proxy.routes import admin, analytics, credentials, erasure, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -74,6 +74,7 @@ def create_app(
         routes=[
             *internal.routes,
             *admin.routes,
+            *analytics.routes,
             *credentials.routes,
             *erasure.routes,
             *health.routes,

@@ -84,6 +84,22 @@ def _op(
     return op
 
 
+def _dated(op: dict[str, Any]) -> dict[str, Any]:
+    """An analytics operation: its window (UTC days) and project as query parameters."""
+    op["parameters"] = [
+        *op.get("parameters", []),
+        *(
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in (
+                ("start_date", {"type": "string", "format": "date"}),
+                ("end_date", {"type": "string", "format": "date"}),
+                ("project_id", {"type": "string", "format": "uuid"}),
+            )
+        ),
+    ]
+    return op
+
+
 @cache
 def document() -> dict[str, Any]:
     _, defs = models_json_schema([(DataSourceSpec, "validation")], ref_template=_REF)
@@ -158,6 +174,21 @@ def document() -> dict[str, Any]:
                     "VariableValues",
                     params=one,
                 ),
+            },
+            **{
+                f"/data-sources/{{data_source_id}}/{path}": {
+                    "get": _dated(_op(summary, {"type": "object"}, params=one))
+                }
+                for path, summary in (
+                    ("usage", "Requests per day"),
+                    ("metrics", "Upstream latency and error rate per day"),
+                    ("cache-stats", "Cache hit ratio per day"),
+                )
+            },
+            "/analytics/summary": {
+                "get": _dated(
+                    _op("Hit rate, latency, error rate, top sources, spend", {"type": "object"})
+                )
             },
             "/data-sources/{data_source_id}/credentials": {
                 "get": _op("Credential types, values masked", {"type": "array"}, params=one),
