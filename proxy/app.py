@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -36,11 +37,14 @@ from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from proxy.metrics import HOT_BYTES, HOT_LIVE
+from proxy.metrics import HOT_BYTES, HOT_LIVE, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
+from proxy.pruner import Pruner, prune_in_background
+from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
-from proxy.routes import admin, health, internal
+from proxy.replays import Replays
+from proxy.routes import admin, credentials, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -53,6 +57,8 @@ logger = logging.getLogger("databroker")
 
 # How long one close step, or one background task's cancel, may take at shutdown.
 CLOSE_TIMEOUT = 5.0
+# How often the hot entries' gauges are sampled (seconds).
+HOT_SAMPLE_INTERVAL = 1.0
 # How long Redis has to answer its first PING (each connection attempt has its own 1 s).
 REDIS_START_TIMEOUT = 10.0
 
@@ -67,6 +73,7 @@ def create_app(
         routes=[
             *internal.routes,
             *admin.routes,
+            *credentials.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
@@ -208,6 +215,14 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     _background(stack, registry.follow(settings.registry_refresh_interval), "registry follower")
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
+    pruner = Pruner(
+        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+    )
+    _background(
+        stack,
+        prune_in_background(pruner, redis, layout.prune_lock, settings.prune_interval),
+        "pruner",
+    )
 
     broker = Broker(
         registry,
@@ -217,8 +232,21 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
+        replays=Replays(engine),
     )
-    return Services(settings, engine, redis, cache, sources, registry, writer, broker, flushes)
+    dependencies = Dependencies(
+        {"redis": redis.ping, "database": lambda: _database_answers(engine)},
+        settings.dependency_check_interval,
+    )
+    _background(stack, dependencies.run(), "dependency checks")
+    return Services(
+        settings, engine, redis, cache, sources, registry, writer, broker, flushes, dependencies
+    )
+
+
+async def _database_answers(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 def _hot_entries(
@@ -232,8 +260,8 @@ def _hot_entries(
         return None
     assert isinstance(redis, Redis)
     hot: HotEntries[CacheEntry] = HotEntries(settings.hot_cache_max_bytes)
-    HOT_BYTES.set_function(lambda: hot.bytes)
-    HOT_LIVE.set_function(lambda: int(hot.live))
+    gauges = [(HOT_BYTES, lambda: float(hot.bytes)), (HOT_LIVE, lambda: float(hot.live))]
+    _background(stack, sample(HOT_SAMPLE_INTERVAL, gauges), "hot entry gauges")
     _background(stack, follow_invalidations(redis, layout.cache_family, hot), "invalidation link")
     return hot
 

@@ -13,9 +13,11 @@ import copy
 import gc
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -28,11 +30,14 @@ from starlette.types import ASGIApp
 
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
+from proxy.pruner import Pruned, Pruner
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# prometheus-client's; named here so that serve need not import it (see _shared_metrics).
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _refuse(message: str) -> NoReturn:
@@ -127,6 +132,7 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
+    made = _shared_metrics() if workers > 1 else None
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -160,6 +166,26 @@ def serve(
         if listener is not None and uds is not None:
             listener.close()
             uds.unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _shared_metrics() -> Path | None:
+    """With several workers, one metrics directory for all (prometheus-client's
+    multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
+    temporary directory made here, whose path is returned to be removed at exit.
+
+    Set before anything imports prometheus-client, which picks its value store at
+    import; the workers, spawned, inherit it. A previous run's files are removed: its
+    counts are not this run's (a restarted worker's are kept: they are this run's).
+    """
+    given = os.environ.get(MULTIPROCESS_VARIABLE)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_VARIABLE] = str(directory)
+    return None if given else directory
 
 
 def serving_app() -> ASGIApp:
@@ -306,10 +332,11 @@ def migrate_command() -> None:
 
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
-    """Re-encrypt every stored variable with the newest key of DATABROKER_SECRET_KEY."""
+    """Re-encrypt every stored variable and credential with the newest key of
+    DATABROKER_SECRET_KEY."""
     settings = _settings()
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         box = load_secret_box(settings)
         engine = create_engine(
             settings.resolved_database_url,
@@ -326,7 +353,7 @@ def rotate_secrets_command() -> None:
             await engine.dispose()
 
     try:
-        rotated = asyncio.run(run())
+        variables, credentials = asyncio.run(run())
     except SecretKeyError as exc:
         click.echo(f"rotate-secrets: {exc}; nothing was changed", err=True)
         sys.exit(1)
@@ -334,4 +361,52 @@ def rotate_secrets_command() -> None:
         raise click.ClickException(f"rotate-secrets: {exc}") from exc
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
-    click.echo(f"rotated {rotated} stored variable values to the newest key")
+    click.echo(
+        f"rotated {variables} stored variable values and {credentials} credential values "
+        "to the newest key"
+    )
+
+
+@main.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+def prune_command(dry_run: bool) -> None:
+    """Delete DataObjects and audit rows older than their source's retention, now."""
+    settings = _settings()
+
+    async def run() -> list[Pruned]:
+        engine = create_engine(
+            settings.resolved_database_url,
+            settings.database_connect_timeout,
+            settings.database_command_timeout,
+        )
+        try:
+            if settings.embedded:
+                await migrate(engine)
+            else:
+                await check_schema(engine)
+            pruner = Pruner(
+                engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+            )
+            return await pruner.run(dry_run=dry_run)
+        finally:
+            await engine.dispose()
+
+    try:
+        done = asyncio.run(run())
+    except StartupError as exc:
+        raise click.ClickException(f"prune: {exc}") from exc
+    except Exception as exc:
+        raise click.ClickException(f"prune: {describe(exc)}") from exc
+    if not done:
+        click.echo(
+            "no data source has a retention period (retention_days, DATABROKER_RETENTION_DAYS):"
+            " every row is kept"
+        )
+    verb = "would go" if dry_run else "went"
+    for pruned in done:
+        cut = pruned.cut
+        click.echo(
+            f"{cut.name} ({cut.data_source_id}): {pruned.objects} DataObjects and"
+            f" {pruned.requests} audit rows created before {cut.before.isoformat()}"
+            f" ({cut.days} days) {verb}"
+        )

@@ -3,6 +3,7 @@
     BrokerError
     ├── InvalidRequest ............ 400 INVALID_REQUEST
     ├── DataSourceNotFound ........ 404 DATA_SOURCE_NOT_FOUND
+    ├── ReplayMiss ................ 404 REPLAY_MISS        (a strict replay found no DataObject)
     ├── MissingVariables .......... 400 MISSING_VARIABLES  (names only, never values)
     ├── MissingParams ............. 400 MISSING_PARAMS
     ├── UnknownParams ............. 400 UNKNOWN_PARAMS
@@ -12,7 +13,8 @@
     │   ├── UpstreamConnectError .. 502 CONNECTION_ERROR
     │   ├── UpstreamHTTPError ..... 502 HTTP_ERROR         (+ upstream_status)
     │   ├── ResponseTooLarge ...... 502 RESPONSE_TOO_LARGE
-    │   └── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   ├── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   └── AuthError ............. 502 AUTH_ERROR         (the token endpoint failed or refused)
     ├── RelayedError .............. another fetch's failure, shared with its waiters
     ├── AuditBacklogFull .......... 503 AUDIT_BACKLOG_FULL
     ├── ParseError ................ 500 PARSE_ERROR
@@ -60,6 +62,13 @@ class InvalidRequest(BrokerError):
 
 class DataSourceNotFound(BrokerError):
     code = "DATA_SOURCE_NOT_FOUND"
+    status = 404
+
+
+class ReplayMiss(BrokerError):
+    """A strict replay found no stored DataObject: nothing was called."""
+
+    code = "REPLAY_MISS"
     status = 404
 
 
@@ -144,6 +153,12 @@ class EgressDenied(UpstreamError):
         # The host stays out of the message: a variable may have put it in the URL.
         super().__init__(f"egress refused: {reason}")
         self.host = host
+
+
+class AuthError(UpstreamError):
+    """The source's OAuth2 token endpoint failed or refused: no token, so no upstream call."""
+
+    code = "AUTH_ERROR"
 
 
 class RelayedError(BrokerError):

@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.messages import REQUEST_SCHEMA
 from proxy.routes.internal import PATH as BROKER_PATH
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import VariableValue
+from proxy.source_store import CredentialValue, VariableValue
 from proxy.types import Status
 
 _REF = "#/components/schemas/{model}"
@@ -34,6 +34,11 @@ BROKER_RESPONSE = {
                 {"type": "object", "required": ["code", "message"]},
                 {"type": "null"},
             ]
+        },
+        "replay": {
+            "type": "object",
+            "required": ["data_object_created_at"],
+            "properties": {"data_object_created_at": {"type": "string", "format": "date-time"}},
         },
     },
 }
@@ -121,6 +126,10 @@ def document() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}"
     )
     schemas.update(schemas["VariableValues"].pop("$defs", {}))
+    schemas["CredentialValues"] = TypeAdapter(list[CredentialValue]).json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(schemas["CredentialValues"].pop("$defs", {}))
     source = "DataSourceSpec"
     one = ("data_source_id",)
     broker_errors = {
@@ -172,6 +181,15 @@ def document() -> dict[str, Any]:
                     "Set the variables (desired state)",
                     {"type": "array"},
                     "VariableValues",
+                    params=one,
+                ),
+            },
+            "/data-sources/{data_source_id}/credentials": {
+                "get": _op("Credential types, values masked", {"type": "array"}, params=one),
+                "put": _op(
+                    "Set credentials (each given type replaced, others kept)",
+                    {"type": "array"},
+                    "CredentialValues",
                     params=one,
                 ),
             },

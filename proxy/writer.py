@@ -17,7 +17,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN
+from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN, WRITE_FAILURES
 from proxy.outage import Outage
 from proxy.outbox import (
     DataObjectRecord,
@@ -216,6 +216,7 @@ class OutboxWriter:
                     # directly, whose errors (a connection dropped mid-COPY) are its own.
                     # The segment stays; the next flush tries again.
                     self._outage.failed(type(exc).__name__)
+                    WRITE_FAILURES.inc()
                     return False
                 self.outbox.remove(path)
                 self.records_written += written

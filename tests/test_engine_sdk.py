@@ -437,7 +437,6 @@ def credential(sdk: SimpleNamespace, kind: str, value: Any) -> Any:
     )
 
 
-@NOT_BUILT
 def test_credentials_are_stored_and_answered_masked(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -477,7 +476,6 @@ def test_credentials_are_stored_and_answered_masked(
         pytest.param(
             "set_data_source_credentials",
             lambda sdk: credential(sdk, "CLIENT_SECRET", [SECRET]),
-            marks=NOT_BUILT,
             id="credential value not a string",
         ),
     ],

@@ -304,7 +304,7 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
                 {"name": "HEADER_SECRET", "value": secret},
                 {"name": "HEADER_SECRET", "value": secret},
             ],
-            400,
+            422,
         ),
         ({"HEADER_SECRET": secret}, 422),
     ):
