@@ -40,6 +40,7 @@ from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
+from proxy.request_ids import RequestIds
 from proxy.routes import admin, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
@@ -72,7 +73,7 @@ def create_app(
         ],
         exception_handlers=admin.exception_handlers,
     )
-    return internal.FrontDoor(Lifespan(app, settings, started))
+    return RequestIds(internal.FrontDoor(Lifespan(app, settings, started)))
 
 
 class Lifespan:
