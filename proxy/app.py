@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -39,7 +40,10 @@ from proxy.keys import KeyLayout
 from proxy.metrics import HOT_BYTES, HOT_LIVE
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
+from proxy.pruner import Pruner, prune_in_background
+from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
+from proxy.replays import Replays
 from proxy.request_ids import RequestIds
 from proxy.routes import admin, health, internal
 from proxy.secrets import load_secret_box
@@ -209,6 +213,14 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     _background(stack, registry.follow(settings.registry_refresh_interval), "registry follower")
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
+    pruner = Pruner(
+        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+    )
+    _background(
+        stack,
+        prune_in_background(pruner, redis, layout.prune_lock, settings.prune_interval),
+        "pruner",
+    )
 
     broker = Broker(
         registry,
@@ -218,8 +230,21 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
+        replays=Replays(engine),
     )
-    return Services(settings, engine, redis, cache, sources, registry, writer, broker, flushes)
+    dependencies = Dependencies(
+        {"redis": redis.ping, "database": lambda: _database_answers(engine)},
+        settings.dependency_check_interval,
+    )
+    _background(stack, dependencies.run(), "dependency checks")
+    return Services(
+        settings, engine, redis, cache, sources, registry, writer, broker, flushes, dependencies
+    )
+
+
+async def _database_answers(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 def _hot_entries(

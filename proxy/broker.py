@@ -20,13 +20,20 @@ from dataclasses import dataclass
 
 from proxy import messages
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
-from proxy.errors import AuditBacklogFull, BrokerError, DataSourceNotFound, InternalError
+from proxy.errors import (
+    AuditBacklogFull,
+    BrokerError,
+    DataSourceNotFound,
+    InternalError,
+    ReplayMiss,
+)
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.logs import bind_run_id
 from proxy.metrics import UPSTREAM_SECONDS, requests_counter
 from proxy.outage import Outage
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
+from proxy.replays import Replays
 from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
 from proxy.templates import check, render
@@ -67,6 +74,7 @@ class Broker:
         limits: Limits,
         default_project: uuid.UUID | None,
         backlog: Callable[[], int],
+        replays: Replays,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -75,6 +83,7 @@ class Broker:
         self.limits = limits
         self.default_project = default_project
         self.backlog = backlog
+        self.replays = replays
         self.flights = Flights(cache)
         self._redis_outage = Outage(
             logger,
@@ -154,6 +163,11 @@ class _Call:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.stale_because: BrokerError | None = None
+        # max_age is measured from here.
+        self.arrival = time.time()
+        self.max_age = request.max_age
+        # The creation time of the stored object a replay answered with.
+        self.replayed_at: float | None = None
 
     async def run(self) -> Answer:
         try:
@@ -176,6 +190,12 @@ class _Call:
         source, params = self.source, self.request.configured_params
         check(source.compiled, params, source.values)
         self.key = key = make_cache_key(source.data_source_id, params)
+        if self.request.replay is not None:
+            replayed = await self._replay(self.request.replay)
+            if replayed is not None:
+                return replayed
+            # hybrid, nothing stored: a fresh upstream call, as a request of today would make.
+            self.max_age = 0
         if not source.caching.enabled:
             self._check_backlog()
             return (await self._fetch()).value_json
@@ -197,14 +217,37 @@ class _Call:
                 turn.share(new)
                 return new.value_json
         except BrokerError as exc:
-            if entry is None or exc.code not in UPSTREAM_FAILURES:
+            if (
+                entry is None
+                or exc.code not in UPSTREAM_FAILURES
+                or not entry.within(self.max_age, self.arrival)
+            ):
                 raise
             # stale-if-error: the entry outlived its TTL only because the source allows it.
             self.stale_because = exc
             return self._from_cache(entry)
 
     def _fresh(self, entry: CacheEntry) -> bool:
-        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds)
+        """Within the source's TTL and the request's max_age (hot copies are judged the same)."""
+        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds) and entry.within(
+            self.max_age, self.arrival
+        )
+
+    async def _replay(self, replay: messages.Replay) -> bytes | None:
+        """The stored object's formatted value; None for a hybrid replay that found none."""
+        assert self.key is not None
+        self._check_backlog(for_hits=True)
+        stored = await self.broker.replays.find(self.source.data_source_id, self.key, replay)
+        if stored is None:
+            if replay.mode == "strict":
+                raise ReplayMiss(
+                    "no stored DataObject for this key "
+                    + ("as of that instant" if replay.as_of else "in that run")
+                )
+            return None
+        self.origin, self.data_object_id = "CACHE", stored.data_object_id
+        self.replayed_at = stored.created_at
+        return format_body(stored.value, self.source.http.response_type)
 
     def _from_cache(self, entry: CacheEntry) -> bytes:
         self.origin, self.data_object_id = "CACHE", entry.data_object_id
@@ -280,6 +323,7 @@ class _Call:
                 start_time=self.start_time,
                 end_time=self.end_time,
                 stale=self.stale_because is not None,
+                replayed_created_at=self.replayed_at,
             ),
         )
 
@@ -297,4 +341,5 @@ class _Call:
             end_time=self.end_time,
             error=recorded,
             created_at=time.time(),
+            replay=None if self.request.replay is None else self.request.replay.by,
         )

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
 from proxy.logs import FORMATS, LEVELS, LogFormat, default_format, log_config
+from proxy.pruner import Pruned, Pruner
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
@@ -346,3 +347,48 @@ def rotate_secrets_command() -> None:
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
     click.echo(f"rotated {rotated} stored variable values to the newest key")
+
+
+@main.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+def prune_command(dry_run: bool) -> None:
+    """Delete DataObjects and audit rows older than their source's retention, now."""
+    settings = _settings()
+
+    async def run() -> list[Pruned]:
+        engine = create_engine(
+            settings.resolved_database_url,
+            settings.database_connect_timeout,
+            settings.database_command_timeout,
+        )
+        try:
+            if settings.embedded:
+                await migrate(engine)
+            else:
+                await check_schema(engine)
+            pruner = Pruner(
+                engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+            )
+            return await pruner.run(dry_run=dry_run)
+        finally:
+            await engine.dispose()
+
+    try:
+        done = asyncio.run(run())
+    except StartupError as exc:
+        raise click.ClickException(f"prune: {exc}") from exc
+    except Exception as exc:
+        raise click.ClickException(f"prune: {describe(exc)}") from exc
+    if not done:
+        click.echo(
+            "no data source has a retention period (retention_days, DATABROKER_RETENTION_DAYS):"
+            " every row is kept"
+        )
+    verb = "would go" if dry_run else "went"
+    for pruned in done:
+        cut = pruned.cut
+        click.echo(
+            f"{cut.name} ({cut.data_source_id}): {pruned.objects} DataObjects and"
+            f" {pruned.requests} audit rows created before {cut.before.isoformat()}"
+            f" ({cut.days} days) {verb}"
+        )

@@ -3,6 +3,7 @@
     BrokerError
     ├── InvalidRequest ............ 400 INVALID_REQUEST
     ├── DataSourceNotFound ........ 404 DATA_SOURCE_NOT_FOUND
+    ├── ReplayMiss ................ 404 REPLAY_MISS        (a strict replay found no DataObject)
     ├── MissingVariables .......... 400 MISSING_VARIABLES  (names only, never values)
     ├── MissingParams ............. 400 MISSING_PARAMS
     ├── UnknownParams ............. 400 UNKNOWN_PARAMS
@@ -59,6 +60,13 @@ class InvalidRequest(BrokerError):
 
 class DataSourceNotFound(BrokerError):
     code = "DATA_SOURCE_NOT_FOUND"
+    status = 404
+
+
+class ReplayMiss(BrokerError):
+    """A strict replay found no stored DataObject: nothing was called."""
+
+    code = "REPLAY_MISS"
     status = 404
 
 

@@ -6,6 +6,7 @@ family                            value                       expiry            
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
+``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
 ================================  ==========================  =====================  ==================
 
 Other families go beside ``cache:`` under the same prefix, never inside it, so
@@ -44,6 +45,7 @@ class KeyLayout:
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
         self.cache_family = f"{prefix}cache:"
+        self.prune_lock = f"{prefix}prune"
 
     def _source(self, data_source_id: uuid.UUID | str) -> str:
         return f"{{{data_source_id}}}" if self.cluster else str(data_source_id)

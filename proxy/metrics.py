@@ -29,6 +29,16 @@ HOT_INVALIDATIONS = Counter(
     "databroker_hot_invalidations_total",
     "Invalidations received from Redis (one per name; a flush counts one).",
 )
+ROWS_PRUNED = Counter(
+    "databroker_rows_pruned_total",
+    "DataObjects and audit rows deleted for being older than their retention, by table.",
+    ["table"],
+)
+DEPENDENCY_UP = Gauge(
+    "databroker_dependency_up",
+    "1 if the dependency (redis, database) answered its last background check, else 0.",
+    ["dependency"],
+)
 HOT_BYTES = Gauge("databroker_hot_bytes", "Bytes held by hot entries.")
 HOT_LIVE = Gauge(
     "databroker_hot_live", "1 while the invalidation link is up and hot entries are in use."

@@ -35,6 +35,11 @@ BROKER_RESPONSE = {
                 {"type": "null"},
             ]
         },
+        "replay": {
+            "type": "object",
+            "required": ["data_object_created_at"],
+            "properties": {"data_object_created_at": {"type": "string", "format": "date-time"}},
+        },
     },
 }
 ADMIN_ERROR = {

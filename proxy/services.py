@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from proxy.broker import Broker
     from proxy.cache import RedisCache, RedisClient
     from proxy.flushes import Flushes
+    from proxy.readiness import Dependencies
     from proxy.settings import Settings
     from proxy.source_registry import Registry
     from proxy.source_store import SourceStore
@@ -34,6 +35,7 @@ class Services:
     writer: OutboxWriter
     broker: Broker
     flushes: Flushes
+    dependencies: Dependencies
 
 
 def services(request: Request) -> Services:

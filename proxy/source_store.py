@@ -42,6 +42,7 @@ def spec_of(row: DataSource) -> DataSourceSpec:
                 "ttl": row.caching_ttl,
                 "stale_if_error": row.caching_stale_if_error,
             },
+            "retention_days": row.retention_days,
             "description": row.description,
             "metadata": row.meta,
             "runtime_params": row.runtime_params,
@@ -56,7 +57,7 @@ def to_api(row: DataSource) -> dict[str, Any]:
     caching: dict[str, Any] = {"enabled": row.caching_enabled, "ttl": row.caching_ttl}
     if row.caching_stale_if_error is not None:
         caching["stale_if_error"] = row.caching_stale_if_error
-    return {
+    answer: dict[str, Any] = {
         "data_source_id": str(row.data_source_id),
         "name": row.name,
         "description": row.description,
@@ -70,6 +71,10 @@ def to_api(row: DataSource) -> dict[str, Any]:
         "created_at": row.created_at.isoformat(),
         "last_updated_at": row.last_updated_at.isoformat(),
     }
+    # Only when set, as stale_if_error: a source that never opts in keeps the reference's shape.
+    if row.retention_days is not None:
+        answer["retention_days"] = row.retention_days
+    return answer
 
 
 def _checked(spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSourceSpec:
@@ -94,6 +99,7 @@ def _assign(row: DataSource, spec: DataSourceSpec, now: datetime) -> None:
     row.caching_enabled = spec.caching.enabled
     row.caching_ttl = spec.caching.ttl_seconds
     row.caching_stale_if_error = spec.caching.stale_if_error
+    row.retention_days = spec.retention_days
     row.runtime_params = list(spec.runtime_params or ())
     row.variables = list(spec.variables or ())
     row.project_id = spec.project_id
@@ -171,7 +177,8 @@ class SourceStore:
                 if fields:
                     raise ValidationFailed(
                         "a published data source may change only description, caching, "
-                        f"source.timeout and source.retry; this request changes: {', '.join(fields)}",
+                        "retention_days, source.timeout and source.retry; "
+                        f"this request changes: {', '.join(fields)}",
                         fields=fields,
                     )
             await self._check_name_free(session, spec, own_id=row.data_source_id)

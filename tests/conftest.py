@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy.app import create_app
+from proxy.database import create_engine, migrate
 from proxy.settings import Settings
 from tests.harness import (
     ADMIN_TOKEN,
@@ -77,6 +78,20 @@ async def db(pg_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(pg_url)
     async with engine.begin() as conn:
         await conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def database(
+    request: pytest.FixtureRequest, db: AsyncEngine, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    """Each database the broker runs on: the test Postgres (emptied), a migrated SQLite file."""
+    if request.param == "postgresql":
+        yield db
+        return
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}")
+    await migrate(engine)
     yield engine
     await engine.dispose()
 
