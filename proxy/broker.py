@@ -30,7 +30,7 @@ from proxy.errors import (
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
 from proxy.logs import bind_run_id
-from proxy.metrics import UPSTREAM_SECONDS, requests_counter
+from proxy.metrics import UPSTREAM_SECONDS
 from proxy.outage import Outage
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
 from proxy.replays import Replays
@@ -47,6 +47,11 @@ logger = logging.getLogger("databroker.broker")
 class Answer:
     status: int
     body: bytes
+    # What the route counts it by (proxy.metrics.record_request): the source's name
+    # ("" before one is resolved), the origin and the error code.
+    source: str = ""
+    origin: str = "NONE"
+    code: str = "OK"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +116,10 @@ class Broker:
             )
         return await _Call(self, source, request).run()
 
-    def refuse(self, error: BrokerError) -> Answer:
-        """An error before a source was resolved: answered, not audited."""
-        requests_counter("NONE", error.code).inc()
-        return Answer(error.status, messages.failure(error))
+    def refuse(self, error: BrokerError, source: str = "") -> Answer:
+        """An error before a source was resolved (or its audit row could be): answered,
+        not audited."""
+        return Answer(error.status, messages.failure(error), source, "NONE", error.code)
 
     def outbox_full(self, for_hits: bool = False) -> bool:
         """At the outbox bound upstream calls are refused (and ``/readyz`` says "full");
@@ -174,7 +179,7 @@ class _Call:
             value_json = await self._serve()
         except AuditBacklogFull as exc:
             # Not journaled: the journal is what is full. Counted in metrics instead.
-            return self.broker.refuse(exc)
+            return self.broker.refuse(exc, self.source.name)
         except BrokerError as exc:
             return self._finish(exc)
         except Exception:
@@ -272,6 +277,7 @@ class _Call:
                     retrying=source.retrying,
                     max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
                     follow_redirects=bool(source.http.follow_redirects),
+                    source=source.name,
                 )
         finally:
             self.end_time = time.time()
@@ -298,7 +304,6 @@ class _Call:
             # The journal itself failed (disk full, outbox closed): answer anyway, loudly.
             logger.exception("could not journal the audit row of a request")
             error = InternalError("the broker could not record this request; see its log")
-        requests_counter(self.origin or "NONE", error.code if error else "OK").inc()
         if error is not None:
             return Answer(
                 error.status,
@@ -310,6 +315,9 @@ class _Call:
                     start_time=self.start_time,
                     end_time=self.end_time,
                 ),
+                self.source.name,
+                self.origin or "NONE",
+                error.code,
             )
         assert self.origin is not None and self.key is not None and self.data_object_id is not None
         assert isinstance(outcome, bytes)
@@ -325,6 +333,8 @@ class _Call:
                 stale=self.stale_because is not None,
                 replayed_created_at=self.replayed_at,
             ),
+            self.source.name,
+            self.origin,
         )
 
     def _audit(self, error: BrokerError | None) -> RunDataRequestRecord:

@@ -12,14 +12,19 @@ import asyncio
 import gc
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
+import httpx
+import orjson
 import uvicorn
 from alembic.util import CommandError
 from pydantic import ValidationError
@@ -27,11 +32,15 @@ from starlette.types import ASGIApp
 
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
+from proxy.keys import make_cache_key
 from proxy.logs import FORMATS, LEVELS, LogFormat, default_format, log_config
 from proxy.pruner import Pruned, Pruner
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
+
+# prometheus-client's; named here so that serve need not import it (see _shared_metrics).
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _refuse(message: str) -> NoReturn:
@@ -156,6 +165,7 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
+    made = _shared_metrics() if workers > 1 else None
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -191,6 +201,26 @@ def serve(
         if listener is not None and uds is not None:
             listener.close()
             uds.unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _shared_metrics() -> Path | None:
+    """With several workers, one metrics directory for all (prometheus-client's
+    multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
+    temporary directory made here, whose path is returned to be removed at exit.
+
+    Set before anything imports prometheus-client, which picks its value store at
+    import; the workers, spawned, inherit it. A previous run's files are removed: its
+    counts are not this run's (a restarted worker's are kept: they are this run's).
+    """
+    given = os.environ.get(MULTIPROCESS_VARIABLE)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_VARIABLE] = str(directory)
+    return None if given else directory
 
 
 def serving_app() -> ASGIApp:
@@ -318,10 +348,11 @@ def migrate_command() -> None:
 
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
-    """Re-encrypt every stored variable with the newest key of DATABROKER_SECRET_KEY."""
+    """Re-encrypt every stored variable and credential with the newest key of
+    DATABROKER_SECRET_KEY."""
     settings = _settings()
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         box = load_secret_box(settings)
         engine = create_engine(
             settings.resolved_database_url,
@@ -338,7 +369,7 @@ def rotate_secrets_command() -> None:
             await engine.dispose()
 
     try:
-        rotated = asyncio.run(run())
+        variables, credentials = asyncio.run(run())
     except SecretKeyError as exc:
         click.echo(f"rotate-secrets: {exc}; nothing was changed", err=True)
         sys.exit(1)
@@ -346,7 +377,10 @@ def rotate_secrets_command() -> None:
         raise click.ClickException(f"rotate-secrets: {exc}") from exc
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
-    click.echo(f"rotated {rotated} stored variable values to the newest key")
+    click.echo(
+        f"rotated {variables} stored variable values and {credentials} credential values "
+        "to the newest key"
+    )
 
 
 @main.command("prune")
@@ -392,3 +426,77 @@ def prune_command(dry_run: bool) -> None:
             f" {pruned.requests} audit rows created before {cut.before.isoformat()}"
             f" ({cut.days} days) {verb}"
         )
+
+
+def _params(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[str, Any]:
+    """The JSON object the engine sends as ``configured_params``: the key is made from it."""
+    try:
+        params = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        params = None
+    if not isinstance(params, dict):
+        raise click.BadParameter("not a JSON object")
+    return params
+
+
+def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    """An admin route's JSON answer; a refusal as one line with its code (never a value)."""
+    try:
+        answer = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {client.base_url}: {type(exc).__name__}"
+        ) from exc
+    if answer.is_success:
+        return answer.json()
+    try:
+        error = answer.json()
+        reason = f"{error['code']}: {error['detail']}"
+    except (ValueError, KeyError, TypeError):
+        reason = f"HTTP {answer.status_code}"
+    raise click.ClickException(f"{method} {path}: {reason}")
+
+
+@main.command("erase")
+@click.option("--source", "name", required=True, help="The data source's name.")
+@click.option(
+    "--params",
+    required=True,
+    callback=_params,
+    help="The configured_params whose DataObjects go, as JSON.",
+)
+@click.option("--project-id", type=click.UUID, help="The source's project (default: the broker's).")
+@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+def erase_command(
+    name: str, params: dict[str, Any], project_id: uuid.UUID | None, url: str
+) -> None:
+    """Erase the DataObjects and cache entry of one key, through a running broker's admin API.
+
+    Every source of that name is erased, archived ones included: each has its own key for
+    the same params. Audit rows stay, their object reference cleared and erased_at set.
+    """
+    token = _settings().admin_token
+    if token is None:
+        _refuse("invalid settings: DATABROKER_ADMIN_TOKEN is not set (erase uses the admin API)")
+    project = {} if project_id is None else {"project_id": str(project_id)}
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        listed = _admin_call(
+            client, "GET", "/data-sources", params={"include_archived": "true", **project}
+        )
+        found = [source for source in listed if source["name"] == name]
+        if not found:
+            raise click.ClickException(f"no data source named {name!r} in this project")
+        for source in found:
+            key = make_cache_key(source["data_source_id"], params)
+            done = _admin_call(
+                client,
+                "DELETE",
+                f"/data-sources/{source['data_source_id']}/objects",
+                params={"key": key, **project},
+            )
+            click.echo(
+                f"{name} ({source['data_source_id']}, {source['status']}): key {key}:"
+                f" {done['data_objects_erased']} DataObjects erased,"
+                f" {done['audit_rows_marked']} audit rows marked erased"
+            )

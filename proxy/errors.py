@@ -13,7 +13,8 @@
     │   ├── UpstreamConnectError .. 502 CONNECTION_ERROR
     │   ├── UpstreamHTTPError ..... 502 HTTP_ERROR         (+ upstream_status)
     │   ├── ResponseTooLarge ...... 502 RESPONSE_TOO_LARGE
-    │   └── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   ├── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   └── AuthError ............. 502 AUTH_ERROR         (the token endpoint failed or refused)
     ├── RelayedError .............. another fetch's failure, shared with its waiters
     ├── AuditBacklogFull .......... 503 AUDIT_BACKLOG_FULL
     ├── ParseError ................ 500 PARSE_ERROR
@@ -25,7 +26,8 @@
         ├── Conflict .............. 409 CONFLICT
         ├── ValidationFailed ...... 422 VALIDATION_ERROR
         ├── BodyTooLarge .......... 413 BODY_TOO_LARGE
-        └── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        ├── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        └── RedisUnavailable ...... 503 REDIS_UNAVAILABLE  (an erasure cannot reach the cache)
 
     StartupError .................. the process cannot start: one line, exit non-zero
 
@@ -153,6 +155,12 @@ class EgressDenied(UpstreamError):
         self.host = host
 
 
+class AuthError(UpstreamError):
+    """The source's OAuth2 token endpoint failed or refused: no token, so no upstream call."""
+
+    code = "AUTH_ERROR"
+
+
 class RelayedError(BrokerError):
     """The failure of a fetch another sidecar made for the same key, as it reported it."""
 
@@ -218,6 +226,13 @@ class DatabaseUnavailable(AdminError):
     """The database did not answer (down, or slower than its timeouts): retry later."""
 
     code = "DATABASE_UNAVAILABLE"
+    status = 503
+
+
+class RedisUnavailable(AdminError):
+    """Redis did not answer a change that must reach it (an erasure): retry later."""
+
+    code = "REDIS_UNAVAILABLE"
     status = 503
 
 

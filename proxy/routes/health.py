@@ -6,11 +6,16 @@ process answering at all, readiness the last background checks (proxy.readiness)
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import asyncio
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.metrics import scrape
+from proxy.outbox import Outbox
 from proxy.readiness import report
 from proxy.services import services
 
@@ -27,8 +32,15 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body, status)
 
 
-async def metrics(_: Request) -> Response:
-    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    outbox = services(request).writer.outbox
+    exposition = await asyncio.to_thread(_exposition, outbox)
+    return Response(exposition, media_type=CONTENT_TYPE_LATEST)
+
+
+def _exposition(outbox: Outbox) -> bytes:
+    oldest = outbox.oldest_record_time()
+    return scrape(0.0 if oldest is None else max(0.0, time.time() - oldest))
 
 
 routes = [

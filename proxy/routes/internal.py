@@ -12,14 +12,16 @@ answer is the contract's envelope, a failure nobody foresaw INTERNAL.
 from __future__ import annotations
 
 import logging
+import time
 
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import messages
+from proxy.broker import Answer
 from proxy.errors import InternalError, InvalidRequest
-from proxy.metrics import requests_counter
+from proxy.metrics import record_request
 from proxy.routes.bodies import read_json
 
 logger = logging.getLogger("databroker.broker")
@@ -36,19 +38,22 @@ class BrokerRoute:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         try:
             body = await read_json(scope, receive, InvalidRequest)
             answer = await scope["state"]["services"].broker.handle(body)
-            status, payload = answer.status, answer.body
         except InvalidRequest as exc:
-            status, payload = exc.status, messages.failure(exc)
+            answer = Answer(exc.status, messages.failure(exc), code=exc.code)
         except ClientDisconnect:
             return  # nobody is left to answer, and nothing was resolved or journaled
         except Exception:
             logger.exception("the broker route failed unexpectedly")
             error = InternalError("the broker failed unexpectedly; see its log")
-            requests_counter("NONE", error.code).inc()
-            status, payload = error.status, messages.failure(error)
+            answer = Answer(error.status, messages.failure(error), code=error.code)
+        # Counted before the answer leaves: a worker that scrapes right after its answer
+        # finds it counted.
+        record_request(answer.source, answer.origin, answer.code, time.perf_counter() - started)
+        status, payload = answer.status, answer.body
         await send(
             {
                 "type": "http.response.start",
