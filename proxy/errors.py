@@ -27,7 +27,8 @@
         ├── Refused ............... 400 REFUSED            (well-formed, but not allowed)
         ├── ValidationFailed ...... 422 VALIDATION_ERROR   (``detail``: FastAPI's list)
         ├── BodyTooLarge .......... 413 BODY_TOO_LARGE
-        └── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        ├── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        └── RedisUnavailable ...... 503 REDIS_UNAVAILABLE  (an erasure cannot reach the cache)
 
     StartupError .................. the process cannot start: one line, exit non-zero
 
@@ -251,6 +252,13 @@ class DatabaseUnavailable(AdminError):
     """The database did not answer (down, or slower than its timeouts): retry later."""
 
     code = "DATABASE_UNAVAILABLE"
+    status = 503
+
+
+class RedisUnavailable(AdminError):
+    """Redis did not answer a change that must reach it (an erasure): retry later."""
+
+    code = "REDIS_UNAVAILABLE"
     status = 503
 
 

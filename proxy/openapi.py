@@ -118,6 +118,22 @@ def _op(
     return op
 
 
+def _dated(op: dict[str, Any]) -> dict[str, Any]:
+    """An analytics operation: its window (UTC days) and project as query parameters."""
+    op["parameters"] = [
+        *op.get("parameters", []),
+        *(
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in (
+                ("start_date", {"type": "string", "format": "date"}),
+                ("end_date", {"type": "string", "format": "date"}),
+                ("project_id", {"type": "string", "format": "uuid"}),
+            )
+        ),
+    ]
+    return op
+
+
 @cache
 def document() -> dict[str, Any]:
     _, defs = models_json_schema([(DataSourceSpec, "validation")], ref_template=_REF)
@@ -145,6 +161,15 @@ def document() -> dict[str, Any]:
             ("project_id", {"type": "string", "format": "uuid"}),
         )
     ]
+    erase = _op(
+        "Erase one key's DataObjects and cache entry; audit rows stay, marked erased_at",
+        {"type": "object"},
+        params=one,
+        errors=(401, 403, 404, 422, 503),
+    )
+    erase["parameters"].append(
+        {"name": "key", "in": "query", "required": True, "schema": {"pattern": "^[0-9a-f]{32}$"}}
+    )
     sources = {
         "get": listing,
         "post": _op("Register a data source (DRAFT)", {"type": "object"}, source),
@@ -184,6 +209,21 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
+            **{
+                f"/data-sources/{{data_source_id}}/{path}": {
+                    "get": _dated(_op(summary, {"type": "object"}, params=one))
+                }
+                for path, summary in (
+                    ("usage", "Requests per day"),
+                    ("metrics", "Upstream latency and error rate per day"),
+                    ("cache-stats", "Cache hit ratio per day"),
+                )
+            },
+            "/analytics/summary": {
+                "get": _dated(
+                    _op("Hit rate, latency, error rate, top sources, spend", {"type": "object"})
+                )
+            },
             "/data-sources/{data_source_id}/credentials": {
                 "get": _op("Credential types, values masked", {"type": "array"}, params=one),
                 "put": _op(
@@ -193,6 +233,7 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
+            "/data-sources/{data_source_id}/objects": {"delete": erase},
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
                 "get": {

@@ -604,7 +604,6 @@ def analysed(sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream) 
     return sid
 
 
-@NOT_BUILT
 def test_usage_counts_requests_per_day(sdk: SimpleNamespace, admin: Any, analysed: str) -> None:
     sid = analysed
     day = datetime.date.fromisoformat(today())
@@ -619,7 +618,6 @@ def test_usage_counts_requests_per_day(sdk: SimpleNamespace, admin: Any, analyse
     assert not any(by_date(usage, "requests_by_date").values())
 
 
-@NOT_BUILT
 def test_metrics_and_cache_stats_give_latency_and_percentages_per_day(
     sdk: SimpleNamespace, admin: Any, analysed: str
 ) -> None:

@@ -2,7 +2,8 @@
 then everything the broker said or wrote is searched for them.
 
 Searched: every response (body and headers), every log line (caplog at DEBUG for an
-in-thread broker; the console script's output for a subprocess one), every Redis key
+in-thread broker; the console script's JSON lines at DEBUG with the access log for a
+subprocess one), every Redis key
 under the test's prefix and every value behind it, every message published there,
 every column of every row of every table, every file left on disk, and /metrics
 (label values included). The upstream never answers a 2xx body holding a secret, so a
@@ -493,6 +494,9 @@ async def test_no_secret_leaves_the_console_script(
         admin_token=ADMIN_TOKEN,
         secret_key=key,
         outbox_dir=str(tmp_path / "outbox"),
+        # Every line there is: JSON (a database URL is set), at DEBUG, with the access log.
+        log_level="debug",
+        access_log="1",
     )
     with black_hole() as hole, published_messages(redis_prefix) as messages:
         async with serving(env, tmp_path) as (process, client):
@@ -503,6 +507,7 @@ async def test_no_secret_leaves_the_console_script(
     assert set(SECRETS.values()) <= await stored_secrets(db, key)
     logs = log_of(tmp_path)
     assert "Uvicorn running" in logs or "Application startup complete" in logs, logs
+    assert '"logger":"databroker.access"' in logs and '"run_id":' in logs, logs
     leaks = await search_everything(seen, logs, db, redis_prefix, messages, tmp_path)
     assert leaks == [], "secrets found in:\n" + "\n".join(leaks)
 
