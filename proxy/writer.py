@@ -14,7 +14,6 @@ from decimal import Decimal
 from typing import Any, Protocol, cast
 
 from sqlalchemy import Table
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN, WRITE_FAILURES
@@ -96,6 +95,8 @@ class SqliteSink:
         self.batch_size = batch_size
 
     async def write(self, segment: bytes) -> int:
+        from sqlalchemy.dialects import sqlite  # the embedded default's only
+
         records = await _decode(segment)
         objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
         requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
