@@ -45,7 +45,8 @@ from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import Replays
-from proxy.routes import admin, credentials, erasure, health, internal
+from proxy.request_ids import RequestIds
+from proxy.routes import admin, analytics, credentials, erasure, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -74,6 +75,7 @@ def create_app(
         routes=[
             *internal.routes,
             *admin.routes,
+            *analytics.routes,
             *credentials.routes,
             *erasure.routes,
             *health.routes,
@@ -81,7 +83,7 @@ def create_app(
         ],
         exception_handlers=admin.exception_handlers,
     )
-    return internal.FrontDoor(Lifespan(app, settings, started))
+    return RequestIds(internal.FrontDoor(Lifespan(app, settings, started)))
 
 
 class Lifespan:
