@@ -47,6 +47,7 @@ from proxy.settings import Settings
 from proxy.source_registry import Registry
 from proxy.source_store import SourceStore
 from proxy.upstream import Upstream, create_client
+from proxy.vendor_state import VendorState
 from proxy.writer import OutboxWriter, sink_for
 
 logger = logging.getLogger("databroker")
@@ -209,6 +210,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
 
+    vendors = VendorState(redis, layout)
+    _background(stack, vendors.follow(), "vendor state follower")
     broker = Broker(
         registry,
         cache,
@@ -217,6 +220,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
+        vendors=vendors,
     )
     return Services(settings, engine, redis, cache, sources, registry, writer, broker, flushes)
 

@@ -6,6 +6,10 @@ family                            value                       expiry            
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
+``{prefix}spend:{sid}:{period}``  micro-units spent (INCRBY)  the period's end + 1 d  proxy.vendor_state
+``{prefix}vendor:{sid}``          rate-limit TAT, breaker     2 days after last use   proxy.vendor_state
+``{prefix}vendor:paused``         hash: sid → paused at       never (admin resumes)   proxy.vendor_state
+``{prefix}vendor:holds``          hash: sid → held until      fields pruned on read   proxy.vendor_state
 ================================  ==========================  =====================  ==================
 
 Other families go beside ``cache:`` under the same prefix, never inside it, so
@@ -44,6 +48,8 @@ class KeyLayout:
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
         self.cache_family = f"{prefix}cache:"
+        self.paused = f"{prefix}vendor:paused"
+        self.holds = f"{prefix}vendor:holds"
 
     def _source(self, data_source_id: uuid.UUID | str) -> str:
         return f"{{{data_source_id}}}" if self.cluster else str(data_source_id)
@@ -53,6 +59,14 @@ class KeyLayout:
 
     def lock(self, data_source_id: uuid.UUID | str, key: str) -> str:
         return f"{self.prefix}lock:{self._source(data_source_id)}:{key}"
+
+    def spend(self, data_source_id: uuid.UUID | str, period: str) -> str:
+        """What a source spent in one budget period (``proxy.vendor_guard.period_of``)."""
+        return f"{self.prefix}spend:{self._source(data_source_id)}:{period}"
+
+    def vendor(self, data_source_id: uuid.UUID | str) -> str:
+        """A source's fleet-wide rate-limit and breaker state (one hash, the spend's slot)."""
+        return f"{self.prefix}vendor:{self._source(data_source_id)}"
 
     def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
         """A SCAN pattern for every cache entry, or for one source's entries.

@@ -11,7 +11,9 @@ from typing import Any
 from proxy.source_spec import DataSourceSpec
 from proxy.templates import Names, TemplateError, compile_source, scan_names
 
-MUTABLE_WHEN_PUBLISHED = frozenset({"description", "caching", "source.timeout", "source.retry"})
+MUTABLE_WHEN_PUBLISHED = frozenset(
+    {"description", "caching", "source.timeout", "source.retry", "source.budget"}
+)
 
 
 def resolve_names(spec: DataSourceSpec) -> tuple[list[str], list[str]]:

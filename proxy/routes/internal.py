@@ -12,6 +12,7 @@ answer is the contract's envelope, a failure nobody foresaw INTERNAL.
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
@@ -36,10 +37,11 @@ class BrokerRoute:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        retry_after = None
         try:
             body = await read_json(scope, receive, InvalidRequest)
             answer = await scope["state"]["services"].broker.handle(body)
-            status, payload = answer.status, answer.body
+            status, payload, retry_after = answer.status, answer.body, answer.retry_after
         except InvalidRequest as exc:
             status, payload = exc.status, messages.failure(exc)
         except ClientDisconnect:
@@ -49,16 +51,13 @@ class BrokerRoute:
             error = InternalError("the broker failed unexpectedly; see its log")
             requests_counter("NONE", error.code).inc()
             status, payload = error.status, messages.failure(error)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
 
