@@ -8,6 +8,7 @@ typo such as ``"ttl_seconds"`` fails loudly instead of being ignored.
 from __future__ import annotations
 
 import uuid
+from functools import cached_property
 from decimal import Decimal
 from typing import Any, Literal, Self
 
@@ -53,7 +54,7 @@ class Money(_Strict):
     amount: str = Field(pattern=rf"^\d{{1,12}}(\.\d{{1,{MONEY_PLACES}}})?$")
     currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217, e.g. USD")
 
-    @property
+    @cached_property
     def micros(self) -> int:
         """The amount in millionths: what Redis counts (integers add exactly)."""
         return int(Decimal(self.amount).scaleb(MONEY_PLACES))

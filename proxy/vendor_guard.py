@@ -78,7 +78,7 @@ class Plan:
         a half-open probe may stay out before its slot is given to another (a sidecar that
         dies mid-probe must not keep the breaker half-open for good).
         """
-        period, left = period_of(self.budget.period if self.budget else "day", now)
+        period, left = period_of(self.budget.period, now) if self.budget else ("", 0.0)
         rate = self.rate_limit
         interval = round(rate.per_seconds / rate.requests * US) if rate else 0
         return period, [
@@ -90,6 +90,7 @@ class Plan:
             round(max_wait * US),
             self.breaker.half_open_requests if self.breaker else 0,
             round(lease * US),
+            round(self.breaker.window_seconds * US) if self.breaker else 0,
         ]
 
     def settle_args(self, failed: bool, probe: bool) -> list[int | float]:

@@ -50,9 +50,12 @@ PAUSED_RETRY_AFTER = 5.0
 
 # KEYS: the source's hash, its spend counter. ARGV: cost µ-units (0 = not counted),
 # budget µ-units (-1 = none), the counter's TTL (s), rate-limit interval (µs, 0 = none),
-# burst, the longest wait (µs), half-open probes (0 = no breaker), a probe's lease (µs).
+# burst, the longest wait (µs), half-open probes (0 = no breaker), a probe's lease (µs),
+# the breaker's window (µs).
 # Reply: {verdict, µs (wait or retry after), spent, probe?, breaker state}.
-# Checks first, writes last: a refused call changes nothing.
+# Checks first, writes last: a refused call changes nothing. A closed breaker counts the
+# call in its window here, so that only failures (and probes) need reporting (SETTLE):
+# a call that succeeds costs one round trip, not two.
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -84,9 +87,8 @@ if budget >= 0 then
 end
 local interval = tonumber(ARGV[4])
 local wait = 0
-local tat = 0
 if interval > 0 then
-  tat = tonumber(redis.call('HGET', h, 'rt') or '0')
+  local tat = tonumber(redis.call('HGET', h, 'rt') or '0')
   if tat < now then tat = now end
   wait = tat + interval - interval * tonumber(ARGV[5]) - now
   if wait < 0 then wait = 0 end
@@ -101,6 +103,13 @@ local probe = 0
 if state == 'h' then
   probe = 1
   redis.call('HSET', h, 'bs', 'h', 'bp', issued + 1, 'bu', now + wait + tonumber(ARGV[8]))
+elseif probes > 0 then
+  local ws = tonumber(redis.call('HGET', h, 'ws') or '0')
+  if now - ws >= tonumber(ARGV[9]) then
+    redis.call('HSET', h, 'ws', now, 'wc', 1, 'wf', 0)
+  else
+    redis.call('HINCRBY', h, 'wc', 1)
+  end
 end
 redis.call('EXPIRE', h, 172800)
 return {'OK', wait, spent, probe, state}
@@ -108,8 +117,10 @@ return {'OK', wait, spent, probe, state}
 
 # KEYS: the source's hash. ARGV: failed (0/1), probe (0/1), failure ratio, min requests,
 # window (µs), open (µs). Reply: the breaker's state after this outcome.
-# A probe's outcome decides a half-open breaker; other calls count in a fixed window while
-# closed (outcomes of calls admitted before it opened are not counted).
+# A probe's outcome decides a half-open breaker: a success closes it, a failure opens it
+# again. Otherwise only failures are reported: one counts in the closed breaker's window
+# (whose calls ADMIT counted), and opens it at the ratio. Failures of calls admitted
+# before the breaker opened are not counted again.
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -125,18 +136,17 @@ if ARGV[2] == '1' then
   redis.call('HSET', h, 'bs', 'c', 'ws', now, 'wc', 0, 'wf', 0, 'bp', 0)
   return 'c'
 end
-if state ~= 'c' then return state end
+if state ~= 'c' or not failed then return state end
 local f = redis.call('HMGET', h, 'ws', 'wc', 'wf')
 local ws, wc, wf = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
-if now - ws >= tonumber(ARGV[5]) then ws, wc, wf = now, 0, 0 end
-wc = wc + 1
-if failed then wf = wf + 1 end
+-- the window rolled while the call was out: it counts as the new window's first call
+if now - ws >= tonumber(ARGV[5]) then ws, wc, wf = now, 1, 0 end
+wf = wf + 1
 if wc >= tonumber(ARGV[4]) and wf >= tonumber(ARGV[3]) * wc then
   redis.call('HSET', h, 'bs', 'o', 'bu', now + tonumber(ARGV[6]), 'bp', 0, 'ws', now, 'wc', 0, 'wf', 0)
   return 'o'
 end
 redis.call('HSET', h, 'ws', ws, 'wc', wc, 'wf', wf)
-redis.call('EXPIRE', h, 172800)
 return 'c'
 """
 
@@ -182,18 +192,17 @@ class VendorState:
     async def after_call(
         self, source: Source, admission: Admission | None, error: BrokerError | None
     ) -> None:
-        """Report how the call went: its breaker counts it; an upstream 429 holds the source."""
+        """Report how the call went: an upstream 429 holds the source; a breaker hears of
+        failures and probes (the admit script counted the call already)."""
         if error is not None and error.code == "HTTP_ERROR" and error.retry_after is not None:
             if error.extra.get("upstream_status") == 429:
                 await self.hold(source.data_source_id, error.retry_after)
-        if admission is not None and source.http.circuit_breaker is not None:
-            await self.settle(
-                source.data_source_id,
-                source.name,
-                Plan.of(source.http),
-                admission,
-                is_vendor_failure(error),
-            )
+        if admission is None or source.http.circuit_breaker is None:
+            return
+        failed = is_vendor_failure(error)
+        if failed or admission.probe:
+            plan = Plan.of(source.http)
+            await self.settle(source.data_source_id, source.name, plan, admission, failed)
 
     def check_local(self, data_source_id: uuid.UUID, name: str, now: float) -> None:
         """Raise if the fleet paused or holds the source (what the last read said)."""
