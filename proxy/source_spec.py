@@ -8,8 +8,8 @@ typo such as ``"ttl_seconds"`` fails loudly instead of being ignored.
 from __future__ import annotations
 
 import uuid
-from functools import cached_property
 from decimal import Decimal
+from functools import cached_property
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
