@@ -55,6 +55,7 @@ def _source(name: str, **protection: Any) -> Source:
         retrying=Retrying.from_policy(None),
         updated_at=0.0,
         values=Secrets({}),
+        credentials=Secrets({}),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -31,16 +32,20 @@ from proxy.broker import Broker, Limits
 from proxy.cache import CacheEntry, RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.egress import EgressPolicy
+from proxy.erasure import Eraser
 from proxy.errors import StartupError
 from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from proxy.metrics import HOT_BYTES, HOT_LIVE
+from proxy.metrics import HOT_BYTES, HOT_LIVE, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
+from proxy.pruner import Pruner, prune_in_background
+from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
-from proxy.routes import admin, health, internal
+from proxy.replays import Replays
+from proxy.routes import admin, analytics, credentials, erasure, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -54,6 +59,8 @@ logger = logging.getLogger("databroker")
 
 # How long one close step, or one background task's cancel, may take at shutdown.
 CLOSE_TIMEOUT = 5.0
+# How often the hot entries' gauges are sampled (seconds).
+HOT_SAMPLE_INTERVAL = 1.0
 # How long Redis has to answer its first PING (each connection attempt has its own 1 s).
 REDIS_START_TIMEOUT = 10.0
 
@@ -68,6 +75,9 @@ def create_app(
         routes=[
             *internal.routes,
             *admin.routes,
+            *analytics.routes,
+            *credentials.routes,
+            *erasure.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
@@ -209,6 +219,14 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     _background(stack, registry.follow(settings.registry_refresh_interval), "registry follower")
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
+    pruner = Pruner(
+        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+    )
+    _background(
+        stack,
+        prune_in_background(pruner, redis, layout.prune_lock, settings.prune_interval),
+        "pruner",
+    )
 
     vendors = VendorState(redis, layout)
     _background(stack, vendors.follow(), "vendor state follower")
@@ -220,9 +238,34 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
+        replays=Replays(engine),
         vendors=vendors,
     )
-    return Services(settings, engine, redis, cache, sources, registry, writer, broker, flushes)
+    dependencies = Dependencies(
+        {"redis": redis.ping, "database": lambda: _database_answers(engine)},
+        settings.dependency_check_interval,
+    )
+    _background(stack, dependencies.run(), "dependency checks")
+    eraser = Eraser(engine, cache, writer, layout.erasure_channel)
+    _background(stack, eraser.follow(redis), "erasure follower")
+    return Services(
+        settings,
+        engine,
+        redis,
+        cache,
+        sources,
+        registry,
+        writer,
+        broker,
+        flushes,
+        dependencies,
+        eraser,
+    )
+
+
+async def _database_answers(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 def _hot_entries(
@@ -236,8 +279,8 @@ def _hot_entries(
         return None
     assert isinstance(redis, Redis)
     hot: HotEntries[CacheEntry] = HotEntries(settings.hot_cache_max_bytes)
-    HOT_BYTES.set_function(lambda: hot.bytes)
-    HOT_LIVE.set_function(lambda: int(hot.live))
+    gauges = [(HOT_BYTES, lambda: float(hot.bytes)), (HOT_LIVE, lambda: float(hot.live))]
+    _background(stack, sample(HOT_SAMPLE_INTERVAL, gauges), "hot entry gauges")
     _background(stack, follow_invalidations(redis, layout.cache_family, hot), "invalidation link")
     return hot
 

@@ -20,12 +20,19 @@ from dataclasses import dataclass
 
 from proxy import messages
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
-from proxy.errors import AuditBacklogFull, BrokerError, DataSourceNotFound, InternalError
+from proxy.errors import (
+    AuditBacklogFull,
+    BrokerError,
+    DataSourceNotFound,
+    InternalError,
+    ReplayMiss,
+)
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
-from proxy.metrics import UPSTREAM_SECONDS, requests_counter
+from proxy.metrics import UPSTREAM_SECONDS
 from proxy.outage import Outage
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
+from proxy.replays import Replays
 from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
 from proxy.source_spec import Money
@@ -41,6 +48,11 @@ logger = logging.getLogger("databroker.broker")
 class Answer:
     status: int
     body: bytes
+    # What the route counts it by (proxy.metrics.record_request): the source's name
+    # ("" before one is resolved), the origin and the error code.
+    source: str = ""
+    origin: str = "NONE"
+    code: str = "OK"
     retry_after: float | None = None
     """Sent as ``Retry-After`` (whole seconds): when asking again can succeed."""
 
@@ -78,6 +90,7 @@ class Broker:
         limits: Limits,
         default_project: uuid.UUID | None,
         backlog: Callable[[], int],
+        replays: Replays,
         vendors: VendorState,
     ) -> None:
         self.registry = registry
@@ -87,6 +100,7 @@ class Broker:
         self.limits = limits
         self.default_project = default_project
         self.backlog = backlog
+        self.replays = replays
         self.vendors = vendors
         self.flights = Flights(cache)
         self._redis_outage = Outage(
@@ -114,10 +128,17 @@ class Broker:
             )
         return await _Call(self, source, request).run()
 
-    def refuse(self, error: BrokerError) -> Answer:
-        """An error before a source was resolved: answered, not audited."""
-        requests_counter("NONE", error.code).inc()
-        return Answer(error.status, messages.failure(error), error.retry_after)
+    def refuse(self, error: BrokerError, source: str = "") -> Answer:
+        """An error before a source was resolved (or its audit row could be): answered,
+        not audited."""
+        return Answer(
+            error.status,
+            messages.failure(error),
+            source,
+            "NONE",
+            error.code,
+            error.retry_after,
+        )
 
     def outbox_full(self, for_hits: bool = False) -> bool:
         """At the outbox bound upstream calls are refused (and ``/readyz`` says "full");
@@ -168,13 +189,18 @@ class _Call:
         self.stale_because: BrokerError | None = None
         self.cost: Money | None = None
         """The source's price, once an upstream call was let through."""
+        # max_age is measured from here.
+        self.arrival = time.time()
+        self.max_age = request.max_age
+        # The creation time of the stored object a replay answered with.
+        self.replayed_at: float | None = None
 
     async def run(self) -> Answer:
         try:
             value_json = await self._serve()
         except AuditBacklogFull as exc:
             # Not journaled: the journal is what is full. Counted in metrics instead.
-            return self.broker.refuse(exc)
+            return self.broker.refuse(exc, self.source.name)
         except BrokerError as exc:
             return self._finish(exc)
         except Exception:
@@ -190,6 +216,12 @@ class _Call:
         source, params = self.source, self.request.configured_params
         check(source.compiled, params, source.values)
         self.key = key = make_cache_key(source.data_source_id, params)
+        if self.request.replay is not None:
+            replayed = await self._replay(self.request.replay)
+            if replayed is not None:
+                return replayed
+            # hybrid, nothing stored: a fresh upstream call, as a request of today would make.
+            self.max_age = 0
         if not source.caching.enabled:
             self._check_backlog()
             return (await self._fetch()).value_json
@@ -211,14 +243,37 @@ class _Call:
                 turn.share(new)
                 return new.value_json
         except BrokerError as exc:
-            if entry is None or exc.code not in UPSTREAM_FAILURES:
+            if (
+                entry is None
+                or exc.code not in UPSTREAM_FAILURES
+                or not entry.within(self.max_age, self.arrival)
+            ):
                 raise
             # stale-if-error: the entry outlived its TTL only because the source allows it.
             self.stale_because = exc
             return self._from_cache(entry)
 
     def _fresh(self, entry: CacheEntry) -> bool:
-        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds)
+        """Within the source's TTL and the request's max_age (hot copies are judged the same)."""
+        return entry.is_fresh(time.time(), self.source.caching.ttl_seconds) and entry.within(
+            self.max_age, self.arrival
+        )
+
+    async def _replay(self, replay: messages.Replay) -> bytes | None:
+        """The stored object's formatted value; None for a hybrid replay that found none."""
+        assert self.key is not None
+        self._check_backlog(for_hits=True)
+        stored = await self.broker.replays.find(self.source.data_source_id, self.key, replay)
+        if stored is None:
+            if replay.mode == "strict":
+                raise ReplayMiss(
+                    "no stored DataObject for this key "
+                    + ("as of that instant" if replay.as_of else "in that run")
+                )
+            return None
+        self.origin, self.data_object_id = "CACHE", stored.data_object_id
+        self.replayed_at = stored.created_at
+        return format_body(stored.value, self.source.http.response_type)
 
     def _from_cache(self, entry: CacheEntry) -> bytes:
         self.origin, self.data_object_id = "CACHE", entry.data_object_id
@@ -246,6 +301,7 @@ class _Call:
                     retrying=source.retrying,
                     max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
                     follow_redirects=bool(source.http.follow_redirects),
+                    source=source.name,
                 )
         except BrokerError as exc:
             await broker.vendors.after_call(source, admission, exc)
@@ -277,7 +333,6 @@ class _Call:
             # The journal itself failed (disk full, outbox closed): answer anyway, loudly.
             logger.exception("could not journal the audit row of a request")
             error = InternalError("the broker could not record this request; see its log")
-        requests_counter(self.origin or "NONE", error.code if error else "OK").inc()
         if error is not None:
             return Answer(
                 error.status,
@@ -289,6 +344,9 @@ class _Call:
                     start_time=self.start_time,
                     end_time=self.end_time,
                 ),
+                self.source.name,
+                self.origin or "NONE",
+                error.code,
                 error.retry_after,
             )
         assert self.origin is not None and self.key is not None and self.data_object_id is not None
@@ -303,7 +361,10 @@ class _Call:
                 start_time=self.start_time,
                 end_time=self.end_time,
                 stale=self.stale_because is not None,
+                replayed_created_at=self.replayed_at,
             ),
+            self.source.name,
+            self.origin,
         )
 
     def _audit(self, error: BrokerError | None) -> RunDataRequestRecord:
@@ -322,4 +383,5 @@ class _Call:
             created_at=time.time(),
             cost_amount=None if self.cost is None else self.cost.amount,
             cost_currency=None if self.cost is None else self.cost.currency,
+            replay=None if self.request.replay is None else self.request.replay.by,
         )

@@ -69,6 +69,13 @@ class CacheEntry:
     def is_fresh(self, now: float, ttl: int | None) -> bool:
         return ttl is None or now - self.created_at < ttl
 
+    def within(self, max_age: float | None, arrival: float) -> bool:
+        """Whether the entry was at most ``max_age`` seconds old when a request arrived.
+
+        One stored after the arrival (a fetch in flight then) is younger than any max_age.
+        """
+        return max_age is None or arrival - self.created_at <= max_age
+
 
 class RedisCache:
     def __init__(
@@ -119,9 +126,19 @@ class RedisCache:
     ) -> None:
         """Store an entry; ``ttl=None`` keeps it until flushed."""
         expiry = None if ttl is None else ttl + stale_for
-        await call(
-            self.redis.set(self.layout.cache_entry(data_source_id, key), entry.encode(), ex=expiry)
-        )
+        name = self.layout.cache_entry(data_source_id, key)
+        await call(self.redis.set(name, entry.encode(), ex=expiry))
+        if self.hot is not None:
+            # Now, not when Redis's invalidation arrives: in between, a request of this
+            # sidecar that refuses the old copy (max_age) would fetch the key again.
+            self.hot.invalidate([name])
+
+    async def remove(self, data_source_id: uuid.UUID, key: str) -> None:
+        """Delete one entry (an erasure): here at once, on other sidecars by the invalidation."""
+        name = self.layout.cache_entry(data_source_id, key)
+        await call(self.redis.delete(name))
+        if self.hot is not None:
+            self.hot.invalidate([name])
 
     async def flush_source(self, data_source_id: uuid.UUID) -> int:
         """Unlink every entry of one source (what a draft replacement invalidates)."""

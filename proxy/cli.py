@@ -9,30 +9,42 @@ be used (1, or 3 from uvicorn when the application's start-up refuses).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+import uuid
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 import click
+import httpx
+import orjson
 import uvicorn
 from alembic.util import CommandError
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
+from proxy import export
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
+from proxy.keys import make_cache_key
+from proxy.pruner import Pruned, Pruner
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# prometheus-client's; named here so that serve need not import it (see _shared_metrics).
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _refuse(message: str) -> NoReturn:
@@ -127,6 +139,7 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
+    made = _shared_metrics() if workers > 1 else None
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -160,6 +173,26 @@ def serve(
         if listener is not None and uds is not None:
             listener.close()
             uds.unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _shared_metrics() -> Path | None:
+    """With several workers, one metrics directory for all (prometheus-client's
+    multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
+    temporary directory made here, whose path is returned to be removed at exit.
+
+    Set before anything imports prometheus-client, which picks its value store at
+    import; the workers, spawned, inherit it. A previous run's files are removed: its
+    counts are not this run's (a restarted worker's are kept: they are this run's).
+    """
+    given = os.environ.get(MULTIPROCESS_VARIABLE)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_VARIABLE] = str(directory)
+    return None if given else directory
 
 
 def serving_app() -> ASGIApp:
@@ -306,10 +339,11 @@ def migrate_command() -> None:
 
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
-    """Re-encrypt every stored variable with the newest key of DATABROKER_SECRET_KEY."""
+    """Re-encrypt every stored variable and credential with the newest key of
+    DATABROKER_SECRET_KEY."""
     settings = _settings()
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         box = load_secret_box(settings)
         engine = create_engine(
             settings.resolved_database_url,
@@ -326,7 +360,7 @@ def rotate_secrets_command() -> None:
             await engine.dispose()
 
     try:
-        rotated = asyncio.run(run())
+        variables, credentials = asyncio.run(run())
     except SecretKeyError as exc:
         click.echo(f"rotate-secrets: {exc}; nothing was changed", err=True)
         sys.exit(1)
@@ -334,4 +368,190 @@ def rotate_secrets_command() -> None:
         raise click.ClickException(f"rotate-secrets: {exc}") from exc
     except Exception as exc:
         raise click.ClickException(f"rotate-secrets: {describe(exc)}") from exc
-    click.echo(f"rotated {rotated} stored variable values to the newest key")
+    click.echo(
+        f"rotated {variables} stored variable values and {credentials} credential values "
+        "to the newest key"
+    )
+
+
+@main.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+def prune_command(dry_run: bool) -> None:
+    """Delete DataObjects and audit rows older than their source's retention, now."""
+    settings = _settings()
+
+    async def run() -> list[Pruned]:
+        engine = create_engine(
+            settings.resolved_database_url,
+            settings.database_connect_timeout,
+            settings.database_command_timeout,
+        )
+        try:
+            if settings.embedded:
+                await migrate(engine)
+            else:
+                await check_schema(engine)
+            pruner = Pruner(
+                engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+            )
+            return await pruner.run(dry_run=dry_run)
+        finally:
+            await engine.dispose()
+
+    try:
+        done = asyncio.run(run())
+    except StartupError as exc:
+        raise click.ClickException(f"prune: {exc}") from exc
+    except Exception as exc:
+        raise click.ClickException(f"prune: {describe(exc)}") from exc
+    if not done:
+        click.echo(
+            "no data source has a retention period (retention_days, DATABROKER_RETENTION_DAYS):"
+            " every row is kept"
+        )
+    verb = "would go" if dry_run else "went"
+    for pruned in done:
+        cut = pruned.cut
+        click.echo(
+            f"{cut.name} ({cut.data_source_id}): {pruned.objects} DataObjects and"
+            f" {pruned.requests} audit rows created before {cut.before.isoformat()}"
+            f" ({cut.days} days) {verb}"
+        )
+
+
+@main.command("export")
+@click.option("--source", "name", required=True, help="The data source's name.")
+@click.option("--from", "first", required=True, type=click.DateTime(["%Y-%m-%d"]))
+@click.option("--to", "last", required=True, type=click.DateTime(["%Y-%m-%d"]))
+@click.option(
+    "--format", "form", default="jsonl", show_default=True, type=click.Choice(["jsonl", "parquet"])
+)
+@click.option("--output", type=click.Path(path_type=Path), help="A file instead of stdout.")
+@click.option("--project-id", type=click.UUID, help="The source's project (default: the setting).")
+def export_command(
+    name: str,
+    first: datetime,
+    last: datetime,
+    form: str,
+    output: Path | None,
+    project_id: uuid.UUID | None,
+) -> None:
+    """Write a source's DataObjects created FROM..TO (UTC days, inclusive), for backtests."""
+    start, end = export.day_range(first.date(), last.date())
+    if end <= start:
+        raise click.UsageError("--to is before --from")
+    if form == "parquet" and not export.parquet_available():
+        raise click.UsageError("--format parquet needs pyarrow: pip install 'databroker[parquet]'")
+    settings = _settings()
+    project = project_id or settings.project_id
+
+    async def run() -> int:
+        engine = create_engine(
+            settings.resolved_database_url,
+            settings.database_connect_timeout,
+            # No statement timeout: the cursor stays open as long as the export writes.
+            None,
+        )
+        try:
+            if settings.embedded:
+                await migrate(engine)
+            else:
+                await check_schema(engine)
+            source = await export.find_source(engine, name, project)
+            if source is None:
+                raise click.ClickException(f"export: no data source named {name!r}")
+            progress = None
+            if output is not None or sys.stderr.isatty():
+                total = await export.count(engine, source, start, end)
+                progress = export.Progress(total, sys.stderr)
+            with contextlib.ExitStack() as files:
+                out = files.enter_context(output.open("wb")) if output else sys.stdout.buffer
+                writer: export.Writer = (
+                    export.Parquet(out) if form == "parquet" else export.JsonLines(out)
+                )
+                return await export.export(engine, source, start, end, writer, progress)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except click.ClickException:
+        raise
+    except StartupError as exc:
+        raise click.ClickException(f"export: {exc}") from exc
+    except Exception as exc:
+        raise click.ClickException(f"export: {describe(exc)}") from exc
+
+
+def _params(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[str, Any]:
+    """The JSON object the engine sends as ``configured_params``: the key is made from it."""
+    try:
+        params = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        params = None
+    if not isinstance(params, dict):
+        raise click.BadParameter("not a JSON object")
+    return params
+
+
+def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    """An admin route's JSON answer; a refusal as one line with its code (never a value)."""
+    try:
+        answer = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {client.base_url}: {type(exc).__name__}"
+        ) from exc
+    if answer.is_success:
+        return answer.json()
+    try:
+        error = answer.json()
+        reason = f"{error['code']}: {error['detail']}"
+    except (ValueError, KeyError, TypeError):
+        reason = f"HTTP {answer.status_code}"
+    raise click.ClickException(f"{method} {path}: {reason}")
+
+
+@main.command("erase")
+@click.option("--source", "name", required=True, help="The data source's name.")
+@click.option(
+    "--params",
+    required=True,
+    callback=_params,
+    help="The configured_params whose DataObjects go, as JSON.",
+)
+@click.option("--project-id", type=click.UUID, help="The source's project (default: the broker's).")
+@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+def erase_command(
+    name: str, params: dict[str, Any], project_id: uuid.UUID | None, url: str
+) -> None:
+    """Erase the DataObjects and cache entry of one key, through a running broker's admin API.
+
+    Every source of that name is erased, archived ones included: each has its own key for
+    the same params. Audit rows stay, their object reference cleared and erased_at set.
+    """
+    token = _settings().admin_token
+    if token is None:
+        _refuse("invalid settings: DATABROKER_ADMIN_TOKEN is not set (erase uses the admin API)")
+    project = {} if project_id is None else {"project_id": str(project_id)}
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        listed = _admin_call(
+            client, "GET", "/data-sources", params={"include_archived": "true", **project}
+        )
+        found = [source for source in listed if source["name"] == name]
+        if not found:
+            raise click.ClickException(f"no data source named {name!r} in this project")
+        for source in found:
+            key = make_cache_key(source["data_source_id"], params)
+            done = _admin_call(
+                client,
+                "DELETE",
+                f"/data-sources/{source['data_source_id']}/objects",
+                params={"key": key, **project},
+            )
+            click.echo(
+                f"{name} ({source['data_source_id']}, {source['status']}): key {key}:"
+                f" {done['data_objects_erased']} DataObjects erased,"
+                f" {done['audit_rows_marked']} audit rows marked erased"
+            )

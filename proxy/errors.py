@@ -3,6 +3,7 @@
     BrokerError
     ├── InvalidRequest ............ 400 INVALID_REQUEST
     ├── DataSourceNotFound ........ 404 DATA_SOURCE_NOT_FOUND
+    ├── ReplayMiss ................ 404 REPLAY_MISS        (a strict replay found no DataObject)
     ├── MissingVariables .......... 400 MISSING_VARIABLES  (names only, never values)
     ├── MissingParams ............. 400 MISSING_PARAMS
     ├── UnknownParams ............. 400 UNKNOWN_PARAMS
@@ -12,7 +13,8 @@
     │   ├── UpstreamConnectError .. 502 CONNECTION_ERROR
     │   ├── UpstreamHTTPError ..... 502 HTTP_ERROR         (+ upstream_status)
     │   ├── ResponseTooLarge ...... 502 RESPONSE_TOO_LARGE
-    │   └── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   ├── EgressDenied .......... 403 EGRESS_DENIED      (names the host, checked before connecting)
+    │   └── AuthError ............. 502 AUTH_ERROR         (the token endpoint failed or refused)
     ├── RelayedError .............. another fetch's failure, shared with its waiters
     ├── AuditBacklogFull .......... 503 AUDIT_BACKLOG_FULL
     ├── VendorRefusal ............. not called: the source's protection said "not now" (Retry-After)
@@ -29,7 +31,8 @@
         ├── Conflict .............. 409 CONFLICT
         ├── ValidationFailed ...... 422 VALIDATION_ERROR
         ├── BodyTooLarge .......... 413 BODY_TOO_LARGE
-        └── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        ├── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        └── RedisUnavailable ...... 503 REDIS_UNAVAILABLE  (an erasure cannot reach the cache)
 
     StartupError .................. the process cannot start: one line, exit non-zero
 
@@ -67,6 +70,13 @@ class InvalidRequest(BrokerError):
 
 class DataSourceNotFound(BrokerError):
     code = "DATA_SOURCE_NOT_FOUND"
+    status = 404
+
+
+class ReplayMiss(BrokerError):
+    """A strict replay found no stored DataObject: nothing was called."""
+
+    code = "REPLAY_MISS"
     status = 404
 
 
@@ -154,6 +164,12 @@ class EgressDenied(UpstreamError):
         # The host stays out of the message: a variable may have put it in the URL.
         super().__init__(f"egress refused: {reason}")
         self.host = host
+
+
+class AuthError(UpstreamError):
+    """The source's OAuth2 token endpoint failed or refused: no token, so no upstream call."""
+
+    code = "AUTH_ERROR"
 
 
 class RelayedError(BrokerError):
@@ -259,6 +275,13 @@ class DatabaseUnavailable(AdminError):
     """The database did not answer (down, or slower than its timeouts): retry later."""
 
     code = "DATABASE_UNAVAILABLE"
+    status = 503
+
+
+class RedisUnavailable(AdminError):
+    """Redis did not answer a change that must reach it (an erasure): retry later."""
+
+    code = "REDIS_UNAVAILABLE"
     status = 503
 
 

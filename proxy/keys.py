@@ -6,6 +6,8 @@ family                            value                       expiry            
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
+``{prefix}events:erasure``        (pub/sub channel)           —                      proxy.erasure
+``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
 ``{prefix}spend:{sid}:{period}``  micro-units spent (INCRBY)  the period's end + 1 d  proxy.vendor_state
 ``{prefix}vendor:{sid}``          rate-limit TAT, breaker     2 days after last use   proxy.vendor_state
 ``{prefix}vendor:paused``         hash: sid → paused at       never (admin resumes)   proxy.vendor_state
@@ -47,7 +49,9 @@ class KeyLayout:
         self.prefix = prefix
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
+        self.erasure_channel = f"{prefix}events:erasure"
         self.cache_family = f"{prefix}cache:"
+        self.prune_lock = f"{prefix}prune"
         self.paused = f"{prefix}vendor:paused"
         self.holds = f"{prefix}vendor:holds"
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import orjson
 
@@ -21,7 +22,9 @@ MAX_DEPTH = 64
 """Nesting a request body may have: far beyond real params, far below the recursion limits
 of the stdlib ``json`` (the cache key) and of orjson's writer (254 levels)."""
 REQUIRED = ("data_source_name", "configured_params", "run_id")
-FIELDS = frozenset({*REQUIRED, "project_id"})
+FIELDS = frozenset({*REQUIRED, "project_id", "max_age", "replay"})
+REPLAY_FIELDS = frozenset({"as_of", "run_id", "mode"})
+REPLAY_MODES = ("strict", "hybrid")
 REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -31,10 +34,35 @@ REQUEST_SCHEMA: dict[str, Any] = {
         "configured_params": {"type": "object", "additionalProperties": True},
         "run_id": {"type": "string", "format": "uuid"},
         "project_id": {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]},
+        "max_age": {"type": "number", "minimum": 0},
+        "replay": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "as_of": {"type": "string", "format": "date-time"},
+                "run_id": {"type": "string", "format": "uuid"},
+                "mode": {"enum": list(REPLAY_MODES), "default": "strict"},
+            },
+            "oneOf": [{"required": ["as_of"]}, {"required": ["run_id"]}],
+        },
     },
 }
 """The request's shape as ``/openapi.json`` publishes it: what ``parse_request`` accepts,
 from the same constants (strict JSON, which a schema cannot say, on top)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a replayed request looks up by: exactly one of ``as_of`` (UTC) and ``run_id``."""
+
+    as_of: datetime | None
+    run_id: uuid.UUID | None
+    mode: Literal["strict", "hybrid"]
+
+    @property
+    def by(self) -> str:
+        """The audit row's ``replay`` column."""
+        return "AS_OF" if self.as_of is not None else "RUN_ID"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +71,9 @@ class BrokerRequest:
     configured_params: dict[str, Any]
     run_id: uuid.UUID
     project_id: uuid.UUID | None
+    max_age: float | None = None
+    """Seconds: a cache entry older than this at the request's arrival is not used."""
+    replay: Replay | None = None
 
 
 def _uuid(value: Any, field: str) -> uuid.UUID:
@@ -114,12 +145,54 @@ def parse_request(body: bytes) -> BrokerRequest:
     if not isinstance(params, dict):
         raise InvalidRequest("configured_params must be an object", field="configured_params")
     project = data.get("project_id")
+    max_age = data.get("max_age")
+    replay = data.get("replay")
     return BrokerRequest(
         data_source_name=name,
         configured_params=params,
         run_id=_uuid(data["run_id"], "run_id"),
         project_id=None if project is None else _uuid(project, "project_id"),
+        max_age=None if max_age is None else _max_age(max_age),
+        replay=None if replay is None else _replay(replay),
     )
+
+
+def _max_age(value: Any) -> float:
+    # bool is an int to Python, not a number to a caller; NaN and Infinity never parse.
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidRequest("max_age must be a number of seconds, 0 or more", field="max_age")
+    return float(value)
+
+
+def _replay(value: Any) -> Replay:
+    if not isinstance(value, dict):
+        raise InvalidRequest("replay must be an object", field="replay")
+    unknown = sorted(value.keys() - REPLAY_FIELDS)
+    if unknown:
+        listed = shortlist(unknown)
+        raise InvalidRequest(f"unknown replay fields: {', '.join(listed)}", fields=listed)
+    if ("as_of" in value) == ("run_id" in value):
+        raise InvalidRequest("replay takes exactly one of as_of and run_id", field="replay")
+    mode = value.get("mode", "strict")
+    if mode not in REPLAY_MODES:
+        raise InvalidRequest("replay.mode must be strict or hybrid", field="replay.mode")
+    if "run_id" in value:
+        return Replay(None, _uuid(value["run_id"], "replay.run_id"), mode)
+    return Replay(_instant(value["as_of"]), None, mode)
+
+
+def _instant(value: Any) -> datetime:
+    """An RFC 3339 date-time, with its offset (an instant, not a wall-clock time), in UTC."""
+    problem = "replay.as_of must be an RFC 3339 date-time with an offset"
+    if not isinstance(value, str) or len(value) > 64:
+        raise InvalidRequest(problem, field="replay.as_of")
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidRequest(problem, field="replay.as_of") from exc
+    if instant.tzinfo is None:
+        raise InvalidRequest(problem, field="replay.as_of")
+    return instant.astimezone(UTC)
 
 
 def success(
@@ -131,8 +204,10 @@ def success(
     start_time: float | None,
     end_time: float | None,
     stale: bool = False,
+    replayed_created_at: float | None = None,
 ) -> bytes:
-    """The answer; ``stale`` marks a cached value served past its TTL because the upstream failed."""
+    """The answer; ``stale`` marks a cached value served past its TTL because the upstream
+    failed; ``replayed_created_at`` (epoch seconds) the stored object a replay answered with."""
     body: dict[str, Any] = {
         "data_object_id": data_object_id,
         "origin": origin,
@@ -144,6 +219,9 @@ def success(
     }
     if stale:
         body["stale"] = True
+    if replayed_created_at is not None:
+        created = datetime.fromtimestamp(replayed_created_at, UTC).isoformat()
+        body["replay"] = {"data_object_created_at": created}
     return orjson.dumps(body)
 
 

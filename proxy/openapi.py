@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.messages import REQUEST_SCHEMA
 from proxy.routes.internal import PATH as BROKER_PATH
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import VariableValue
+from proxy.source_store import CredentialValue, VariableValue
 from proxy.types import Status
 
 _REF = "#/components/schemas/{model}"
@@ -34,6 +34,11 @@ BROKER_RESPONSE = {
                 {"type": "object", "required": ["code", "message"]},
                 {"type": "null"},
             ]
+        },
+        "replay": {
+            "type": "object",
+            "required": ["data_object_created_at"],
+            "properties": {"data_object_created_at": {"type": "string", "format": "date-time"}},
         },
     },
 }
@@ -79,6 +84,22 @@ def _op(
     return op
 
 
+def _dated(op: dict[str, Any]) -> dict[str, Any]:
+    """An analytics operation: its window (UTC days) and project as query parameters."""
+    op["parameters"] = [
+        *op.get("parameters", []),
+        *(
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in (
+                ("start_date", {"type": "string", "format": "date"}),
+                ("end_date", {"type": "string", "format": "date"}),
+                ("project_id", {"type": "string", "format": "uuid"}),
+            )
+        ),
+    ]
+    return op
+
+
 @cache
 def document() -> dict[str, Any]:
     _, defs = models_json_schema([(DataSourceSpec, "validation")], ref_template=_REF)
@@ -87,6 +108,10 @@ def document() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}"
     )
     schemas.update(schemas["VariableValues"].pop("$defs", {}))
+    schemas["CredentialValues"] = TypeAdapter(list[CredentialValue]).json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(schemas["CredentialValues"].pop("$defs", {}))
     source = "DataSourceSpec"
     one = ("data_source_id",)
     broker_errors = {
@@ -102,6 +127,15 @@ def document() -> dict[str, Any]:
             ("project_id", {"type": "string", "format": "uuid"}),
         )
     ]
+    erase = _op(
+        "Erase one key's DataObjects and cache entry; audit rows stay, marked erased_at",
+        {"type": "object"},
+        params=one,
+        errors=(401, 403, 404, 422, 503),
+    )
+    erase["parameters"].append(
+        {"name": "key", "in": "query", "required": True, "schema": {"pattern": "^[0-9a-f]{32}$"}}
+    )
     sources = {
         "get": listing,
         "post": _op("Register a data source (DRAFT)", {"type": "object"}, source),
@@ -147,6 +181,31 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
+            **{
+                f"/data-sources/{{data_source_id}}/{path}": {
+                    "get": _dated(_op(summary, {"type": "object"}, params=one))
+                }
+                for path, summary in (
+                    ("usage", "Requests per day"),
+                    ("metrics", "Upstream latency and error rate per day"),
+                    ("cache-stats", "Cache hit ratio per day"),
+                )
+            },
+            "/analytics/summary": {
+                "get": _dated(
+                    _op("Hit rate, latency, error rate, top sources, spend", {"type": "object"})
+                )
+            },
+            "/data-sources/{data_source_id}/credentials": {
+                "get": _op("Credential types, values masked", {"type": "array"}, params=one),
+                "put": _op(
+                    "Set credentials (each given type replaced, others kept)",
+                    {"type": "array"},
+                    "CredentialValues",
+                    params=one,
+                ),
+            },
+            "/data-sources/{data_source_id}/objects": {"delete": erase},
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
                 "get": {

@@ -160,8 +160,7 @@ class Outbox:
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{OPEN_SUFFIX}"
-        self._path = self.directory / name
+        self._path = self._new_path()
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._written = 0
@@ -171,11 +170,31 @@ class Outbox:
         if self._fd is None:
             raise RuntimeError("outbox is not open")
         data = b"".join(encode(r) for r in records)
+        if self._written == 0:
+            self._restamp()
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
         self._written += len(data)
         self.appended_bytes += len(data)
+
+    def _new_path(self) -> Path:
+        """Named after the time it is made: segments sort by age."""
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{OPEN_SUFFIX}"
+        return self.directory / name
+
+    def _restamp(self) -> None:
+        """Rename the open segment, still empty, after now: the time of its first record.
+
+        An empty segment may wait idle for hours; renamed as its first record comes,
+        a segment's name says how old its oldest record is (``oldest_record_time``).
+        Once per segment, not per record. Another process that listed the old name
+        finds it gone, as after a shipment.
+        """
+        assert self._path is not None
+        path = self._new_path()
+        os.rename(self._path, path)
+        self._path = path
 
     def seal(self) -> None:
         """Close the open segment for shipping and start a fresh one (if it holds anything)."""
@@ -205,6 +224,18 @@ class Outbox:
             except FileNotFoundError:  # shipped between the listing and the stat
                 continue
         return total
+
+    def oldest_record_time(self) -> float | None:
+        """When the oldest record not yet shipped was journaled (epoch seconds), across
+        every process sharing the directory; None if there is none."""
+        for path in self._segments():  # oldest first
+            try:
+                if path.stat().st_size == 0:  # an open segment nothing was written to yet
+                    continue
+            except FileNotFoundError:  # shipped meanwhile
+                continue
+            return int(path.name.split("-", 1)[0]) / 1e9
+        return None
 
     def _segments(self) -> list[Path]:
         return sorted(self.directory.glob("*-*-*.*"))

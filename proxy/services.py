@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
     from proxy.broker import Broker
     from proxy.cache import RedisCache, RedisClient
+    from proxy.erasure import Eraser
     from proxy.flushes import Flushes
+    from proxy.readiness import Dependencies
     from proxy.settings import Settings
     from proxy.source_registry import Registry
     from proxy.source_store import SourceStore
@@ -34,6 +36,8 @@ class Services:
     writer: OutboxWriter
     broker: Broker
     flushes: Flushes
+    dependencies: Dependencies
+    eraser: Eraser
 
 
 def services(request: Request) -> Services:

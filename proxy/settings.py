@@ -20,6 +20,7 @@ from proxy.egress import ALLOW_VARIABLE, DENY_VARIABLE, Rules
 from proxy.errors import StartupError
 from proxy.redis_pool import check_url
 from proxy.secrets import SecretKeyError, parse_keys
+from proxy.source_spec import MAX_RETENTION_DAYS
 
 MiB = 1024 * 1024
 DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
@@ -91,12 +92,23 @@ class Settings(BaseSettings):
     # In-process copies of cache entries, kept correct by Redis invalidations; 0 turns them off.
     hot_cache_max_bytes: int = Field(default=64 * MiB, ge=0)
     registry_refresh_interval: float = Field(default=30.0, gt=0)
+    # Days DataObjects and audit rows are kept where a source sets no retention_days; unset: forever.
+    retention_days: int | None = Field(default=None, ge=1, le=MAX_RETENTION_DAYS)
+    # The background pruner: one sidecar of the fleet per interval, rows deleted a batch at a
+    # time with a pause between batches, so the writer and the admin reads get their turns.
+    prune_interval: float = Field(default=3600.0, gt=0)
+    prune_batch_size: int = Field(default=1000, gt=0, le=100_000)
+    prune_pause: float = Field(default=0.05, ge=0, le=60)
+    # How often Redis and the database are checked for /readyz and databroker_dependency_up.
+    dependency_check_interval: float = Field(default=2.0, gt=0, le=60)
     shutdown_grace: float = Field(default=15.0, ge=0)
     # Comma-separated CIDRs and host names, added to the built-in denies / winning over them.
     egress_deny: Annotated[Rules, NoDecode, _rules(DENY_VARIABLE)] = Rules()
     egress_allow: Annotated[Rules, NoDecode, _rules(ALLOW_VARIABLE)] = Rules()
 
-    @field_validator("database_url", "redis_url", "admin_token", "secret_key", mode="before")
+    @field_validator(
+        "database_url", "redis_url", "admin_token", "secret_key", "retention_days", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

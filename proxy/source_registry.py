@@ -38,7 +38,8 @@ logger = logging.getLogger("databroker.registry")
 MISS_RELOAD_INTERVAL = 1.0
 
 _Stored = tuple[tuple[str, str], ...]
-"""A source's stored variables as their ciphertexts: equal only if no value changed."""
+"""A source's stored variables (or credentials) as their ciphertexts: equal only if no
+value changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +57,13 @@ class Source:
     updated_at: float
     values: Secrets
     """The decrypted variables, which ``repr`` shows by name only."""
+    credentials: Secrets
+    """The decrypted credentials (CLIENT_ID, …) ``source.auth`` uses, shown by name only."""
 
     @classmethod
-    def from_row(cls, row: DataSource, values: Secrets) -> Source:
+    def from_row(
+        cls, row: DataSource, values: Secrets, credentials: Secrets | None = None
+    ) -> Source:
         spec = spec_of(row)
         return cls(
             data_source_id=row.data_source_id,
@@ -71,6 +76,7 @@ class Source:
             retrying=Retrying.from_policy(spec.source.retry, spec.source.method),
             updated_at=row.last_updated_at.timestamp(),
             values=values,
+            credentials=credentials or Secrets(),
         )
 
 
@@ -92,7 +98,7 @@ class Registry:
         self._layout = layout
         self._by_name: dict[tuple[uuid.UUID | None, str], Source] = {}
         # Every source of the last reload, by id, with what it was built from.
-        self._built: dict[uuid.UUID, tuple[tuple[float, str, _Stored], Source]] = {}
+        self._built: dict[uuid.UUID, tuple[tuple[float, str, _Stored, _Stored], Source]] = {}
         self._loaded_at = -float("inf")
         """When the reload that built the index started (monotonic): it shows the database
         as it was then, or later."""
@@ -132,24 +138,29 @@ class Registry:
 
     async def _load_once(self, started: float) -> None:
         try:
-            rows, env_vars = await self._store.all_with_variables()
+            rows, env_vars, credentials = await self._store.all_with_secrets()
             stored: dict[uuid.UUID, list[tuple[str, str]]] = {}
             for var in env_vars:
                 if var.value is not None:
                     stored.setdefault(var.data_source_id, []).append((var.name, var.value))
+            held: dict[uuid.UUID, list[tuple[str, str]]] = {}
+            for c in credentials:
+                held.setdefault(c.data_source_id, []).append((c.credential_type, c.value))
             built = {}
             for row in rows:
                 made_of = (
                     row.last_updated_at.timestamp(),
                     row.status,
                     tuple(sorted(stored.get(row.data_source_id, ()))),
+                    tuple(sorted(held.get(row.data_source_id, ()))),
                 )
                 previous = self._built.get(row.data_source_id)
                 if previous is not None and previous[0] == made_of:
                     built[row.data_source_id] = previous
                     continue
                 values = Secrets({name: self._box.decrypt(token) for name, token in made_of[2]})
-                built[row.data_source_id] = (made_of, Source.from_row(row, values))
+                secrets = Secrets({kind: self._box.decrypt(token) for kind, token in made_of[3]})
+                built[row.data_source_id] = (made_of, Source.from_row(row, values, secrets))
                 # Compiling is CPU on the event loop: let requests in between sources.
                 await asyncio.sleep(0)
             self._by_name = _index([source for _, source in built.values()])

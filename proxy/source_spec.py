@@ -21,6 +21,8 @@ MAX_NAME_LENGTH = 200
 """The longest name of a data source or of a variable: the length of their columns."""
 MAX_SECONDS = 2**31 - 1
 """The longest ttl and stale_if_error (68 years): their columns are 32-bit integers."""
+MAX_RETENTION_DAYS = 36_500
+"""A century: longer is forever in practice, which is what leaving retention_days unset says."""
 
 
 class _Strict(BaseModel):
@@ -164,6 +166,13 @@ class DataSourceSpec(_Strict):
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$")
     source: HTTPSource
     caching: CachingOptions = Field(default_factory=CachingOptions)
+    retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_RETENTION_DAYS,
+        description="Days this source's DataObjects and audit rows are kept, each aged by its "
+        "own created_at; unset: DATABROKER_RETENTION_DAYS, and if that is unset too, forever.",
+    )
     # No NUL: Postgres text cannot hold one (the insert would fail as a 500).
     description: str | None = Field(default=None, max_length=10_000, pattern=r"^[^\x00]*$")
     metadata: dict[str, Any] | None = None

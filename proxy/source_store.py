@@ -1,4 +1,5 @@
-"""Where data sources and their variables are kept: the database tables the admin routes change.
+"""Where data sources, their variables and their credentials are kept: the database tables
+the admin routes change.
 
 Every write goes through here and follows proxy.lifecycle; the registry reads
 the same tables to build its in-memory index.
@@ -15,11 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from proxy.auth import CredentialType
 from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.lifecycle import forbidden_changes, resolve_names
 from proxy.secrets import SecretBox
 from proxy.source_spec import MAX_NAME_LENGTH, DataSourceSpec
-from proxy.tables import DataSource, DataSourceEnvVar
+from proxy.tables import DataSource, DataSourceCredential, DataSourceEnvVar
 from proxy.templates import TemplateError
 from proxy.types import Status
 
@@ -32,6 +34,19 @@ class VariableValue(BaseModel):
     value: str | int | float | bool | None = Field(default=None, repr=False)  # a secret
 
 
+class CredentialValue(BaseModel):
+    """One item of ``PUT /data-sources/{id}/credentials``."""
+
+    model_config = ConfigDict(extra="forbid")
+    credential_type: CredentialType
+    # A secret: never in repr. Strict: a number or a list is refused, not turned into text.
+    value: str = Field(min_length=1, max_length=8192, strict=True, repr=False)
+
+
+CREDENTIAL_MASK = "********"
+"""What every answer shows in place of a credential's value."""
+
+
 def spec_of(row: DataSource) -> DataSourceSpec:
     return DataSourceSpec.model_validate(
         {
@@ -42,6 +57,7 @@ def spec_of(row: DataSource) -> DataSourceSpec:
                 "ttl": row.caching_ttl,
                 "stale_if_error": row.caching_stale_if_error,
             },
+            "retention_days": row.retention_days,
             "description": row.description,
             "metadata": row.meta,
             "runtime_params": row.runtime_params,
@@ -56,7 +72,7 @@ def to_api(row: DataSource) -> dict[str, Any]:
     caching: dict[str, Any] = {"enabled": row.caching_enabled, "ttl": row.caching_ttl}
     if row.caching_stale_if_error is not None:
         caching["stale_if_error"] = row.caching_stale_if_error
-    return {
+    answer: dict[str, Any] = {
         "data_source_id": str(row.data_source_id),
         "name": row.name,
         "description": row.description,
@@ -70,6 +86,10 @@ def to_api(row: DataSource) -> dict[str, Any]:
         "created_at": row.created_at.isoformat(),
         "last_updated_at": row.last_updated_at.isoformat(),
     }
+    # Only when set, as stale_if_error: a source that never opts in keeps the reference's shape.
+    if row.retention_days is not None:
+        answer["retention_days"] = row.retention_days
+    return answer
 
 
 def _checked(spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSourceSpec:
@@ -94,6 +114,7 @@ def _assign(row: DataSource, spec: DataSourceSpec, now: datetime) -> None:
     row.caching_enabled = spec.caching.enabled
     row.caching_ttl = spec.caching.ttl_seconds
     row.caching_stale_if_error = spec.caching.stale_if_error
+    row.retention_days = spec.retention_days
     row.runtime_params = list(spec.runtime_params or ())
     row.variables = list(spec.variables or ())
     row.project_id = spec.project_id
@@ -171,7 +192,8 @@ class SourceStore:
                 if fields:
                     raise ValidationFailed(
                         "a published data source may change only description, caching, "
-                        f"source.timeout and source.retry; this request changes: {', '.join(fields)}",
+                        "retention_days, source.timeout and source.retry; "
+                        f"this request changes: {', '.join(fields)}",
                         fields=fields,
                     )
             await self._check_name_free(session, spec, own_id=row.data_source_id)
@@ -224,15 +246,19 @@ class SourceStore:
         async with self._sessions() as session:
             return list((await session.scalars(query.order_by(DataSource.created_at))).all())
 
-    async def all_with_variables(self) -> tuple[list[DataSource], list[DataSourceEnvVar]]:
+    async def all_with_secrets(
+        self,
+    ) -> tuple[list[DataSource], list[DataSourceEnvVar], list[DataSourceCredential]]:
         """Everything the registry holds, read in one transaction."""
         async with self._sessions() as session, session.begin():
             sources = list((await session.scalars(select(DataSource))).all())
             variables = list((await session.scalars(select(DataSourceEnvVar))).all())
-        return sources, variables
+            credentials = list((await session.scalars(select(DataSourceCredential))).all())
+        return sources, variables, credentials
 
-    async def rotate_secrets(self) -> int:
-        """Re-encrypt every stored variable with the newest key; how many were.
+    async def rotate_secrets(self) -> tuple[int, int]:
+        """Re-encrypt every stored variable and credential with the newest key; how many
+        of each were.
 
         One transaction: a value no key decrypts (SecretKeyError) leaves every row as it was.
         """
@@ -247,7 +273,12 @@ class SourceStore:
                 if var.value is not None:
                     var.value = self._box.rotate(var.value)
                     rotated += 1
-        return rotated
+            credentials = list(
+                await session.scalars(select(DataSourceCredential).with_for_update())
+            )
+            for credential in credentials:
+                credential.value = self._box.rotate(credential.value)
+        return rotated, len(credentials)
 
     async def get_variables(
         self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
@@ -307,3 +338,70 @@ class SourceStore:
                     var.value = token
                     var.last_updated_at = now
             await session.commit()
+
+    async def get_credentials(
+        self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> list[dict[str, Any]]:
+        """The stored credentials, each value masked: values never leave the store."""
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id, project_id)
+            query = select(DataSourceCredential).where(
+                DataSourceCredential.data_source_id == row.data_source_id
+            )
+            stored = sorted(await session.scalars(query), key=lambda c: c.credential_type)
+        return [
+            {
+                "credential_type": c.credential_type,
+                "value": CREDENTIAL_MASK,
+                "credential_id": str(c.credential_id),
+                "data_source_id": str(c.data_source_id),
+                "created_at": c.created_at.isoformat(),
+                "last_updated_at": c.last_updated_at.isoformat(),
+            }
+            for c in stored
+        ]
+
+    async def set_credentials(
+        self,
+        data_source_id: uuid.UUID,
+        given: list[CredentialValue],
+        project_id: uuid.UUID | None,
+    ) -> None:
+        """Store each given credential, replacing one of the same type; others stay.
+
+        Unlike variables (a desired-state PUT), a credential left out is kept: rotating
+        a client secret must not drop the client id beside it.
+        """
+        types = [c.credential_type for c in given]
+        if len(set(types)) != len(types):
+            raise ValidationFailed("a credential type is listed twice")
+        now = datetime.now(UTC)
+        async with self._sessions() as session:
+            row = await self._get(session, data_source_id, project_id)
+            query = select(DataSourceCredential).where(
+                DataSourceCredential.data_source_id == row.data_source_id
+            )
+            stored = {c.credential_type: c for c in await session.scalars(query)}
+            for item in given:
+                token = self._box.encrypt(item.value)
+                credential = stored.get(item.credential_type)
+                if credential is None:
+                    session.add(
+                        DataSourceCredential(
+                            credential_id=uuid.uuid4(),
+                            data_source_id=row.data_source_id,
+                            credential_type=item.credential_type,
+                            value=token,
+                            created_at=now,
+                            last_updated_at=now,
+                        )
+                    )
+                else:
+                    credential.value = token
+                    credential.last_updated_at = now
+            # Race window: two PUTs adding the same type at once both insert; the unique
+            # constraint rejects the second commit, which answers 409: send it again.
+            try:
+                await session.commit()
+            except IntegrityError as exc:
+                raise Conflict("the credentials changed meanwhile; send them again") from exc

@@ -29,6 +29,7 @@ from proxy.errors import (
     UpstreamHTTPError,
     UpstreamTimeout,
 )
+from proxy.metrics import upstream_counts
 from proxy.retry import Retrying, parse_retry_after
 from proxy.templates import RenderedRequest
 from proxy.transport import PooledTransport
@@ -124,13 +125,16 @@ class Upstream:
         retrying: Retrying,
         max_bytes: int,
         follow_redirects: bool = False,
+        source: str = "",
     ) -> Fetched:
         """Raises an UpstreamError; EgressDenied and ResponseTooLarge pass through, unretried.
 
         All attempts and waits fit in ``retrying.deadline(timeout)``: an attempt gets
         at most what is left of it, and a ``Retry-After`` that does not fit ends the
-        retries with the answer that asked for it.
+        retries with the answer that asked for it. Each attempt is counted under the
+        data source's name ``source``.
         """
+        counts = upstream_counts(source)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + retrying.deadline(timeout)
         attempt = 0
@@ -158,6 +162,7 @@ class Upstream:
                     "the rendered URL is not valid: check the source's url and variables"
                 ) from exc
             else:
+                counts.response(str(status))
                 if 200 <= status < 300:
                     return Fetched(content, headers.get("content-type"), attempt + 1)
                 # An upstream 429 says how long to stay away: the broker holds the source.
@@ -166,9 +171,12 @@ class Upstream:
                 retry = retrying.retries_status(status, attempt)
                 retry_after = parse_retry_after(headers.get("retry-after"), time.time())
                 cause = error
+            if cause is not error:
+                counts.response(error.code)  # no status came back
             delay = retrying.wait(attempt, retry_after, give_up - loop.time()) if retry else None
             if delay is None:
                 raise error from cause
+            counts.retries.inc()
             await asyncio.sleep(delay)
             attempt += 1
 

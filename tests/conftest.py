@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy.app import create_app
+from proxy.database import create_engine, migrate
 from proxy.settings import Settings
 from tests.harness import (
     ADMIN_TOKEN,
@@ -42,6 +43,7 @@ PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
 REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = (
     "run_data_request",
+    "run_data_request_daily",
     "data_object",
     "data_source_credential",
     "data_source_env_var",
@@ -77,6 +79,20 @@ async def db(pg_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(pg_url)
     async with engine.begin() as conn:
         await conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def database(
+    request: pytest.FixtureRequest, db: AsyncEngine, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    """Each database the broker runs on: the test Postgres (emptied), a migrated SQLite file."""
+    if request.param == "postgresql":
+        yield db
+        return
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}")
+    await migrate(engine)
     yield engine
     await engine.dispose()
 

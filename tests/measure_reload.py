@@ -68,7 +68,7 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
             first += await _cpu(registry.load, 1)
         print(f"{count} sources, first reload (all compiled): {_ms(first)}")
         print(f"{count} sources, next reloads (none changed): {_ms(await _cpu(registry.load, 7))}")
-        print(f"the database read alone: {_ms(await _cpu(store.all_with_variables, 7))}")
+        print(f"the database read alone: {_ms(await _cpu(store.all_with_secrets, 7))}")
     finally:
         await redis.aclose()
 

@@ -225,6 +225,7 @@ async def test_ttl_object_is_stored_in_seconds(broker: Broker) -> None:
         (spec(colour="blue"), "colour"),
         (spec(caching={"enabled": True, "ttl": 0}), "ttl"),
         (spec(caching={"enabled": True, "ttl": {"hours": 0}}), "ttl"),
+        (spec(retention_days=0), "retention_days"),
     ],
     ids=[
         "undeclared-param",
@@ -233,6 +234,7 @@ async def test_ttl_object_is_stored_in_seconds(broker: Broker) -> None:
         "unknown-field",
         "ttl-zero",
         "ttl-object-zero",
+        "retention-zero",
     ],
 )
 async def test_invalid_source_is_422_naming_the_problem(
@@ -292,8 +294,9 @@ PUBLISHED_SOURCE = {"url": URL, "headers": {"X-Team": "risk"}}
         {"caching": {"enabled": True, "ttl": 120}},
         {"source": {**PUBLISHED_SOURCE, "timeout": 3.0}},
         {"source": {**PUBLISHED_SOURCE, "retry": {"max_retries": 2, "backoff_factor": 0.1}}},
+        {"retention_days": 760},
     ],
-    ids=["description", "caching", "timeout", "retry"],
+    ids=["description", "caching", "timeout", "retry", "retention"],
 )
 async def test_published_may_change_what_does_not_change_the_fetch(
     broker: Broker, change: dict[str, Any]

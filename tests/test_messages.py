@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -11,6 +12,7 @@ from proxy.errors import InvalidRequest, UpstreamHTTPError
 from proxy.messages import (
     FIELDS,
     REQUEST_SCHEMA,
+    Replay,
     failure,
     loads_strict,
     parse_request,
@@ -142,3 +144,57 @@ def test_the_published_schema_is_the_one_the_parser_keeps() -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_request(b'{"project_id": null}')
     assert caught.value.extra["fields"] == sorted(REQUEST_SCHEMA["required"])
+
+
+def _with(**extra: object) -> bytes:
+    return orjson.dumps({"data_source_name": "a", "configured_params": {}, "run_id": RUN, **extra})
+
+
+def test_replay_as_of_is_an_instant_in_utc() -> None:
+    request = parse_request(_with(replay={"as_of": "2026-01-05T14:00:00+02:00"}, max_age=0))
+    assert request.replay == Replay(datetime(2026, 1, 5, 12, tzinfo=UTC), None, "strict")
+    assert request.replay.by == "AS_OF"
+    assert request.max_age == 0.0
+    hybrid = parse_request(_with(replay={"as_of": "2026-01-05T12:00:00Z", "mode": "hybrid"}))
+    assert hybrid.replay is not None and hybrid.replay.mode == "hybrid"
+
+
+def test_replay_run_id() -> None:
+    run = uuid.uuid4()
+    request = parse_request(_with(replay={"run_id": str(run), "mode": "strict"}))
+    assert request.replay == Replay(None, run, "strict")
+    assert request.replay.by == "RUN_ID"
+
+
+@pytest.mark.parametrize(
+    ("replay", "message"),
+    [
+        ("2026-01-05", "replay must be an object"),
+        ({}, "exactly one of as_of and run_id"),
+        ({"as_of": "2026-01-05T12:00:00Z", "run_id": RUN}, "exactly one"),
+        ({"as_of": "2026-01-05T12:00:00"}, "with an offset"),
+        ({"as_of": "yesterday"}, "RFC 3339"),
+        ({"as_of": 1767614400}, "RFC 3339"),
+        ({"run_id": "r1"}, "replay.run_id is not a UUID"),
+        ({"run_id": RUN, "mode": "lenient"}, "strict or hybrid"),
+        ({"run_id": RUN, "at": 1}, "unknown replay fields: at"),
+    ],
+)
+def test_invalid_replays(replay: object, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request(_with(replay=replay))
+
+
+def test_a_replay_answer_says_when_its_object_was_created() -> None:
+    answer = orjson.loads(
+        success(
+            data_object_id="d",
+            origin="CACHE",
+            key="k",
+            value_json=b"1",
+            start_time=None,
+            end_time=None,
+            replayed_created_at=datetime(2026, 1, 5, 12, 0, 0, 250, tzinfo=UTC).timestamp(),
+        )
+    )
+    assert answer["replay"] == {"data_object_created_at": "2026-01-05T12:00:00.000250+00:00"}

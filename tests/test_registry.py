@@ -18,7 +18,7 @@ from proxy.secrets import SecretBox, SecretKeyError
 from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
-from proxy.tables import DataSource, DataSourceEnvVar
+from proxy.tables import DataSource, DataSourceCredential, DataSourceEnvVar
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import async_wait_for
 
@@ -31,9 +31,11 @@ class CountingStore(SourceStore):
         self.reads = 0
         self.gate: asyncio.Event | None = None
 
-    async def all_with_variables(self) -> tuple[list[DataSource], list[DataSourceEnvVar]]:
+    async def all_with_secrets(
+        self,
+    ) -> tuple[list[DataSource], list[DataSourceEnvVar], list[DataSourceCredential]]:
         self.reads += 1
-        read = await super().all_with_variables()
+        read = await super().all_with_secrets()
         if self.gate is not None:
             await self.gate.wait()
         return read

@@ -162,7 +162,10 @@ async def test_a_full_outbox_refuses_upstream_calls_then_hits(
     assert ready.status_code == 503
     assert ready.json()["outbox"] == "full" and ready.json()["outbox_backlog_bytes"] >= 4096
     metrics = (await bounded.client.get("/metrics")).text
-    assert 'databroker_requests_total{code="AUDIT_BACKLOG_FULL",origin="NONE"}' in metrics
+    assert (
+        'databroker_requests_total{code="AUDIT_BACKLOG_FULL",origin="NONE",source="items"}'
+        in metrics
+    )
 
 
 async def test_max_concurrency_bounds_calls_in_flight(broker: Broker, upstream: Upstream) -> None:

@@ -1,6 +1,6 @@
 """Key rotation end to end: ``databroker rotate-secrets`` between two brokers.
 
-Values are written under key A; a broker with ``B,A`` still serves them; the command
+Variables and a credential are written under key A; a broker with ``B,A`` still serves them; the command
 re-encrypts every one under B in one transaction; afterwards B alone is enough and A
 decrypts nothing. The command prints a count, never a value.
 """
@@ -32,6 +32,7 @@ from tests.servers import Upstream, serve_in_thread
 pytestmark = pytest.mark.slow
 
 VALUES = {"TOKEN": "rotation-canary-token", "TENANT": "rotation-canary-tenant"}
+CREDENTIAL = "rotation-canary-credential"
 
 
 def key() -> str:
@@ -44,6 +45,15 @@ async def tokens(db: AsyncEngine) -> dict[uuid.UUID, str | None]:
             text("SELECT data_source_env_var_id, value FROM data_source_env_var")
         )
         return {row.data_source_env_var_id: row.value for row in rows}
+
+
+async def credential_token(db: AsyncEngine) -> str:
+    """The one stored credential's ciphertext."""
+    async with db.connect() as conn:
+        value: str = (
+            await conn.execute(text("SELECT value FROM data_source_credential"))
+        ).scalar_one()
+        return value
 
 
 async def rotate(pg_url: str, secret_key: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -88,8 +98,13 @@ async def test_rotate_secrets_moves_every_value_to_the_newest_key(
     with serve_in_thread(create_app(under_a)) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             broker = Broker(base, under_a, client)
-            await broker.register(spec, VALUES)
+            bureau = (await broker.register(spec, VALUES))["data_source_id"]
             await broker.register(other, {"KEY": None})  # stored without a value: nothing to rotate
+            body = [{"credential_type": "CLIENT_SECRET", "value": CREDENTIAL}]
+            put = await broker.admin("PUT", f"/data-sources/{bureau}/credentials", body)
+            assert put.status_code == 200, put.text
+    credential = await credential_token(db)
+    assert SecretBox([a]).decrypt(credential) == CREDENTIAL
     before = await tokens(db)
     assert len(before) == 3
     assert {SecretBox([a]).decrypt(t) for t in before.values() if t} == set(VALUES.values())
@@ -100,8 +115,10 @@ async def test_rotate_secrets_moves_every_value_to_the_newest_key(
 
     result = await rotate(pg_url, f"{b},{a}", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "rotated 2 stored variable values to the newest key"
-    assert not any(v in result.stdout + result.stderr for v in VALUES.values())
+    assert result.stdout.strip() == (
+        "rotated 2 stored variable values and 1 credential values to the newest key"
+    )
+    assert not any(v in result.stdout + result.stderr for v in [*VALUES.values(), CREDENTIAL])
 
     after = await tokens(db)
     assert after.keys() == before.keys()
@@ -111,6 +128,12 @@ async def test_rotate_secrets_moves_every_value_to_the_newest_key(
     for token in rotated.values():
         with pytest.raises(SecretKeyError):
             SecretBox([a]).decrypt(token)
+
+    rotated_credential = await credential_token(db)
+    assert rotated_credential != credential
+    assert SecretBox([b]).decrypt(rotated_credential) == CREDENTIAL
+    with pytest.raises(SecretKeyError):
+        SecretBox([a]).decrypt(rotated_credential)
 
     only_b = settings.model_copy(update={"secret_key": SecretStr(b)})
     assert expected.items() <= (await call_through(only_b, upstream)).items()

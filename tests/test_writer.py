@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -120,20 +120,6 @@ def journal(records: Sequence[Record]) -> bytes:
 
 def unreachable() -> AsyncEngine:
     return create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def database(
-    request: pytest.FixtureRequest, db: AsyncEngine, tmp_path: Path
-) -> AsyncIterator[AsyncEngine]:
-    """Each database a sink is made for: the test Postgres (emptied), a migrated SQLite file."""
-    if request.param == "postgresql":
-        yield db
-        return
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'sink.db'}")
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 def test_each_database_gets_its_own_sink(tmp_path: Path) -> None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import messages
+from proxy.broker import Answer
 from proxy.errors import InternalError, InvalidRequest
-from proxy.metrics import requests_counter
+from proxy.metrics import record_request
 from proxy.routes.bodies import read_json
 
 logger = logging.getLogger("databroker.broker")
@@ -37,26 +39,28 @@ class BrokerRoute:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        retry_after = None
+        started = time.perf_counter()
         try:
             body = await read_json(scope, receive, InvalidRequest)
             answer = await scope["state"]["services"].broker.handle(body)
-            status, payload, retry_after = answer.status, answer.body, answer.retry_after
         except InvalidRequest as exc:
-            status, payload = exc.status, messages.failure(exc)
+            answer = Answer(exc.status, messages.failure(exc), code=exc.code)
         except ClientDisconnect:
             return  # nobody is left to answer, and nothing was resolved or journaled
         except Exception:
             logger.exception("the broker route failed unexpectedly")
             error = InternalError("the broker failed unexpectedly; see its log")
-            requests_counter("NONE", error.code).inc()
-            status, payload = error.status, messages.failure(error)
+            answer = Answer(error.status, messages.failure(error), code=error.code)
+        # Counted before the answer leaves: a worker that scrapes right after its answer
+        # finds it counted.
+        record_request(answer.source, answer.origin, answer.code, time.perf_counter() - started)
+        status, payload = answer.status, answer.body
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
         ]
-        if retry_after is not None:
-            headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
+        if answer.retry_after is not None:
+            headers.append((b"retry-after", str(math.ceil(answer.retry_after)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 

@@ -1,0 +1,162 @@
+"""Deletes the DataObjects and audit rows older than their source's retention (proxy.retention).
+
+Rows go a batch at a time, each batch its own short transaction followed by a
+pause: a long ``DELETE`` would hold SQLite's one write lock (the outbox writer
+waits on it, and behind the writer the outbox fills) or, on Postgres, hold
+locks and WAL for minutes. A batch is chosen by the (source, created_at)
+indexes and deleted by primary key, the same statement on both databases.
+
+In the serving process, one sidecar of the fleet prunes per interval: the one
+that takes ``{prefix}prune`` in Redis (SET NX with the interval as expiry,
+renewed after every batch while it prunes, never released: the next round
+starts when it expires). Redis away: nobody prunes that round, which costs
+nothing but the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import cast
+
+from sqlalchemy import Column, ColumnElement, Table, and_, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.cache import CacheUnavailable, RedisClient, call, reply_bytes
+from proxy.metrics import ROWS_PRUNED
+from proxy.outbox import new_id
+from proxy.retention import Cut, SourceRetention, cuts
+from proxy.tables import DataObject, DataSource, RunDataRequest
+
+logger = logging.getLogger("databroker.pruner")
+
+_TABLES = (
+    (cast(Table, DataObject.__table__), "data_object_id"),
+    (cast(Table, RunDataRequest.__table__), "run_data_request_id"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """How many rows of a source's cut went (or, in a dry run, would go)."""
+
+    cut: Cut
+    objects: int
+    requests: int
+
+
+class Pruner:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        default_days: int | None,
+        batch_size: int = 1000,
+        pause: float = 0.05,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.engine = engine
+        self.default_days = default_days
+        self.batch_size = batch_size
+        self.pause = pause
+        self.clock = clock
+
+    async def cuts(self) -> list[Cut]:
+        """Every source's cut now, archived sources included: their rows age too."""
+        query = select(DataSource.data_source_id, DataSource.name, DataSource.retention_days)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        sources = [SourceRetention(r.data_source_id, r.name, r.retention_days) for r in rows]
+        return cuts(sources, self.default_days, self.clock())
+
+    async def run(
+        self, dry_run: bool = False, after_batch: Callable[[], Awaitable[None]] | None = None
+    ) -> list[Pruned]:
+        """Prune (or, with ``dry_run``, count) every source's cut, one source after another."""
+        done = []
+        for cut in await self.cuts():
+            if dry_run:
+                objects, requests = [await self._count(table, cut) for table, _ in _TABLES]
+            else:
+                objects, requests = [
+                    await self._delete(table, id_column, cut, after_batch)
+                    for table, id_column in _TABLES
+                ]
+            done.append(Pruned(cut, objects, requests))
+        return done
+
+    async def _count(self, table: Table, cut: Cut) -> int:
+        query = select(func.count()).where(_older(table, cut))
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def _delete(
+        self,
+        table: Table,
+        id_column: str,
+        cut: Cut,
+        after_batch: Callable[[], Awaitable[None]] | None,
+    ) -> int:
+        key: Column[object] = table.c[id_column]
+        batch = select(key).where(_older(table, cut)).limit(self.batch_size).scalar_subquery()
+        statement = delete(table).where(key.in_(batch))
+        deleted = 0
+        while True:
+            async with self.engine.begin() as conn:
+                count = (await conn.execute(statement)).rowcount
+            deleted += count
+            ROWS_PRUNED.labels(table=table.name).inc(count)
+            if count < self.batch_size:
+                return deleted
+            if after_batch is not None:
+                await after_batch()
+            await asyncio.sleep(self.pause)
+
+
+def _older(table: Table, cut: Cut) -> ColumnElement[bool]:
+    return and_(table.c.data_source_id == cut.data_source_id, table.c.created_at < cut.before)
+
+
+async def prune_round(
+    pruner: Pruner, redis: RedisClient, lock: str, token: str, interval: float
+) -> list[Pruned] | None:
+    """Prune if this sidecar takes ``lock`` for ``interval``; None if another sidecar holds it."""
+    expiry_ms = max(1, int(interval * 1000))
+    if not await call(redis.set(lock, token, nx=True, px=expiry_ms)):
+        return None
+
+    async def renew() -> None:
+        # Race window: the lock may expire between the GET and the PEXPIRE, and another
+        # sidecar take it; both then prune for a while, which deletes nothing twice.
+        owner: bytes | str | None = await call(redis.get(lock))
+        if owner is not None and reply_bytes(owner) == token.encode():
+            await call(redis.pexpire(lock, expiry_ms))
+
+    return await pruner.run(after_batch=renew)
+
+
+async def prune_in_background(
+    pruner: Pruner, redis: RedisClient, lock: str, interval: float
+) -> None:
+    """A round every ``interval`` (see the module's docstring); runs until cancelled,
+    through any Redis or database outage."""
+    token = new_id()
+    while True:
+        try:
+            for pruned in await prune_round(pruner, redis, lock, token, interval) or ():
+                if pruned.objects or pruned.requests:
+                    logger.info(
+                        "pruned %s: %d DataObjects and %d audit rows older than %d days",
+                        pruned.cut.name,
+                        pruned.objects,
+                        pruned.requests,
+                        pruned.cut.days,
+                    )
+        except CacheUnavailable as exc:
+            logger.warning("no prune this round: Redis unavailable (%s)", exc)
+        except Exception:
+            # The database away or too slow: the next round tries again.
+            logger.exception("prune failed; trying again in %.0f s", interval)
+        await asyncio.sleep(interval)
