@@ -345,3 +345,36 @@ def summary(
         "spend": amounts(whole.spend),
         "spend_saved": amounts(saved),
     }
+
+
+def render(summary: Mapping[str, Any]) -> str:
+    """The summary as ``databroker stats`` prints it: the seed's four figures, then the rest."""
+
+    def money(key: str) -> str:
+        return ", ".join(f"{a['amount']} {a['currency']}" for a in summary[key]) or "0"
+
+    latency = summary["latency_ms"]
+    project = summary["project_id"] or "global"
+    lines = [
+        f"{summary['start_date']} to {summary['end_date']} (UTC), project {project}",
+        "",
+        f"{'hit rate':<18}{summary['hit_rate']:.2f} %",
+        f"{'average latency':<18}{summary['avg_latency_ms']:.1f} ms"
+        f" (p50 {latency['p50']:.1f}, p95 {latency['p95']:.1f}, p99 {latency['p99']:.1f})",
+        f"{'error rate':<18}{summary['error_rate']:.2f} % of"
+        f" {summary['upstream_calls']} upstream calls",
+        f"{'requests':<18}{summary['requests']}"
+        f" ({summary['hits']} hits, {summary['misses']} misses, {summary['replays']} replays)",
+        f"{'spend':<18}{money('spend')} (saved by hits: {money('spend_saved')})",
+        "",
+    ]
+    top = summary["top_sources"]
+    width = max([len("top sources"), *(len(s["name"] or s["data_source_id"]) for s in top)]) + 2
+    lines.append(f"{'top sources':<{width}}{'requests':>10}{'hit rate':>12}")
+    lines.extend(
+        f"{s['name'] or s['data_source_id']:<{width}}{s['requests']:>10}{s['hit_rate']:>10.2f} %"
+        for s in top
+    )
+    if not top:
+        lines.append("(no requests in this window)")
+    return "\n".join(lines)

@@ -15,18 +15,20 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import analytics
 from proxy.app import create_app
+from proxy.cli import main
 from proxy.database import create_engine, migrate
 from proxy.errors import ValidationFailed
 from proxy.outbox import RunDataRequestRecord, encode
 from proxy.settings import Settings
 from proxy.tables import DataSource
 from proxy.writer import sink_for
-from tests.harness import admin_headers, register
+from tests.harness import ADMIN_TOKEN, admin_headers, register
 from tests.servers import serve_in_thread
 
 TODAY = date(2026, 3, 15)
@@ -134,6 +136,7 @@ PROJECT, OTHER_PROJECT = uuid.uuid4(), uuid.uuid4()
 class Served:
     """A running broker on one database, and that database, where the test writes audit rows."""
 
+    url: str
     client: httpx.AsyncClient
     engine: AsyncEngine
 
@@ -169,7 +172,7 @@ async def served(
     try:
         with serve_in_thread(create_app(settings)) as base:
             async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                yield Served(client, engine)
+                yield Served(base, client, engine)
     finally:
         if request.param == "sqlite":
             await engine.dispose()
@@ -370,3 +373,31 @@ async def test_analytics_refuse_unknown_sources_and_bad_dates(served: Served) ->
         "/analytics/summary", params={"end_date": "x"}, headers=headers
     )
     assert answer.status_code == 422 and "end_date" in answer.text
+
+
+async def test_stats_prints_the_four_figures_of_a_running_broker(served: Served) -> None:
+    today = datetime.now(UTC).date()
+    name = f"stats_{uuid.uuid4().hex[:8]}"
+    sid = await served.source(name, PROJECT, None)
+    rows = [
+        *(row(sid, at(today), "CACHE") for _ in range(3)),
+        row(sid, at(today), "REQUEST", ms=120),
+        row(sid, at(today), "REQUEST", ms=380, code="HTTP_ERROR"),
+    ]
+    await sink_for(served.engine, batch_size=100).write(b"".join(encode(r) for r in rows))
+
+    def stats(*args: str, token: str = ADMIN_TOKEN) -> Any:
+        env = {"DATABROKER_ADMIN_TOKEN": token}
+        return CliRunner().invoke(main, ["stats", "--url", served.url, *args], env=env)
+
+    done = stats("--project-id", str(PROJECT))
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert f"hit rate          {_hit_ratio(rows):.2f} %" in lines
+    assert any(line.startswith(f"average latency   {_avg_ms(rows):.1f} ms") for line in lines)
+    assert any(line.startswith(f"error rate        {_error_rate(rows):.2f} %") for line in lines)
+    assert any(line.split() == [name, "5", f"{_hit_ratio(rows):.2f}", "%"] for line in lines)
+
+    refused = stats("--project-id", str(PROJECT), "--start-date", "yesterday")
+    assert refused.exit_code == 1 and "start_date" in refused.output
+    assert stats(token="wrong").exit_code == 1
