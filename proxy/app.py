@@ -220,7 +220,11 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
     pruner = Pruner(
-        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+        engine,
+        settings.retention_days,
+        settings.prune_batch_size,
+        settings.prune_pause,
+        cache=cache,
     )
     _background(
         stack,

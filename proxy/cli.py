@@ -34,11 +34,13 @@ from starlette.types import ASGIApp
 
 from proxy import export
 from proxy.analytics import render
+from proxy.cache import RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
-from proxy.keys import make_cache_key
+from proxy.keys import KeyLayout, make_cache_key
 from proxy.logs import FORMATS, LEVELS, LogFormat, default_format, log_config
 from proxy.pruner import Pruned, Pruner
+from proxy.redis_pool import create_redis, is_cluster
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
@@ -404,10 +406,22 @@ def prune_command(dry_run: bool) -> None:
                 await migrate(engine)
             else:
                 await check_schema(engine)
+            # The cache entries of pruned objects go too, where Redis is reachable from here
+            # (the embedded default's is inside the serving process, which prunes its own).
+            redis = None if settings.redis_url is None else create_redis(settings)
+            layout = KeyLayout(settings.redis_prefix, cluster=is_cluster(settings))
             pruner = Pruner(
-                engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+                engine,
+                settings.retention_days,
+                settings.prune_batch_size,
+                settings.prune_pause,
+                cache=None if redis is None else RedisCache(redis, layout),
             )
-            return await pruner.run(dry_run=dry_run)
+            try:
+                return await pruner.run(dry_run=dry_run)
+            finally:
+                if redis is not None:
+                    await redis.aclose()
         finally:
             await engine.dispose()
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ import pytest
 import redis as sync_redis
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,9 +29,10 @@ from proxy.cli import main
 from proxy.database import create_engine
 from proxy.keys import make_cache_key
 from proxy.outbox import complete_lines, decode
+from proxy.pruner import Pruner
 from proxy.services import Services
 from proxy.settings import Settings
-from proxy.tables import Base, RunDataRequest
+from proxy.tables import Base, DataObject, DataSource, RunDataRequest
 from tests.conftest import REDIS_URL, Broker, make_settings
 from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env
 from tests.servers import Upstream, serve_in_thread
@@ -213,6 +215,11 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
     assert len(erased) == 3 and all(row.data_object_id is None for row in erased)
     [kept] = [row for row in audit if row.erased_at is None]
     assert kept.data_object_id is not None  # subject 2's object is not touched
+    # A replay of what the run received, or of the key as of now, finds nothing: never
+    # another object.
+    for replay in ({"run_id": str(run_id)}, {"as_of": datetime.now(UTC).isoformat()}):
+        missed = await broker.call("people", {"id": "1"}, replay=replay)
+        assert (missed.status_code, missed.json()["error"]["code"]) == (404, "REPLAY_MISS")
     # The next request for subject 1 is a fresh call, not a leftover copy.
     again = await broker.call("people", {"id": "1"})
     assert again.json()["origin"] == "REQUEST"
@@ -326,3 +333,49 @@ async def test_the_erase_command_erases_through_the_admin_api(
     )
     assert wrong.exit_code == 1 and "UNAUTHORIZED" in wrong.output
     assert ADMIN_TOKEN not in done.output + missing.output + wrong.output
+
+
+async def test_a_pruned_object_is_a_replay_miss(
+    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream
+) -> None:
+    """Pruning ages objects out oldest first: a replay at any instant before the cut finds
+    nothing rather than an older object."""
+    side, engine = erasing
+    source = await register_subject(side.broker, upstream, "not a canary")
+    sid = uuid.UUID(source["data_source_id"])
+    key = make_cache_key(sid, {"id": "1"})
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(DataObject),
+            [
+                {
+                    "data_object_id": uuid.uuid4(),
+                    "data_source_id": sid,
+                    "key": key,
+                    "value": f'{{"age": {days}}}'.encode(),
+                    "created_at": now - timedelta(days=days),
+                }
+                for days in (40, 35, 20)
+            ],
+        )
+    at = {days: {"as_of": (now - timedelta(days=days - 1)).isoformat()} for days in (40, 35, 20)}
+
+    async def replayed(days: int) -> Any:
+        answer = await side.broker.call("people", {"id": "1"}, replay=at[days])
+        return answer.json()["value"] if answer.status_code == 200 else answer.json()["error"]
+
+    assert [await replayed(days) for days in (40, 35, 20)] == [
+        {"age": 40},
+        {"age": 35},
+        {"age": 20},
+    ]
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(DataSource).where(DataSource.data_source_id == sid).values(retention_days=30)
+        )
+    [pruned] = await Pruner(engine, None).run()
+    assert pruned.objects == 2
+    assert [(await replayed(days))["code"] for days in (40, 35)] == ["REPLAY_MISS"] * 2
+    assert await replayed(20) == {"age": 20}
+    assert upstream.hits("/people/1") == 0
