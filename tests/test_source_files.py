@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.source_files import (
     Change,
@@ -21,7 +23,7 @@ from proxy.source_files import (
     read_dir,
     variable_values,
 )
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, TABLES
 from tests.harness import (
     ADMIN_TOKEN,
     DATABROKER,
@@ -166,6 +168,18 @@ def apply(directory: Path, url: str, *more: str, **env: str) -> tuple[int, str]:
 
 @pytest.mark.slow
 async def test_apply_makes_the_broker_what_the_files_say(
+    pg_url: str, db: AsyncEngine, redis_prefix: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    try:
+        await _apply_makes_the_broker_what_the_files_say(pg_url, redis_prefix, upstream, tmp_path)
+    finally:
+        # Brokers later in the session start on this database with keys of their own:
+        # the variables stored here under this broker's key would stop their start-up.
+        async with db.begin() as conn:
+            await conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+
+
+async def _apply_makes_the_broker_what_the_files_say(
     pg_url: str, redis_prefix: str, upstream: Upstream, tmp_path: Path
 ) -> None:
     upstream.answer("/score/7", b'{"score": 1}')
