@@ -28,7 +28,6 @@ import click
 import httpx
 import orjson
 import uvicorn
-from alembic.util import CommandError
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
@@ -342,6 +341,8 @@ def migrate_command() -> None:
             await migrate(engine)
         finally:
             await engine.dispose()
+
+    from alembic.util import CommandError  # here: serve never loads Alembic
 
     try:
         asyncio.run(run())
