@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench import stats
+from bench.misses import cpu_seconds
 from proxy.keys import make_cache_key
 from proxy.replays import AS_OF_SQL
 from tests.harness import (
@@ -184,6 +186,8 @@ class Measured:
     load_seconds: float
     plan: list[str]
     replayed: stats.WrkRun
+    cpu_us: float
+    """The broker process's CPU per replay (user + system), whatever else loads the machine."""
     exported: int
     export_seconds: float
 
@@ -209,14 +213,18 @@ async def _measure(
         script.write_text(stats.lua_script(replay_bodies(2000, args.objects, keys)))
         url = base + BROKER_PATH
         await asyncio.to_thread(_wrk, url, script, args.concurrency, 2)  # warm-up
+        stat, ticks = Path(f"/proc/{broker.pid}/stat"), os.sysconf("SC_CLK_TCK")
+        before = cpu_seconds(stat.read_text(), ticks)
         replayed = await asyncio.to_thread(_wrk, url, script, args.concurrency, args.duration)
+        spent = cpu_seconds(stat.read_text(), ticks) - before
+        cpu_us = spent * 1e6 / replayed.requests if replayed.requests else 0.0
         written, export_seconds = await asyncio.to_thread(
             _export, database_url, work, args.export_days
         )
     finally:
         await asyncio.to_thread(broker.stop)
         await engine.dispose()
-    return Measured(keys, load_seconds, plan, replayed, written, export_seconds)
+    return Measured(keys, load_seconds, plan, replayed, cpu_us, written, export_seconds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
         f"replay over HTTP, c={args.concurrency}, {args.duration} s: {replayed.rps:.0f} req/s, "
         f"p50 {replayed.p50_ms:.2f} ms, p99 {replayed.p99_ms:.2f} ms "
         f"(target <= {P99_TARGET_MS:g}: {stats.verdict(replayed.p99_ms <= P99_TARGET_MS)}), "
-        f"errors {replayed.errors}; index {INDEX}: {stats.verdict(uses_index)}"
+        f"errors {replayed.errors}; index {INDEX}: {stats.verdict(uses_index)}; "
+        f"broker CPU {m.cpu_us:.0f} µs/replay"
     )
     print(
         f"export of {args.export_days} days: {m.exported:,} objects in {m.export_seconds:.1f} s"

@@ -33,5 +33,5 @@ def test_a_tiny_run_finds_every_replay_through_the_index(
     assert main([*argv, "--postgres", server, "--redis", REDIS_URL]) == 0
     out = capsys.readouterr().out
     assert "Index Scan Backward using ix_data_object_source_key_created" in out
-    assert "errors 0; index ix_data_object_source_key_created: ok" in out
+    assert "errors 0; index ix_data_object_source_key_created: ok; broker CPU" in out
     assert "export of 365 days: 2,000 objects" in out
