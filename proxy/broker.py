@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 from proxy import messages
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
@@ -304,6 +305,7 @@ class _Call:
                     max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
                     follow_redirects=bool(source.http.follow_redirects),
                     source=source.name,
+                    throttled=partial(broker.vendors.hold, source.data_source_id),
                 )
         except BrokerError as exc:
             await broker.vendors.after_call(source, admission, exc)
