@@ -35,9 +35,10 @@ from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
 from proxy.replays import Replays
 from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
-from proxy.templates import check, render
+from proxy.templates import RenderedRequest, check, render
+from proxy.tokens import Tokens
 from proxy.types import Origin
-from proxy.upstream import Upstream
+from proxy.upstream import Fetched, Upstream
 
 logger = logging.getLogger("databroker.broker")
 
@@ -64,7 +65,14 @@ class Limits:
 # Codes that say the upstream failed, as opposed to the request or the broker:
 # only these let a stale entry stand in for a fresh one.
 UPSTREAM_FAILURES = frozenset(
-    {"TIMEOUT", "CONNECTION_ERROR", "HTTP_ERROR", "RESPONSE_TOO_LARGE", "PARSE_ERROR"}
+    {
+        "TIMEOUT",
+        "CONNECTION_ERROR",
+        "HTTP_ERROR",
+        "RESPONSE_TOO_LARGE",
+        "PARSE_ERROR",
+        "AUTH_ERROR",
+    }
 )
 
 
@@ -79,6 +87,7 @@ class Broker:
         default_project: uuid.UUID | None,
         backlog: Callable[[], int],
         replays: Replays,
+        tokens: Tokens,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -88,6 +97,7 @@ class Broker:
         self.default_project = default_project
         self.backlog = backlog
         self.replays = replays
+        self.tokens = tokens
         self.flights = Flights(cache)
         self._redis_outage = Outage(
             logger,
@@ -269,14 +279,7 @@ class _Call:
         self.start_time = time.time()
         try:
             async with broker.slot(source):
-                fetched = await broker.upstream.fetch(
-                    rendered,
-                    timeout=self._timeout(),
-                    retrying=source.retrying,
-                    max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
-                    follow_redirects=bool(source.http.follow_redirects),
-                    source=source.name,
-                )
+                fetched = await broker.tokens.send(source, rendered, self._timeout(), self._call)
         finally:
             self.end_time = time.time()
             UPSTREAM_SECONDS.observe(self.end_time - self.start_time)
@@ -292,6 +295,18 @@ class _Call:
             fetched.content, source.http.response_type, charset_of(fetched.content_type)
         )
         return CacheEntry(self.data_object_id, self.end_time, value_json)
+
+    async def _call(self, rendered: RenderedRequest) -> Fetched:
+        """One upstream call (its retries included) of an authenticated request."""
+        broker, source = self.broker, self.source
+        return await broker.upstream.fetch(
+            rendered,
+            timeout=self._timeout(),
+            retrying=source.retrying,
+            max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
+            follow_redirects=bool(source.http.follow_redirects),
+            source=source.name,
+        )
 
     def _finish(self, outcome: bytes | BrokerError) -> Answer:
         """Journal the audit row, then answer: the row is on disk before the answer leaves."""

@@ -7,6 +7,10 @@ family                            value                       expiry            
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
 ``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
+``{prefix}token:{sid}``           a source's OAuth2 token     before it expires       proxy.tokens
+                                  (Fernet-encrypted)
+``{prefix}lock:{sid}:token``      a token request in flight   its timeout             proxy.tokens
+                                  / failed
 ================================  ==========================  =====================  ==================
 
 Other families go beside ``cache:`` under the same prefix, never inside it, so
@@ -55,6 +59,13 @@ class KeyLayout:
 
     def lock(self, data_source_id: uuid.UUID | str, key: str) -> str:
         return f"{self.prefix}lock:{self._source(data_source_id)}:{key}"
+
+    def token(self, data_source_id: uuid.UUID | str) -> str:
+        return f"{self.prefix}token:{self._source(data_source_id)}"
+
+    def token_lock(self, data_source_id: uuid.UUID | str) -> str:
+        """Beside the fetch locks, whose keys are md5 hex: never one of theirs."""
+        return self.lock(data_source_id, "token")
 
     def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
         """A SCAN pattern for every cache entry, or for one source's entries.
