@@ -32,6 +32,7 @@ from proxy.broker import Broker, Limits
 from proxy.cache import CacheEntry, RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.egress import EgressPolicy
+from proxy.erasure import Eraser
 from proxy.errors import StartupError
 from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
@@ -44,7 +45,8 @@ from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import Replays
-from proxy.routes import admin, credentials, health, internal
+from proxy.request_ids import RequestIds
+from proxy.routes import admin, analytics, credentials, erasure, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -74,13 +76,15 @@ def create_app(
         routes=[
             *internal.routes,
             *admin.routes,
+            *analytics.routes,
             *credentials.routes,
+            *erasure.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
         exception_handlers=admin.exception_handlers,
     )
-    return internal.FrontDoor(Lifespan(app, settings, started))
+    return RequestIds(internal.FrontDoor(Lifespan(app, settings, started)))
 
 
 class Lifespan:
@@ -241,8 +245,20 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         settings.dependency_check_interval,
     )
     _background(stack, dependencies.run(), "dependency checks")
+    eraser = Eraser(engine, cache, writer, layout.erasure_channel)
+    _background(stack, eraser.follow(redis), "erasure follower")
     return Services(
-        settings, engine, redis, cache, sources, registry, writer, broker, flushes, dependencies
+        settings,
+        engine,
+        redis,
+        cache,
+        sources,
+        registry,
+        writer,
+        broker,
+        flushes,
+        dependencies,
+        eraser,
     )
 
 

@@ -29,6 +29,7 @@ from proxy.errors import (
 )
 from proxy.formats import charset_of, format_body
 from proxy.keys import make_cache_key
+from proxy.logs import bind_run_id
 from proxy.metrics import UPSTREAM_SECONDS
 from proxy.outage import Outage
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
@@ -109,6 +110,7 @@ class Broker:
     async def handle(self, body: bytes) -> Answer:
         try:
             request = messages.parse_request(body)
+            bind_run_id(request.run_id)
             project = request.project_id or self.default_project
             # Reloads the index for an unknown name: the database may be down, a
             # stored variable undecryptable: those answer INTERNAL like any failure.

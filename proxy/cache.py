@@ -133,6 +133,13 @@ class RedisCache:
             # sidecar that refuses the old copy (max_age) would fetch the key again.
             self.hot.invalidate([name])
 
+    async def remove(self, data_source_id: uuid.UUID, key: str) -> None:
+        """Delete one entry (an erasure): here at once, on other sidecars by the invalidation."""
+        name = self.layout.cache_entry(data_source_id, key)
+        await call(self.redis.delete(name))
+        if self.hot is not None:
+            self.hot.invalidate([name])
+
     async def flush_source(self, data_source_id: uuid.UUID) -> int:
         """Unlink every entry of one source (what a draft replacement invalidates)."""
         removed = 0

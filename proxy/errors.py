@@ -23,10 +23,12 @@
         ├── Unauthorized .......... 401 UNAUTHORIZED
         ├── AdminDisabled ......... 403 ADMIN_DISABLED
         ├── NotFound .............. 404 NOT_FOUND
-        ├── Conflict .............. 409 CONFLICT
-        ├── ValidationFailed ...... 422 VALIDATION_ERROR
+        ├── Conflict .............. 400 CONFLICT           (a name taken, an archived source)
+        ├── Refused ............... 400 REFUSED            (well-formed, but not allowed)
+        ├── ValidationFailed ...... 422 VALIDATION_ERROR   (``detail``: FastAPI's list)
         ├── BodyTooLarge .......... 413 BODY_TOO_LARGE
-        └── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        ├── DatabaseUnavailable ... 503 DATABASE_UNAVAILABLE
+        └── RedisUnavailable ...... 503 REDIS_UNAVAILABLE  (an erasure cannot reach the cache)
 
     StartupError .................. the process cannot start: one line, exit non-zero
 
@@ -207,13 +209,38 @@ class NotFound(AdminError):
 
 
 class Conflict(AdminError):
+    """400, not 409: the engine's SDK raises on any status its API does not declare."""
+
     code = "CONFLICT"
-    status = 409
+    status = 400
+
+
+class Refused(AdminError):
+    """A well-formed admin request the broker will not carry out: undeclared or reserved
+    names, a change a published source may not take."""
+
+    code = "REFUSED"
+    status = 400
 
 
 class ValidationFailed(AdminError):
+    """A request that is not the route's shape: 422 in FastAPI's shape, because the
+    engine's SDK parses it as such. ``errors`` is the ``detail`` list of ``{loc, msg,
+    type}``, each ``loc`` starting where the value was: "body", "query" or "path"."""
+
     code = "VALIDATION_ERROR"
     status = 422
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        loc: tuple[str | int, ...] = ("body",),
+        errors: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message, **extra)
+        self.errors = errors or [{"loc": list(loc), "msg": message, "type": "value_error"}]
 
 
 class BodyTooLarge(AdminError):
@@ -225,6 +252,13 @@ class DatabaseUnavailable(AdminError):
     """The database did not answer (down, or slower than its timeouts): retry later."""
 
     code = "DATABASE_UNAVAILABLE"
+    status = 503
+
+
+class RedisUnavailable(AdminError):
+    """Redis did not answer a change that must reach it (an erasure): retry later."""
+
+    code = "REDIS_UNAVAILABLE"
     status = 503
 
 

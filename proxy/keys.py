@@ -6,6 +6,7 @@ family                            value                       expiry            
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
+``{prefix}events:erasure``        (pub/sub channel)           —                      proxy.erasure
 ``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
 ``{prefix}token:{sid}``           a source's OAuth2 token     before it expires       proxy.tokens
                                   (Fernet-encrypted)
@@ -48,6 +49,7 @@ class KeyLayout:
         self.prefix = prefix
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
+        self.erasure_channel = f"{prefix}events:erasure"
         self.cache_family = f"{prefix}cache:"
         self.prune_lock = f"{prefix}prune"
 

@@ -47,6 +47,34 @@ ADMIN_ERROR = {
     "required": ["detail", "code"],
     "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
 }
+# FastAPI's shape, which the engine's SDK parses: ``detail`` lists where and what.
+VALIDATION_ERROR = {
+    "type": "object",
+    "required": ["detail", "code"],
+    "properties": {
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+        "code": {"const": "VALIDATION_ERROR"},
+    },
+}
+
+
+def _any_case(word: str) -> str:
+    """A pattern for ``word`` in any case (JSON Schema patterns take no flags)."""
+    return "^" + "".join(f"[{c.upper()}{c.lower()}]" for c in word) + "$"
 
 
 def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
@@ -59,14 +87,20 @@ def _op(
     summary: str,
     ok: dict[str, Any] | str,
     body: dict[str, Any] | str | None = None,
-    errors: tuple[int, ...] = (401, 403, 404, 409, 422),
+    errors: tuple[int, ...] = (400, 401, 403, 404, 422),
     params: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {
             "200": {"description": "OK", **_json(ok)},
-            **{str(code): {"description": "Error", **_json(ADMIN_ERROR)} for code in errors},
+            **{
+                str(code): {
+                    "description": "Error",
+                    **_json(VALIDATION_ERROR if code == 422 else ADMIN_ERROR),
+                }
+                for code in errors
+            },
         },
     }
     if body is not None:
@@ -81,6 +115,22 @@ def _op(
             }
             for p in params
         ]
+    return op
+
+
+def _dated(op: dict[str, Any]) -> dict[str, Any]:
+    """An analytics operation: its window (UTC days) and project as query parameters."""
+    op["parameters"] = [
+        *op.get("parameters", []),
+        *(
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in (
+                ("start_date", {"type": "string", "format": "date"}),
+                ("end_date", {"type": "string", "format": "date"}),
+                ("project_id", {"type": "string", "format": "uuid"}),
+            )
+        ),
+    ]
     return op
 
 
@@ -107,10 +157,19 @@ def document() -> dict[str, Any]:
         {"name": name, "in": "query", "required": False, "schema": schema}
         for name, schema in (
             ("include_archived", {"type": "boolean"}),
-            ("status", {"enum": list(get_args(Status))}),
+            ("status", {"type": "string", "pattern": "|".join(map(_any_case, get_args(Status)))}),
             ("project_id", {"type": "string", "format": "uuid"}),
         )
     ]
+    erase = _op(
+        "Erase one key's DataObjects and cache entry; audit rows stay, marked erased_at",
+        {"type": "object"},
+        params=one,
+        errors=(401, 403, 404, 422, 503),
+    )
+    erase["parameters"].append(
+        {"name": "key", "in": "query", "required": True, "schema": {"pattern": "^[0-9a-f]{32}$"}}
+    )
     sources = {
         "get": listing,
         "post": _op("Register a data source (DRAFT)", {"type": "object"}, source),
@@ -150,6 +209,21 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
+            **{
+                f"/data-sources/{{data_source_id}}/{path}": {
+                    "get": _dated(_op(summary, {"type": "object"}, params=one))
+                }
+                for path, summary in (
+                    ("usage", "Requests per day"),
+                    ("metrics", "Upstream latency and error rate per day"),
+                    ("cache-stats", "Cache hit ratio per day"),
+                )
+            },
+            "/analytics/summary": {
+                "get": _dated(
+                    _op("Hit rate, latency, error rate, top sources, spend", {"type": "object"})
+                )
+            },
             "/data-sources/{data_source_id}/credentials": {
                 "get": _op("Credential types, values masked", {"type": "array"}, params=one),
                 "put": _op(
@@ -159,6 +233,7 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
+            "/data-sources/{data_source_id}/objects": {"delete": erase},
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
                 "get": {

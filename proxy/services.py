@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from proxy.broker import Broker
     from proxy.cache import RedisCache, RedisClient
+    from proxy.erasure import Eraser
     from proxy.flushes import Flushes
     from proxy.readiness import Dependencies
     from proxy.settings import Settings
@@ -36,6 +37,7 @@ class Services:
     broker: Broker
     flushes: Flushes
     dependencies: Dependencies
+    eraser: Eraser
 
 
 def services(request: Request) -> Services:

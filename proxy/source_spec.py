@@ -65,6 +65,14 @@ class HTTPSource(_Strict):
         "unset or false: a 3xx is the answer (HTTP_ERROR).",
     )
 
+    @field_validator("body")
+    @classmethod
+    def _empty_body_is_none(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        """``{}`` is the engine's default body, which the admin API shows for "no body": so
+        a source read and written back unchanged is unchanged (a literal ``{}`` is sent
+        as the string ``"{}"`` with a JSON Content-Type)."""
+        return None if value == {} else value
+
 
 class CachingTTL(_Strict):
     days: int = Field(default=0, ge=0)

@@ -9,13 +9,15 @@ has not shipped yet. A foreign key there would block the outbox writer.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -142,3 +144,24 @@ class RunDataRequest(Base):
     replay: Mapped[str | None] = mapped_column(String(8))
     # Set when the object this row names was erased; the row stays, its reference cleared.
     erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RunDataRequestDaily(Base):
+    """The audit rows folded into counters per source and UTC day (``proxy.rollup``).
+
+    The analytics routes read this, never ``run_data_request``: a 30-day window is
+    a few rows per source and day, whatever the audit table holds. One counter per
+    ``(metric, label)``: ``n`` counts rows, ``total`` sums a quantity (latency ms, cost).
+    """
+
+    __tablename__ = "run_data_request_daily"
+
+    data_source_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    metric: Mapped[str] = mapped_column(String(16), primary_key=True)
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[Decimal] = mapped_column(Numeric(24, 6))
+
+    # The summary reads every source's rows of a window.
+    __table_args__ = (Index("ix_run_data_request_daily_day", "day"),)

@@ -2,21 +2,26 @@
 
 Ids are made in the sidecar, and every insert is ``ON CONFLICT DO NOTHING``:
 a segment replayed after a crash between commit and unlink writes nothing
-twice. A segment is removed only after its rows are committed.
+twice. A segment is removed only after its rows are committed. The audit rows
+a batch adds are folded into the daily rollup (``proxy.rollup``) in the same
+transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, Uuid, bindparam, select, text
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from proxy import rollup
 from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN, WRITE_FAILURES
 from proxy.outage import Outage
 from proxy.outbox import (
@@ -97,27 +102,51 @@ class SqliteSink:
 
     async def write(self, segment: bytes) -> int:
         records = await _decode(segment)
-        objects: list[Record] = [r for r in records if isinstance(r, DataObjectRecord)]
-        requests: list[Record] = [r for r in records if isinstance(r, RunDataRequestRecord)]
+        objects = [r for r in records if isinstance(r, DataObjectRecord)]
+        requests = [r for r in records if isinstance(r, RunDataRequestRecord)]
         async with self.engine.begin() as conn:
-            for table, rows, kind in (
-                (_DATA_OBJECT, objects, DataObjectRecord),
-                (_RUN_DATA_REQUEST, requests, RunDataRequestRecord),
-            ):
-                # The columns a record carries; others (erased_at) start as NULL.
-                columns = [c.name for c in table.columns if c.name in kind.__slots__]
-                for start in range(0, len(rows), self.batch_size):
-                    chunk = rows[start : start + self.batch_size]
-                    stmt = sqlite.insert(table).on_conflict_do_nothing()
-                    await conn.execute(
-                        stmt, [dict(zip(columns, _values(r, columns), strict=True)) for r in chunk]
-                    )
+            # Objects first: the transaction holds SQLite's write lock before it reads.
+            await self._insert(conn, _DATA_OBJECT, objects, DataObjectRecord)
+            ids = [uuid.UUID(str(r.run_data_request_id)) for r in requests]
+            present = await self._present(conn, ids)
+            await self._insert(conn, _RUN_DATA_REQUEST, requests, RunDataRequestRecord)
+            fresh = [i for i in ids if i not in present]
+            for chunk in self._chunks(fresh):
+                await conn.execute(_FOLD_FRESH, {"ids": chunk})
         return len(records)
+
+    def _chunks(self, items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+        for start in range(0, len(items), self.batch_size):
+            yield items[start : start + self.batch_size]
+
+    async def _insert(
+        self, conn: AsyncConnection, table: Table, rows: Sequence[Record], kind: type[Record]
+    ) -> None:
+        # The columns a record carries; others (erased_at) start as NULL.
+        columns = [c.name for c in table.columns if c.name in kind.__slots__]
+        for chunk in self._chunks(rows):
+            stmt = sqlite.insert(table).on_conflict_do_nothing()
+            await conn.execute(
+                stmt, [dict(zip(columns, _values(r, columns), strict=True)) for r in chunk]
+            )
+
+    async def _present(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of ``ids`` are already written: a replayed segment's rows are not folded again."""
+        column = RunDataRequest.run_data_request_id
+        present: set[uuid.UUID] = set()
+        for chunk in self._chunks(ids):
+            present.update((await conn.execute(select(column).where(column.in_(chunk)))).scalars())
+        return present
 
 
 _DATA_OBJECT = cast(Table, DataObject.__table__)
 _RUN_DATA_REQUEST = cast(Table, RunDataRequest.__table__)
 _STAGE = "_stage_journal"
+_FOLD_FRESH = text(
+    "WITH inserted AS (SELECT * FROM run_data_request WHERE run_data_request_id IN :ids)\n"
+    + rollup.fold("sqlite", "inserted")
+).bindparams(bindparam("ids", expanding=True, type_=Uuid))
+_T = TypeVar("_T")
 # The journal's field names (proxy.outbox.encode), read in SQL. ``e`` is the error's
 # JSON text: as a JSON string it never holds an escape jsonb refuses (\u0000).
 _INSERT_OBJECTS = f"""
@@ -127,7 +156,9 @@ SELECT (line->>'id')::uuid, (line->>'s')::uuid, line->>'k', decode(line->>'v', '
 FROM {_STAGE} WHERE line->>'t' = 'o'
 ON CONFLICT DO NOTHING
 """
+# The rows the insert wrote, and only those, are folded into the daily rollup.
 _INSERT_REQUESTS = f"""
+WITH inserted AS (
 INSERT INTO {_RUN_DATA_REQUEST.name} (run_data_request_id, run_id, data_object_id,
     data_source_id, data_origin, start_time, end_time, error, created_at,
     cost_amount, cost_currency, replay)
@@ -137,6 +168,9 @@ SELECT (line->>'id')::uuid, (line->>'run')::uuid, (line->>'o')::uuid, (line->>'s
        (line->>'ca')::numeric, line->>'cc', line->>'rp'
 FROM {_STAGE} WHERE line->>'t' = 'r'
 ON CONFLICT DO NOTHING
+RETURNING *
+)
+{rollup.fold("postgresql", "inserted")}
 """
 
 
@@ -174,6 +208,9 @@ class OutboxWriter:
             "database writes resumed; outbox is draining",
         )
         self._stopping = asyncio.Event()
+        # One flush at a time: a second one would find the segments the first holds locked
+        # and skip them, and return before they are written (an erasure needs them written).
+        self._flushing = asyncio.Lock()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -189,16 +226,17 @@ class OutboxWriter:
                 logger.exception("outbox flush failed; retrying at the next interval")
 
     async def flush(self) -> bool:
-        """Ship everything sealed so far; False if the database refused (kept for later)."""
-        self.outbox.seal()
-        try:
-            return await self._ship()
-        finally:
-            # Race window: bytes appended during the scan are counted twice until the
-            # next scan; the backlog errs on the full side, never the empty one.
-            self._appended_at_scan = self.outbox.appended_bytes
-            self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
-            OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
+        """Ship everything journaled so far; False if the database refused (kept for later)."""
+        async with self._flushing:
+            self.outbox.seal()
+            try:
+                return await self._ship()
+            finally:
+                # Race window: bytes appended during the scan are counted twice until the
+                # next scan; the backlog errs on the full side, never the empty one.
+                self._appended_at_scan = self.outbox.appended_bytes
+                self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
+                OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
 
     @property
     def backlog_bytes(self) -> int:

@@ -43,6 +43,7 @@ PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
 REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = (
     "run_data_request",
+    "run_data_request_daily",
     "data_object",
     "data_source_credential",
     "data_source_env_var",

@@ -1,0 +1,152 @@
+"""Erasure (GDPR/LGPD right to erasure): a key's DataObjects and cache entry removed everywhere.
+
+Where an erased body can be, and how each place is emptied, in this order:
+
+1. Redis's cache entry: deleted; this sidecar's hot copy is dropped at once,
+   every other sidecar's by the invalidation Redis sends for the delete.
+2. This sidecar's outbox: shipped first (sealed and written), so the copies it
+   journaled reach the table, and their segment files are removed.
+3. The tables, in one transaction: audit rows naming the key's objects get
+   ``data_object_id`` NULL and ``erased_at`` (the trail still counts the call);
+   the objects are deleted.
+4. Other sidecars' outboxes: an announcement on ``{prefix}events:erasure``
+   makes each sidecar ship its outbox and repeat step 3 for the objects created
+   up to the erasure, and for the audit rows naming the objects already erased:
+   a copy journaled there before the erasure and shipped after it does not
+   survive it.
+
+Race window: a sidecar cut from Redis during the announcement misses it, and
+what its outbox held for the key is written when it ships; erase again after
+such an outage. Objects created after the erasure (a new request for the same
+params) are new data and stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+from redis.exceptions import RedisError
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.cache import CacheUnavailable, RedisCache, RedisClient
+from proxy.errors import DatabaseUnavailable, RedisUnavailable
+from proxy.tables import DataObject, RunDataRequest
+from proxy.writer import OutboxWriter
+
+logger = logging.getLogger("databroker.erasure")
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What one erasure did in the tables."""
+
+    data_object_ids: list[uuid.UUID]
+    audit_rows: int
+
+
+async def erase_rows(
+    engine: AsyncEngine,
+    data_source_id: uuid.UUID,
+    key: str,
+    at: datetime,
+    known_ids: Sequence[uuid.UUID] = (),
+) -> Erased:
+    """Delete the key's objects created up to ``at``; mark the audit rows naming them, or
+    naming ``known_ids`` (objects an earlier pass erased), with ``erased_at = at``."""
+    found = (
+        select(DataObject.data_object_id)
+        .where(DataObject.data_source_id == data_source_id)
+        .where(DataObject.key == key, DataObject.created_at <= at)
+    )
+    async with engine.begin() as conn:
+        ids = list((await conn.execute(found)).scalars().all())
+        named = list({*ids, *known_ids})
+        marked = 0
+        if named:
+            result = await conn.execute(
+                update(RunDataRequest)
+                .where(RunDataRequest.data_object_id.in_(named))
+                .values(data_object_id=None, erased_at=at)
+            )
+            marked = result.rowcount
+        if ids:
+            await conn.execute(delete(DataObject).where(DataObject.data_object_id.in_(ids)))
+    return Erased(ids, marked)
+
+
+class Eraser:
+    def __init__(
+        self, engine: AsyncEngine, cache: RedisCache, writer: OutboxWriter, channel: str
+    ) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.writer = writer
+        self.channel = channel
+
+    async def erase(self, data_source_id: uuid.UUID, key: str) -> Erased:
+        """Steps 1 to 4 of the module's docstring; RedisUnavailable or DatabaseUnavailable
+        if a step could not be done (what was done stays done: erase again)."""
+        at = datetime.now(UTC)
+        try:
+            await self.cache.remove(data_source_id, key)
+        except CacheUnavailable as exc:
+            raise RedisUnavailable(f"the cache entry could not be deleted ({exc}); retry") from exc
+        await self._ship()
+        erased = await erase_rows(self.engine, data_source_id, key, at)
+        announcement = {
+            "s": str(data_source_id),
+            "k": key,
+            "at": at.isoformat(),
+            "ids": [str(i) for i in erased.data_object_ids],
+        }
+        try:
+            await self.cache.redis.publish(self.channel, orjson.dumps(announcement))
+        except RedisError as exc:
+            raise RedisUnavailable(
+                f"erased here, but the other sidecars could not be told ({type(exc).__name__}); "
+                "retry"
+            ) from exc
+        return erased
+
+    async def _ship(self) -> None:
+        if not await self.writer.flush():
+            raise DatabaseUnavailable("the outbox could not be written to the database; retry")
+
+    async def follow(self, redis: RedisClient, retry_interval: float = 1.0) -> None:
+        """Repeat announced erasures here (step 4); runs until cancelled."""
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=retry_interval
+                        )
+                        if message is not None:
+                            await self._repeat(message["data"])
+            except Exception as exc:
+                if not isinstance(exc, RedisError | OSError):
+                    logger.warning("erasure subscription failed: %s", type(exc).__name__)
+                await asyncio.sleep(retry_interval)
+
+    async def _repeat(self, data: bytes) -> None:
+        fields = orjson.loads(data)
+        try:
+            await self._ship()
+            await erase_rows(
+                self.engine,
+                uuid.UUID(fields["s"]),
+                fields["k"],
+                datetime.fromisoformat(fields["at"]),
+                [uuid.UUID(i) for i in fields["ids"]],
+            )
+        except Exception:
+            # The database away: the objects this outbox holds are written when it is back.
+            logger.exception("an announced erasure could not be repeated here; erase again")
