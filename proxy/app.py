@@ -54,6 +54,7 @@ from proxy.source_registry import Registry
 from proxy.source_store import SourceStore
 from proxy.tokens import Tokens
 from proxy.upstream import Upstream, create_client
+from proxy.vendor_state import VendorState
 from proxy.writer import OutboxWriter, sink_for
 
 logger = logging.getLogger("databroker")
@@ -221,7 +222,11 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
     pruner = Pruner(
-        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+        engine,
+        settings.retention_days,
+        settings.prune_batch_size,
+        settings.prune_pause,
+        cache=cache,
     )
     _background(
         stack,
@@ -229,6 +234,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         "pruner",
     )
 
+    vendors = VendorState(redis, layout)
+    _background(stack, vendors.follow(), "vendor state follower")
     broker = Broker(
         registry,
         cache,
@@ -238,6 +245,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
         replays=Replays(engine),
+        vendors=vendors,
         tokens=Tokens(redis, layout, box, client),
     )
     dependencies = Dependencies(

@@ -36,10 +36,12 @@ from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
 from proxy.replays import Replays
 from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
+from proxy.source_spec import Money
 from proxy.templates import RenderedRequest, check, render
 from proxy.tokens import Tokens
 from proxy.types import Origin
 from proxy.upstream import Fetched, Upstream
+from proxy.vendor_state import VendorState
 
 logger = logging.getLogger("databroker.broker")
 
@@ -53,6 +55,8 @@ class Answer:
     source: str = ""
     origin: str = "NONE"
     code: str = "OK"
+    retry_after: float | None = None
+    """Sent as ``Retry-After`` (whole seconds): when asking again can succeed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class Limits:
 
 # Codes that say the upstream failed, as opposed to the request or the broker:
 # only these let a stale entry stand in for a fresh one.
+# An open breaker too: the contract lets a stale entry answer instead.
 UPSTREAM_FAILURES = frozenset(
     {
         "TIMEOUT",
@@ -72,6 +77,7 @@ UPSTREAM_FAILURES = frozenset(
         "HTTP_ERROR",
         "RESPONSE_TOO_LARGE",
         "PARSE_ERROR",
+        "CIRCUIT_OPEN",
         "AUTH_ERROR",
     }
 )
@@ -88,6 +94,7 @@ class Broker:
         default_project: uuid.UUID | None,
         backlog: Callable[[], int],
         replays: Replays,
+        vendors: VendorState,
         tokens: Tokens,
     ) -> None:
         self.registry = registry
@@ -98,6 +105,7 @@ class Broker:
         self.default_project = default_project
         self.backlog = backlog
         self.replays = replays
+        self.vendors = vendors
         self.tokens = tokens
         self.flights = Flights(cache)
         self._redis_outage = Outage(
@@ -129,7 +137,14 @@ class Broker:
     def refuse(self, error: BrokerError, source: str = "") -> Answer:
         """An error before a source was resolved (or its audit row could be): answered,
         not audited."""
-        return Answer(error.status, messages.failure(error), source, "NONE", error.code)
+        return Answer(
+            error.status,
+            messages.failure(error),
+            source,
+            "NONE",
+            error.code,
+            error.retry_after,
+        )
 
     def outbox_full(self, for_hits: bool = False) -> bool:
         """At the outbox bound upstream calls are refused (and ``/readyz`` says "full");
@@ -178,6 +193,8 @@ class _Call:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.stale_because: BrokerError | None = None
+        self.cost: Money | None = None
+        """The source's price, once an upstream call was let through."""
         # max_age is measured from here.
         self.arrival = time.time()
         self.max_age = request.max_age
@@ -277,14 +294,22 @@ class _Call:
         broker, source = self.broker, self.source
         assert self.key is not None
         rendered = render(source.compiled, self.request.configured_params, source.values)
+        # Budget, rate limit, breaker, pause: raises the refusal, or waits for a turn.
+        admission = await broker.vendors.before_call(source, self._timeout())
+        self.cost = source.http.cost
         self.origin = "REQUEST"
         self.start_time = time.time()
         try:
             async with broker.slot(source):
                 fetched = await broker.tokens.send(source, rendered, self._timeout(), self._call)
+        except BrokerError as exc:
+            await broker.vendors.after_call(source, admission, exc)
+            raise
         finally:
             self.end_time = time.time()
             UPSTREAM_SECONDS.observe(self.end_time - self.start_time)
+        if admission is not None:
+            await broker.vendors.after_call(source, admission, None)
         data_object_id = uuid.uuid4()
         self.data_object_id = str(data_object_id)
         # Journaled before parsing: a body that fails to parse is kept for audit too.
@@ -333,6 +358,7 @@ class _Call:
                 self.source.name,
                 self.origin or "NONE",
                 error.code,
+                error.retry_after,
             )
         assert self.origin is not None and self.key is not None and self.data_object_id is not None
         assert isinstance(outcome, bytes)
@@ -366,5 +392,7 @@ class _Call:
             end_time=self.end_time,
             error=recorded,
             created_at=time.time(),
+            cost_amount=None if self.cost is None else self.cost.amount,
+            cost_currency=None if self.cost is None else self.cost.currency,
             replay=None if self.request.replay is None else self.request.replay.by,
         )
