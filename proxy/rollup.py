@@ -62,60 +62,70 @@ _CODE = {
     "postgresql": 'substring(r.error::text from \'"code"\\s*:\\s*"([A-Za-z0-9_]*)"\')',
     "sqlite": "json_extract(r.error, '$.code')",
 }
-# Upstream calls, a hybrid replay's fresh call included (a stored answer has no timings).
 # The global namespace's key (no project), as each database stores a UUID.
 GLOBAL = uuid.UUID(int=0)
 _GLOBAL = {"postgresql": f"'{GLOBAL}'::uuid", "sqlite": f"'{GLOBAL.hex}'"}
 # A source's counters that rank it in its project's summary.
 RANKED = (REQUESTS, HITS, MISSES)
+# Upstream calls, a hybrid replay's fresh call included (a stored answer has no timings).
 _TIMED = "r.start_time IS NOT NULL AND r.end_time IS NOT NULL"
 _MS = "(r.end_time - r.start_time) * 1000"
 
 
 def _bucket() -> str:
     whens = " ".join(f"WHEN {_MS} <= {b!r} THEN '{bucket_label(b)}'" for b in BOUNDS)
-    return f"CASE {whens} ELSE '{OVERFLOW}' END"
+    return f"CASE WHEN {_TIMED} THEN CASE {whens} ELSE '{OVERFLOW}' END END"
 
 
-def fold(dialect: str, rows: str) -> str:
+def fold(dialect: str, rows: str, ctes: str = "") -> str:
     """SQL adding the audit rows of the relation named ``rows`` to the rollup.
 
-    ``rows`` is a table or a CTE the caller puts before this statement. Every
-    counter is kept twice: for the row's source, and for its source's project
-    (``project_key``; metric ``PROJECT`` + name), so that a project's summary
-    reads a few rows a day however many sources it has. Each branch makes
-    distinct (key, day, metric, label) rows, as one upsert may touch a row only
-    once; they are taken in key order so that concurrent writers lock in the
-    same order.
+    ``rows`` is a table, or a CTE that ``ctes`` defines (``name AS (…)``). The
+    rows are read once, grouped by everything a counter splits by (``pre``);
+    each counter is then a sum over those groups. Every counter is kept twice:
+    for the row's source, and for its source's project (``project_key``; metric
+    ``PROJECT`` + name), so that a project's summary reads a few rows a day
+    however many sources it has. Each branch makes distinct (key, day, metric,
+    label) rows, as one upsert may touch a row only once; they are taken in key
+    order so that concurrent writers lock in the same order.
     """
+    pre = (
+        f"pre AS (SELECT r.data_source_id, {_DAY[dialect]} AS day, r.data_origin AS origin,"
+        f" r.replay, r.error IS NOT NULL AS failed, {_CODE[dialect]} AS code,"
+        f" {_bucket()} AS bucket, r.cost_currency AS currency, count(*) AS n,"
+        f" sum(CASE WHEN {_TIMED} THEN {_MS} END) AS ms, sum(r.cost_amount) AS cost,"
+        f" count(r.cost_amount) AS costed"
+        f" FROM {rows} AS r GROUP BY 1, 2, 3, 4, 5, 6, 7, 8)"
+    )
     branches = (
         (REQUESTS, "''", "0", "TRUE"),
-        (HITS, "''", "0", "r.data_origin = 'CACHE' AND r.replay IS NULL"),
-        (MISSES, "''", "0", "r.data_origin = 'REQUEST'"),
+        (HITS, "''", "0", "r.origin = 'CACHE' AND r.replay IS NULL"),
+        (MISSES, "''", "0", "r.origin = 'REQUEST'"),
         (REPLAYS, "r.replay", "0", "r.replay IS NOT NULL"),
-        (UPSTREAM, "''", f"sum({_MS})", _TIMED),
-        (UPSTREAM_ERRORS, "''", "0", f"{_TIMED} AND r.error IS NOT NULL"),
-        (LATENCY, _bucket(), "0", _TIMED),
-        (ERRORS, f"coalesce({_CODE[dialect]}, '')", "0", "r.error IS NOT NULL"),
-        (SPEND, "coalesce(r.cost_currency, '')", "sum(r.cost_amount)", "r.cost_amount IS NOT NULL"),
+        (UPSTREAM, "''", "sum(r.ms)", "r.bucket IS NOT NULL"),
+        (UPSTREAM_ERRORS, "''", "0", "r.bucket IS NOT NULL AND r.failed"),
+        (LATENCY, "r.bucket", "0", "r.bucket IS NOT NULL"),
+        (ERRORS, "coalesce(r.code, '')", "0", "r.failed"),
+        (SPEND, "coalesce(r.currency, '')", "sum(r.cost)", "r.costed > 0"),
     )
     # Rows of a source that no longer exists (a deleted draft) count for no project.
     scopes = (
-        ("r.data_source_id", "", f"{rows} AS r"),
+        ("r.data_source_id", "", "pre AS r"),
         (
             f"coalesce(s.project_id, {_GLOBAL[dialect]})",
             PROJECT,
-            f"{rows} AS r JOIN data_source AS s ON s.data_source_id = r.data_source_id",
+            "pre AS r JOIN data_source AS s ON s.data_source_id = r.data_source_id",
         ),
     )
     union = "\nUNION ALL\n".join(
-        f"SELECT {key} AS data_source_id, {_DAY[dialect]} AS day, '{prefix}{metric}' AS metric,"
-        f" {label} AS label, count(*) AS n, CAST({total} AS NUMERIC) AS total"
-        f" FROM {source} WHERE {where} GROUP BY 1, 2, 4"
+        f"SELECT {key} AS data_source_id, r.day, '{prefix}{metric}' AS metric,"
+        f" {label} AS label, sum({'r.costed' if metric == SPEND else 'r.n'}) AS n,"
+        f" CAST({total} AS NUMERIC) AS total FROM {source} WHERE {where} GROUP BY 1, 2, 4"
         for key, prefix, source in scopes
         for metric, label, total, where in branches
     )
     return (
+        f"WITH {ctes + ', ' if ctes else ''}{pre}\n"
         f"INSERT INTO {_TABLE} ({_COLUMNS})\n"
         f"SELECT {_COLUMNS} FROM ({union}) AS folded WHERE TRUE ORDER BY 1, 2, 3, 4\n{_UPSERT}"
     )
