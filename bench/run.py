@@ -498,9 +498,19 @@ class Bench:
         return {"summary": asdict(summary), "seconds": seconds}
 
     def memory(self, out: TextIO) -> dict[str, Any]:
-        """A fresh broker's RSS after the first 10% of ``memory_requests`` mixed requests and after all."""
+        """A fresh broker's start to ready, its RSS idle, after the first 10% of
+        ``memory_requests`` mixed requests and after all."""
         self.stop("broker")
-        pid = self.start_broker().pid
+        launched = time.perf_counter()
+        pid = self.start_broker().pid  # returns once it listens: start-up is complete
+        start_to_ready = time.perf_counter() - launched
+        time.sleep(1)  # idle: what start-up set going has settled
+        idle = stats.rss_kib(Path(f"/proc/{pid}/status").read_text())
+        print(
+            f"memory: ready {start_to_ready:.2f} s after launch, idle RSS {idle / 1024:.1f} MiB",
+            file=out,
+            flush=True,
+        )
         # Three hits to one miss: 1000 users on the cached source (each a miss the first
         # time), and the uncached source every fourth request.
         bodies = [
@@ -510,7 +520,12 @@ class Bench:
         total = self.options.memory_requests
         first = total // 10
         threads = 2
-        marks: dict[str, Any] = {"requests": total, "pid": pid}
+        marks: dict[str, Any] = {
+            "requests": total,
+            "pid": pid,
+            "start_to_ready_seconds": start_to_ready,
+            "rss_kib_idle": idle,
+        }
         started = time.perf_counter()
         for label, count in (("after_first", first), ("after_all", total - first)):
             script = self._script(f"memory-{label}", bodies, limit=-(-count // threads))
@@ -692,6 +707,17 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
             f"mixed requests, {m['rss_kib_after_all'] / 1024:.1f} MiB after {m['requests']}: "
             f"x{m['growth']:.3f} "
             f"(target <= {stats.MEMORY_GROWTH_TARGET}: {stats.verdict(m['growth'] <= stats.MEMORY_GROWTH_TARGET)})"
+        )
+        idle_mib, loaded_mib = m["rss_kib_idle"] / 1024, m["rss_kib_after_all"] / 1024
+        ready = m["start_to_ready_seconds"]
+        lines.append(
+            f"footprint: start to ready {ready:.2f} s (target <= "
+            f"{stats.START_TO_READY_TARGET_SECONDS:g}: "
+            f"{stats.verdict(ready <= stats.START_TO_READY_TARGET_SECONDS)}), "
+            f"idle RSS {idle_mib:.1f} MiB (target <= {stats.IDLE_RSS_TARGET_MIB}: "
+            f"{stats.verdict(idle_mib <= stats.IDLE_RSS_TARGET_MIB)}), "
+            f"{loaded_mib:.1f} MiB after {m['requests']} (target <= "
+            f"{stats.LOADED_RSS_TARGET_MIB}: {stats.verdict(loaded_mib <= stats.LOADED_RSS_TARGET_MIB)})"
         )
     if results.analytics:
         lines.append(bench_analytics.report(bench_analytics.Results(**results.analytics)))

@@ -150,6 +150,10 @@ HIT_P99_TARGET = 1.5
 MISS_OVERHEAD_TARGET_MS = 1.0
 WRITER_TARGET = 20_000
 MEMORY_GROWTH_TARGET = 1.10
+# A sidecar's footprint, multiplied by the fleet (issue 13, item 9).
+IDLE_RSS_TARGET_MIB = 60
+LOADED_RSS_TARGET_MIB = 80
+START_TO_READY_TARGET_SECONDS = 1.0
 INVALIDATION_TARGET_MS = 50.0
 """A change made elsewhere is seen by the broker's next read within this (hot entries)."""
 

@@ -45,6 +45,7 @@ from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import Replays
+from proxy.request_ids import RequestIds
 from proxy.routes import admin, analytics, credentials, erasure, health, internal
 from proxy.secrets import load_secret_box
 from proxy.services import Services
@@ -52,6 +53,7 @@ from proxy.settings import Settings
 from proxy.source_registry import Registry
 from proxy.source_store import SourceStore
 from proxy.upstream import Upstream, create_client
+from proxy.vendor_state import VendorState
 from proxy.writer import OutboxWriter, sink_for
 
 logger = logging.getLogger("databroker")
@@ -82,7 +84,7 @@ def create_app(
         ],
         exception_handlers=admin.exception_handlers,
     )
-    return internal.FrontDoor(Lifespan(app, settings, started))
+    return RequestIds(internal.FrontDoor(Lifespan(app, settings, started)))
 
 
 class Lifespan:
@@ -219,7 +221,11 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
     pruner = Pruner(
-        engine, settings.retention_days, settings.prune_batch_size, settings.prune_pause
+        engine,
+        settings.retention_days,
+        settings.prune_batch_size,
+        settings.prune_pause,
+        cache=cache,
     )
     _background(
         stack,
@@ -227,6 +233,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         "pruner",
     )
 
+    vendors = VendorState(redis, layout)
+    _background(stack, vendors.follow(), "vendor state follower")
     broker = Broker(
         registry,
         cache,
@@ -236,6 +244,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
         replays=Replays(engine),
+        vendors=vendors,
     )
     dependencies = Dependencies(
         {"redis": redis.ping, "database": lambda: _database_answers(engine)},

@@ -14,7 +14,7 @@ returns is copied there, with its remaining lifetime, for the next hit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -139,6 +139,34 @@ class RedisCache:
         await call(self.redis.delete(name))
         if self.hot is not None:
             self.hot.invalidate([name])
+
+    async def remove_older(
+        self, data_source_id: uuid.UUID, keys: Iterable[str], before: float
+    ) -> int:
+        """Delete the entries of ``keys`` created before ``before`` (their objects were pruned:
+        an entry without expiry would serve them for good); how many went.
+
+        Race window: an entry rewritten between the GET and the DEL is deleted though
+        new, which costs one upstream call; never an old entry kept.
+        """
+        names = [self.layout.cache_entry(data_source_id, key) for key in set(keys)]
+        if not names:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipeline:
+            for name in names:
+                pipeline.get(name)
+            replies = await call(pipeline.execute())
+        old = [
+            name
+            for name, raw in zip(names, replies, strict=True)
+            if raw is not None and CacheEntry.decode(reply_bytes(raw)).created_at < before
+        ]
+        if old:
+            # One source's names share a hash slot on Cluster: one DEL is one node's.
+            await call(self.redis.delete(*old))
+            if self.hot is not None:
+                self.hot.invalidate(old)
+        return len(old)
 
     async def flush_source(self, data_source_id: uuid.UUID) -> int:
         """Unlink every entry of one source (what a draft replacement invalidates)."""

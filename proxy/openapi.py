@@ -47,6 +47,34 @@ ADMIN_ERROR = {
     "required": ["detail", "code"],
     "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
 }
+# FastAPI's shape, which the engine's SDK parses: ``detail`` lists where and what.
+VALIDATION_ERROR = {
+    "type": "object",
+    "required": ["detail", "code"],
+    "properties": {
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+        "code": {"const": "VALIDATION_ERROR"},
+    },
+}
+
+
+def _any_case(word: str) -> str:
+    """A pattern for ``word`` in any case (JSON Schema patterns take no flags)."""
+    return "^" + "".join(f"[{c.upper()}{c.lower()}]" for c in word) + "$"
 
 
 def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
@@ -59,14 +87,20 @@ def _op(
     summary: str,
     ok: dict[str, Any] | str,
     body: dict[str, Any] | str | None = None,
-    errors: tuple[int, ...] = (401, 403, 404, 409, 422),
+    errors: tuple[int, ...] = (400, 401, 403, 404, 422),
     params: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {
             "200": {"description": "OK", **_json(ok)},
-            **{str(code): {"description": "Error", **_json(ADMIN_ERROR)} for code in errors},
+            **{
+                str(code): {
+                    "description": "Error",
+                    **_json(VALIDATION_ERROR if code == 422 else ADMIN_ERROR),
+                }
+                for code in errors
+            },
         },
     }
     if body is not None:
@@ -116,14 +150,14 @@ def document() -> dict[str, Any]:
     one = ("data_source_id",)
     broker_errors = {
         str(status): {"description": "Error", **_json(BROKER_RESPONSE)}
-        for status in (400, 403, 404, 500, 502, 503)
+        for status in (400, 403, 404, 429, 500, 502, 503)
     }
     listing = _op("List data sources", {"type": "array", "items": {"type": "object"}})
     listing["parameters"] = [
         {"name": name, "in": "query", "required": False, "schema": schema}
         for name, schema in (
             ("include_archived", {"type": "boolean"}),
-            ("status", {"enum": list(get_args(Status))}),
+            ("status", {"type": "string", "pattern": "|".join(map(_any_case, get_args(Status)))}),
             ("project_id", {"type": "string", "format": "uuid"}),
         )
     ]
@@ -165,6 +199,12 @@ def document() -> dict[str, Any]:
             },
             "/data-sources/{data_source_id}/publish": {
                 "post": _op("Publish a draft", {"type": "object"}, params=one)
+            },
+            "/data-sources/{data_source_id}/pause": {
+                "post": _op("Pause upstream calls fleet-wide", {"type": "object"}, params=one)
+            },
+            "/data-sources/{data_source_id}/resume": {
+                "post": _op("Resume upstream calls fleet-wide", {"type": "object"}, params=one)
             },
             "/data-sources/{data_source_id}/variables": {
                 "get": _op("Variable names and whether set", {"type": "array"}, params=one),

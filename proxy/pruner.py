@@ -25,7 +25,7 @@ from typing import cast
 from sqlalchemy import Column, ColumnElement, Table, and_, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.cache import CacheUnavailable, RedisClient, call, reply_bytes
+from proxy.cache import CacheUnavailable, RedisCache, RedisClient, call, reply_bytes
 from proxy.metrics import ROWS_PRUNED
 from proxy.outbox import new_id
 from proxy.retention import Cut, SourceRetention, cuts
@@ -33,9 +33,11 @@ from proxy.tables import DataObject, DataSource, RunDataRequest
 
 logger = logging.getLogger("databroker.pruner")
 
+# Each table, its primary key, and what a delete returns: an object's cache key (its entry
+# may outlive it), an audit row's id (only counted).
 _TABLES = (
-    (cast(Table, DataObject.__table__), "data_object_id"),
-    (cast(Table, RunDataRequest.__table__), "run_data_request_id"),
+    (cast(Table, DataObject.__table__), "data_object_id", "key"),
+    (cast(Table, RunDataRequest.__table__), "run_data_request_id", "run_data_request_id"),
 )
 
 
@@ -56,8 +58,12 @@ class Pruner:
         batch_size: int = 1000,
         pause: float = 0.05,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cache: RedisCache | None = None,
     ) -> None:
+        """``cache``: where the entries of pruned objects are deleted too (None: no Redis
+        to reach, as for ``prune`` beside the embedded default's in-process one)."""
         self.engine = engine
+        self.cache = cache
         self.default_days = default_days
         self.batch_size = batch_size
         self.pause = pause
@@ -78,11 +84,11 @@ class Pruner:
         done = []
         for cut in await self.cuts():
             if dry_run:
-                objects, requests = [await self._count(table, cut) for table, _ in _TABLES]
+                objects, requests = [await self._count(table, cut) for table, *_ in _TABLES]
             else:
                 objects, requests = [
-                    await self._delete(table, id_column, cut, after_batch)
-                    for table, id_column in _TABLES
+                    await self._delete(table, id_column, returned, cut, after_batch)
+                    for table, id_column, returned in _TABLES
                 ]
             done.append(Pruned(cut, objects, requests))
         return done
@@ -96,17 +102,25 @@ class Pruner:
         self,
         table: Table,
         id_column: str,
+        returned_column: str,
         cut: Cut,
         after_batch: Callable[[], Awaitable[None]] | None,
     ) -> int:
         key: Column[object] = table.c[id_column]
         batch = select(key).where(_older(table, cut)).limit(self.batch_size).scalar_subquery()
-        statement = delete(table).where(key.in_(batch))
+        statement = delete(table).where(key.in_(batch)).returning(table.c[returned_column])
         deleted = 0
         while True:
             async with self.engine.begin() as conn:
-                count = (await conn.execute(statement)).rowcount
+                returned = (await conn.execute(statement)).scalars().all()
+            count = len(returned)
             deleted += count
+            if self.cache is not None and returned_column == "key":
+                # Race window: Redis failing here leaves these entries (their objects are
+                # gone, so no later round finds their keys); entries with a TTL still expire.
+                await self.cache.remove_older(
+                    cut.data_source_id, map(str, returned), cut.before.timestamp()
+                )
             ROWS_PRUNED.labels(table=table.name).inc(count)
             if count < self.batch_size:
                 return deleted

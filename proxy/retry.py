@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 # One Retry-After parser for the broker and its workers: the client's (standard library only).
 from proxy.client import parse_retry_after as parse_retry_after
@@ -37,6 +38,18 @@ class Retrying:
             method=method,
             non_idempotent=bool(policy.non_idempotent),
         )
+
+    def in_force(self) -> dict[str, Any]:
+        """The policy as the admin API shows it: the reference's fields, defaults filled in
+        (``non_idempotent`` only when a source opted in)."""
+        shown: dict[str, Any] = {
+            "max_retries": self.max_retries,
+            "backoff_factor": self.backoff_factor,
+            "status_forcelist": sorted(self.status_forcelist),
+        }
+        if self.non_idempotent:
+            shown["non_idempotent"] = True
+        return shown
 
     def _may_resend(self) -> bool:
         # A POST the upstream received may have been acted on (and billed): sent twice, twice.

@@ -17,12 +17,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from proxy.auth import CredentialType
-from proxy.errors import Conflict, NotFound, ValidationFailed
+from proxy.errors import Conflict, NotFound, Refused, ValidationFailed
 from proxy.lifecycle import forbidden_changes, resolve_names
+from proxy.retry import Retrying
 from proxy.secrets import SecretBox
-from proxy.source_spec import MAX_NAME_LENGTH, DataSourceSpec
+from proxy.source_spec import MAX_NAME_LENGTH, DataSourceSpec, RetryPolicy
 from proxy.tables import DataSource, DataSourceCredential, DataSourceEnvVar
 from proxy.templates import TemplateError
+from proxy.timestamps import iso_utc
 from proxy.types import Status
 
 
@@ -30,7 +32,8 @@ class VariableValue(BaseModel):
     """One item of ``PUT /data-sources/{id}/variables``."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
+    # No control characters: no declared name holds one, so such an item is malformed (422).
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$")
     value: str | int | float | bool | None = Field(default=None, repr=False)  # a secret
 
 
@@ -67,6 +70,18 @@ def spec_of(row: DataSource) -> DataSourceSpec:
     )
 
 
+def _source_in_force(stored: dict[str, Any]) -> dict[str, Any]:
+    """``source`` with the fields the engine always sends: ``body`` (``{}``: none) and
+    ``retry`` as the broker applies it."""
+    retry = stored.get("retry")
+    policy = None if retry is None else RetryPolicy.model_validate(retry)
+    return {
+        **stored,
+        "body": stored.get("body", {}),
+        "retry": Retrying.from_policy(policy).in_force(),
+    }
+
+
 def to_api(row: DataSource) -> dict[str, Any]:
     """The reference's ``DataSource`` body (plus ``project_id``)."""
     caching: dict[str, Any] = {"enabled": row.caching_enabled, "ttl": row.caching_ttl}
@@ -76,15 +91,15 @@ def to_api(row: DataSource) -> dict[str, Any]:
         "data_source_id": str(row.data_source_id),
         "name": row.name,
         "description": row.description,
-        "source": row.source,
+        "source": _source_in_force(row.source),
         "caching": caching,
         "metadata": row.meta,
         "runtime_params": row.runtime_params,
         "variables": row.variables,
         "status": row.status,
         "project_id": None if row.project_id is None else str(row.project_id),
-        "created_at": row.created_at.isoformat(),
-        "last_updated_at": row.last_updated_at.isoformat(),
+        "created_at": iso_utc(row.created_at),
+        "last_updated_at": iso_utc(row.last_updated_at),
     }
     # Only when set, as stale_if_error: a source that never opts in keeps the reference's shape.
     if row.retention_days is not None:
@@ -97,7 +112,7 @@ def _checked(spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSourceSp
     try:
         runtime_params, variables = resolve_names(spec)
     except TemplateError as exc:
-        raise ValidationFailed(str(exc)) from exc
+        raise Refused(str(exc)) from exc
     return spec.model_copy(
         update={
             "runtime_params": runtime_params,
@@ -190,7 +205,7 @@ class SourceStore:
             if row.status == "PUBLISHED":
                 fields = forbidden_changes(spec_of(row), spec)
                 if fields:
-                    raise ValidationFailed(
+                    raise Refused(
                         "a published data source may change only description, caching, "
                         "retention_days, source.timeout and source.retry; "
                         f"this request changes: {', '.join(fields)}",
@@ -295,8 +310,8 @@ class SourceStore:
                     "name": name,
                     "value": None,
                     "is_set": var is not None and var.value is not None,
-                    "created_at": var and var.created_at.isoformat(),
-                    "last_updated_at": var and var.last_updated_at.isoformat(),
+                    "created_at": var and iso_utc(var.created_at),
+                    "last_updated_at": var and iso_utc(var.last_updated_at),
                 }
             )
         return answer
@@ -313,7 +328,7 @@ class SourceStore:
             row = await self._get(session, data_source_id, project_id)
             undeclared = sorted(set(names) - set(row.variables))
             if undeclared:
-                raise ValidationFailed(
+                raise Refused(
                     f"not variables of this data source: {', '.join(undeclared)}", names=undeclared
                 )
             stored = await _stored_variables(session, row.data_source_id)
@@ -355,8 +370,8 @@ class SourceStore:
                 "value": CREDENTIAL_MASK,
                 "credential_id": str(c.credential_id),
                 "data_source_id": str(c.data_source_id),
-                "created_at": c.created_at.isoformat(),
-                "last_updated_at": c.last_updated_at.isoformat(),
+                "created_at": iso_utc(c.created_at),
+                "last_updated_at": iso_utc(c.last_updated_at),
             }
             for c in stored
         ]

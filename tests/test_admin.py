@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -44,6 +44,17 @@ ROUTES: list[tuple[str, str, Any]] = [
 ]
 
 
+# What every source shows unless it says otherwise, as the engine's do: no body, no retries.
+IN_FORCE = {
+    "body": {},
+    "retry": {
+        "max_retries": 0,
+        "backoff_factor": 0.0,
+        "status_forcelist": [429, 500, 502, 503, 504],
+    },
+}
+
+
 def spec(name: str = "users", url: str = URL, **fields: Any) -> dict[str, Any]:
     return {"name": name, "source": {"url": url}, **fields}
 
@@ -69,6 +80,25 @@ def error(answer: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert body["code"] == code
     assert isinstance(body["detail"], str) and body["detail"]
     return body
+
+
+def invalid(answer: httpx.Response, where: str) -> list[dict[str, Any]]:
+    """Assert a 422 in FastAPI's shape: ``detail`` a list of ``{loc, msg, type}``, every
+    ``loc`` starting at ``where``; the list."""
+    assert answer.status_code == 422, answer.text
+    body: dict[str, Any] = answer.json()
+    assert body["code"] == "VALIDATION_ERROR"
+    details: list[dict[str, Any]] = body["detail"]
+    assert isinstance(details, list) and details, body
+    for detail in details:
+        assert set(detail) == {"loc", "msg", "type"}, detail
+        assert detail["loc"][0] == where and detail["msg"] and detail["type"], detail
+    return details
+
+
+def located(details: list[dict[str, Any]]) -> list[str]:
+    """Every name along the details' locations."""
+    return [str(part) for detail in details for part in detail["loc"]]
 
 
 def contains(stored: Any, sent: Any) -> bool:
@@ -141,8 +171,8 @@ async def test_create_answers_the_stored_draft(broker: Broker, path: str) -> Non
     assert answer.status_code == 200, answer.text
     created = answer.json()
     uuid.UUID(created.pop("data_source_id"))
-    assert datetime.fromisoformat(created.pop("created_at"))
-    assert datetime.fromisoformat(created.pop("last_updated_at"))
+    for stamp in (created.pop("created_at"), created.pop("last_updated_at")):
+        assert datetime.fromisoformat(stamp).utcoffset() == timedelta(0)
     assert created == {
         "name": "users",
         "description": "the users API",
@@ -152,6 +182,7 @@ async def test_create_answers_the_stored_draft(broker: Broker, path: str) -> Non
             "headers": {},
             "params": {},
             "response_type": "PLAIN_TEXT",
+            **IN_FORCE,
         },
         "caching": {"enabled": True, "ttl": 60},
         "metadata": {"team": "risk"},
@@ -181,9 +212,12 @@ async def test_list_hides_archived_and_filters_by_status(broker: Broker) -> None
     assert await names("") == ["draft", "published"]
     assert await names("?include_archived=true") == ["draft", "published", "archived"]
     assert await names("?status=PUBLISHED") == ["published"]
-    assert await names("?status=ARCHIVED") == ["archived"]
-    body = error(await broker.admin("GET", "/data-sources?status=LIVE"), 422, "VALIDATION_ERROR")
-    assert "status" in body["detail"]
+    assert await names("?status=published") == ["published"]
+    assert await names("?status=Archived") == ["archived"]
+    details = invalid(await broker.admin("GET", "/data-sources?status=LIVE"), "query")
+    assert [d["loc"] for d in details] == [["query", "status"]]
+    details = invalid(await broker.admin("GET", "/data-sources?include_archived=maybe"), "query")
+    assert [d["loc"] for d in details] == [["query", "include_archived"]]
 
 
 # --- runtime params and variables ---------------------------------------------------------
@@ -213,6 +247,33 @@ async def test_ttl_object_is_stored_in_seconds(broker: Broker) -> None:
 @pytest.mark.parametrize(
     ("body", "named"),
     [
+        (spec(source={"url": URL, "ttl_seconds": 60}), "ttl_seconds"),
+        (spec(colour="blue"), "colour"),
+        (spec(caching={"enabled": True, "ttl": 0}), "ttl"),
+        (spec(caching={"enabled": True, "ttl": {"hours": 0}}), "ttl"),
+        (spec(source={"url": URL, "timeout": "soon"}), "timeout"),
+        (spec(retention_days=0), "retention_days"),
+    ],
+    ids=[
+        "unknown-source-field",
+        "unknown-field",
+        "ttl-zero",
+        "ttl-object-zero",
+        "timeout-text",
+        "retention-zero",
+    ],
+)
+async def test_invalid_source_is_422_locating_the_problem(
+    broker: Broker, body: dict[str, Any], named: str
+) -> None:
+    answer = await broker.admin("POST", "/data-sources", body)
+    assert named in located(invalid(answer, "body"))
+    assert await ok(broker, "GET", "/data-sources") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
         (
             {"name": "u", "source": TEMPLATED, "runtime_params": [], "variables": ["TOKEN"]},
             "user_id",
@@ -221,28 +282,24 @@ async def test_ttl_object_is_stored_in_seconds(broker: Broker) -> None:
             {"name": "u", "source": TEMPLATED, "runtime_params": ["user_id"], "variables": []},
             "TOKEN",
         ),
-        (spec(source={"url": URL, "ttl_seconds": 60}), "ttl_seconds"),
-        (spec(colour="blue"), "colour"),
-        (spec(caching={"enabled": True, "ttl": 0}), "ttl"),
-        (spec(caching={"enabled": True, "ttl": {"hours": 0}}), "ttl"),
-        (spec(retention_days=0), "retention_days"),
     ],
-    ids=[
-        "undeclared-param",
-        "undeclared-variable",
-        "unknown-source-field",
-        "unknown-field",
-        "ttl-zero",
-        "ttl-object-zero",
-        "retention-zero",
-    ],
+    ids=["undeclared-param", "undeclared-variable"],
 )
-async def test_invalid_source_is_422_naming_the_problem(
+async def test_undeclared_names_are_refused_with_400(
     broker: Broker, body: dict[str, Any], named: str
 ) -> None:
     answer = await broker.admin("POST", "/data-sources", body)
-    assert named in error(answer, 422, "VALIDATION_ERROR")["detail"]
+    assert named in error(answer, 400, "REFUSED")["detail"]
     assert await ok(broker, "GET", "/data-sources") == []
+
+
+async def test_a_body_that_is_not_json_is_422_at_the_body(broker: Broker) -> None:
+    answer = await broker.client.post(
+        "/data-sources",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+    )
+    assert [d["type"] for d in invalid(answer, "body")] == ["json_invalid"]
 
 
 # --- lifecycle ----------------------------------------------------------------------------
@@ -272,6 +329,7 @@ async def test_put_replaces_a_draft_entirely(broker: Broker) -> None:
         "headers": {},
         "params": {},
         "response_type": "PLAIN_TEXT",
+        **IN_FORCE,
     }
     assert replaced["caching"] == {"enabled": False, "ttl": None}
     assert await ok(broker, "GET", f"/data-sources/{sid}") == replaced
@@ -309,6 +367,19 @@ async def test_published_may_change_what_does_not_change_the_fetch(
     assert await ok(broker, "GET", path) == answer
 
 
+async def test_a_published_source_read_and_written_back_is_unchanged(broker: Broker) -> None:
+    """What the engine's SDK does to edit a source: GET it, change a field, PUT it all back,
+    the fields shown in force (``body``, ``retry``) included."""
+    read = await broker.register(spec(source=PUBLISHED_SOURCE))
+    path = f"/data-sources/{read['data_source_id']}"
+    back = {k: read[k] for k in ("name", "source", "caching")} | {"description": "edited"}
+    written = await ok(broker, "PUT", path, back)
+    assert written == read | {
+        "description": "edited",
+        "last_updated_at": written["last_updated_at"],
+    }
+
+
 @pytest.mark.parametrize(
     ("source", "fields"),
     [
@@ -323,7 +394,7 @@ async def test_published_refuses_changes_to_the_fetch(
 ) -> None:
     published = await broker.register(spec(source=PUBLISHED_SOURCE))
     path = f"/data-sources/{published['data_source_id']}"
-    body = error(await broker.admin("PUT", path, spec(source=source)), 422, "VALIDATION_ERROR")
+    body = error(await broker.admin("PUT", path, spec(source=source)), 400, "REFUSED")
     assert body["fields"] == fields
     assert all(field in body["detail"] for field in fields)
     assert await ok(broker, "GET", path) == published
@@ -343,16 +414,16 @@ async def test_delete_archives_a_published_source_which_then_cannot_change(
     sid = (await broker.register(spec()))["data_source_id"]
     assert await ok(broker, "DELETE", f"/data-sources/{sid}") == {"data_source_id": sid}
     assert (await ok(broker, "GET", f"/data-sources/{sid}"))["status"] == "ARCHIVED"
-    error(await broker.admin("PUT", f"/data-sources/{sid}", spec()), 409, "CONFLICT")
-    error(await broker.admin("POST", f"/data-sources/{sid}/publish"), 409, "CONFLICT")
+    error(await broker.admin("PUT", f"/data-sources/{sid}", spec()), 400, "CONFLICT")
+    error(await broker.admin("POST", f"/data-sources/{sid}/publish"), 400, "CONFLICT")
     assert (await ok(broker, "GET", f"/data-sources/{sid}"))["status"] == "ARCHIVED"
 
 
 async def test_names_are_unique_among_live_sources(broker: Broker) -> None:
     first = await broker.register(spec("dup"))
-    error(await broker.admin("POST", "/data-sources", spec("dup")), 409, "CONFLICT")
+    error(await broker.admin("POST", "/data-sources", spec("dup")), 400, "CONFLICT")
     other = (await create(broker, spec("other")))["data_source_id"]
-    error(await broker.admin("PUT", f"/data-sources/{other}", spec("dup")), 409, "CONFLICT")
+    error(await broker.admin("PUT", f"/data-sources/{other}", spec("dup")), 400, "CONFLICT")
 
     await ok(broker, "DELETE", f"/data-sources/{first['data_source_id']}")
     again = await create(broker, spec("dup"))
@@ -407,20 +478,24 @@ async def test_variables_put_is_desired_state(broker: Broker, db: AsyncEngine) -
 
 
 @pytest.mark.parametrize(
-    ("items", "named"),
+    ("items", "status", "named"),
     [
-        ([{"name": "NOPE", "value": "x"}], "NOPE"),
-        ([{"name": "TOKEN", "value": {"nested": CANARY}}], "value"),
-        ([{"name": "TOKEN", "value": CANARY, "extra": CANARY}], "extra"),
+        ([{"name": "NOPE", "value": "x"}], 400, "NOPE"),
+        ([{"name": "TOKEN", "value": CANARY}, {"name": "TOKEN", "value": "x"}], 422, "body"),
+        ([{"name": "TOKEN", "value": {"nested": CANARY}}], 422, "value"),
+        ([{"name": "TOKEN", "value": CANARY, "extra": CANARY}], 422, "extra"),
     ],
-    ids=["undeclared", "nested-value", "unknown-field"],
+    ids=["undeclared", "twice", "nested-value", "unknown-field"],
 )
-async def test_bad_variables_are_422_without_echoing_values(
-    broker: Broker, db: AsyncEngine, items: list[dict[str, Any]], named: str
+async def test_bad_variables_are_refused_without_echoing_values(
+    broker: Broker, db: AsyncEngine, items: list[dict[str, Any]], status: int, named: str
 ) -> None:
     sid = (await create(broker, WITH_VARIABLES))["data_source_id"]
     answer = await broker.admin("PUT", f"/data-sources/{sid}/variables", items)
-    assert named in error(answer, 422, "VALIDATION_ERROR")["detail"]
+    if status == 400:
+        assert named in error(answer, 400, "REFUSED")["detail"]
+    else:
+        assert named in located(invalid(answer, "body"))
     assert CANARY not in answer.text
     assert await db_values(db) == {}
 

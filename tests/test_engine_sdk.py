@@ -63,9 +63,6 @@ CACHED = {"caching": {"enabled": True, "ttl": 600}}
 # Starts `databroker serve` (and the generator).
 pytestmark = pytest.mark.slow
 NOT_BUILT = pytest.mark.xfail(strict=True, reason="issue 9: not built yet")
-NOT_FASTAPI_422 = pytest.mark.xfail(
-    strict=True, reason="issue 9: 422 not yet in FastAPI's shape (detail is a string)"
-)
 
 
 # --- the generated client ---------------------------------------------------------------
@@ -283,7 +280,6 @@ def test_create_answers_the_stored_draft(
     assert source.caching.enabled is True
 
 
-@NOT_BUILT
 def test_a_source_carries_the_fields_the_engine_always_sends(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -311,7 +307,6 @@ def test_create_accepts_source_auth(sdk: SimpleNamespace, admin: Any, upstream: 
     assert source.source.auth.scope == "api.read api.write"
 
 
-@NOT_FASTAPI_422
 def test_create_refuses_a_bad_spec_with_422(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -333,7 +328,6 @@ def test_list_finds_sources_by_status(sdk: SimpleNamespace, admin: Any, upstream
     assert {s.status for s in only} == {sdk.models.DataSourceStatus.PUBLISHED}
 
 
-@NOT_BUILT
 def test_list_status_filter_is_case_insensitive(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -343,7 +337,6 @@ def test_list_status_filter_is_case_insensitive(
     assert {s.status for s in only} == {sdk.models.DataSourceStatus.PUBLISHED}
 
 
-@NOT_FASTAPI_422
 def test_list_refuses_a_bad_query_with_422(sdk: SimpleNamespace, admin: Any) -> None:
     answer = sdk.list_data_sources.sync_detailed(client=admin, include_archived="maybe")
     invalid(sdk, answer, "query")
@@ -378,7 +371,6 @@ def test_update_replaces_a_draft_or_404(
     not_found(sdk.update_data_source.sync_detailed(unknown_id(), client=admin, body=spec))
 
 
-@NOT_FASTAPI_422
 def test_update_refuses_a_bad_spec_with_422(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -479,13 +471,11 @@ def test_credentials_are_stored_and_answered_masked(
         pytest.param(
             "set_data_source_env_variables",
             lambda sdk: sdk.models.DataSourceEnvVarBase(name=None, value=SECRET),
-            marks=NOT_FASTAPI_422,
             id="variable without a name",
         ),
         pytest.param(
             "set_data_source_credentials",
             lambda sdk: credential(sdk, "CLIENT_SECRET", [SECRET]),
-            marks=NOT_FASTAPI_422,
             id="credential value not a string",
         ),
     ],
@@ -638,7 +628,6 @@ def test_metrics_and_cache_stats_give_latency_and_percentages_per_day(
     assert 0 < by_date(metrics, "avg_response_time_by_date")[today()] < 30_000  # ms
 
 
-@NOT_BUILT
 @pytest.mark.parametrize(
     "operation", ["get_data_source_usage", "get_data_source_metrics", "get_cache_statistics"]
 )

@@ -6,10 +6,12 @@ searched for); the audit rows stay, their object reference cleared and erased_at
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +20,7 @@ import pytest
 import redis as sync_redis
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,9 +30,10 @@ from proxy.cli import main
 from proxy.database import create_engine
 from proxy.keys import make_cache_key
 from proxy.outbox import complete_lines, decode
+from proxy.pruner import Pruner
 from proxy.services import Services
 from proxy.settings import Settings
-from proxy.tables import Base, RunDataRequest
+from proxy.tables import Base, DataObject, DataSource, RunDataRequest
 from tests.conftest import REDIS_URL, Broker, make_settings
 from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env
 from tests.servers import Upstream, serve_in_thread
@@ -162,8 +165,9 @@ async def register_subject(broker: Broker, upstream: Upstream, canary: str) -> d
 
 
 async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
-    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream
+    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="databroker")
     side, engine = erasing
     broker, services = side.broker, side.app.services
     canary = f"canary-{uuid.uuid4().hex}"
@@ -202,6 +206,9 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
     assert outbox_holding(outbox, canary) == []
     assert await rows_holding(engine, canary) == []
     assert redis_holding(services, canary) == []
+    # The erasure is logged, by source and counts: never the key, which stands for the subject.
+    assert f"erased 1 DataObjects of data source {sid}; 3 audit rows marked" in caplog.messages
+    assert not [m for m in caplog.messages if key in m or canary in m]
     assert await side.app.run(cached) is None
     assert await side.app.run(hot_copy) is None
     async with engine.connect() as conn:
@@ -213,6 +220,11 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
     assert len(erased) == 3 and all(row.data_object_id is None for row in erased)
     [kept] = [row for row in audit if row.erased_at is None]
     assert kept.data_object_id is not None  # subject 2's object is not touched
+    # A replay of what the run received, or of the key as of now, finds nothing: never
+    # another object.
+    for replay in ({"run_id": str(run_id)}, {"as_of": datetime.now(UTC).isoformat()}):
+        missed = await broker.call("people", {"id": "1"}, replay=replay)
+        assert (missed.status_code, missed.json()["error"]["code"]) == (404, "REPLAY_MISS")
     # The next request for subject 1 is a fresh call, not a leftover copy.
     again = await broker.call("people", {"id": "1"})
     assert again.json()["origin"] == "REQUEST"
@@ -326,3 +338,49 @@ async def test_the_erase_command_erases_through_the_admin_api(
     )
     assert wrong.exit_code == 1 and "UNAUTHORIZED" in wrong.output
     assert ADMIN_TOKEN not in done.output + missing.output + wrong.output
+
+
+async def test_a_pruned_object_is_a_replay_miss(
+    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream
+) -> None:
+    """Pruning ages objects out oldest first: a replay at any instant before the cut finds
+    nothing rather than an older object."""
+    side, engine = erasing
+    source = await register_subject(side.broker, upstream, "not a canary")
+    sid = uuid.UUID(source["data_source_id"])
+    key = make_cache_key(sid, {"id": "1"})
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(DataObject),
+            [
+                {
+                    "data_object_id": uuid.uuid4(),
+                    "data_source_id": sid,
+                    "key": key,
+                    "value": f'{{"age": {days}}}'.encode(),
+                    "created_at": now - timedelta(days=days),
+                }
+                for days in (40, 35, 20)
+            ],
+        )
+    at = {days: {"as_of": (now - timedelta(days=days - 1)).isoformat()} for days in (40, 35, 20)}
+
+    async def replayed(days: int) -> Any:
+        answer = await side.broker.call("people", {"id": "1"}, replay=at[days])
+        return answer.json()["value"] if answer.status_code == 200 else answer.json()["error"]
+
+    assert [await replayed(days) for days in (40, 35, 20)] == [
+        {"age": 40},
+        {"age": 35},
+        {"age": 20},
+    ]
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(DataSource).where(DataSource.data_source_id == sid).values(retention_days=30)
+        )
+    [pruned] = await Pruner(engine, None).run()
+    assert pruned.objects == 2
+    assert [(await replayed(days))["code"] for days in (40, 35)] == ["REPLAY_MISS"] * 2
+    assert await replayed(20) == {"age": 20}
+    assert upstream.hits("/people/1") == 0

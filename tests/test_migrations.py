@@ -11,12 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.database import create_engine, migrate
+from proxy.database import MIGRATIONS, check_schema, create_engine, migrate, revisions
+from proxy.errors import StartupError
 from proxy.tables import Base
 
 
@@ -45,5 +50,43 @@ async def test_sqlite_tables_match_the_migrations(tmp_path: Path) -> None:
     try:
         await migrate(engine)
         assert await differences(engine) == []
+    finally:
+        await engine.dispose()
+
+
+def test_the_revisions_read_without_alembic_are_alembics() -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    script = ScriptDirectory.from_config(config)
+    known = frozenset(r.revision for r in script.walk_revisions())
+    assert revisions() == (known, frozenset(script.get_heads()))
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (None, None),
+        ("UPDATE alembic_version SET version_num = '0001'", "at revision 0001, older than"),
+        ("UPDATE alembic_version SET version_num = 'from-a-newer-release'", None),
+        ("DELETE FROM alembic_version", "no databroker tables"),
+        ("DROP TABLE alembic_version", "no databroker tables"),
+    ],
+    ids=["head", "older", "newer", "empty", "none"],
+)
+async def test_the_schema_check_reads_the_revision_without_alembic(
+    tmp_path: Path, change: str | None, problem: str | None
+) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'embedded.db'}")
+    try:
+        await migrate(engine)
+        if change is not None:
+            async with engine.begin() as connection:
+                await connection.execute(text(change))
+        if problem is None:
+            await check_schema(engine)
+        else:
+            with pytest.raises(StartupError, match=problem) as refused:
+                await check_schema(engine)
+            assert "run `databroker migrate`" in str(refused.value)
     finally:
         await engine.dispose()

@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.cache import CacheEntry, RedisCache
 from proxy.cli import main
+from proxy.keys import KeyLayout
 from proxy.pruner import Pruner, prune_round
 from proxy.tables import DataObject, DataSource, RunDataRequest
 from tests.conftest import REDIS_URL
@@ -185,3 +187,29 @@ def test_a_bad_global_retention_is_refused_naming_its_variable(value: str) -> No
     done = CliRunner().invoke(main, ["prune"], env=clean_env(retention_days=value))
     assert done.exit_code == 2
     assert "invalid setting DATABROKER_RETENTION_DAYS" in done.output
+
+
+async def test_the_entries_of_pruned_objects_leave_the_cache(
+    db: AsyncEngine, redis_prefix: str
+) -> None:
+    """An entry without expiry would serve a pruned object for good: it goes with it, unless
+    it holds a newer object of the same key."""
+    month = await add_source(db, "month", 30)
+    await add_rows(db, month)  # keys are the ages: "0.5" … "400"
+    redis = aioredis.from_url(REDIS_URL)
+    cache = RedisCache(redis, KeyLayout(redis_prefix))
+    try:
+        for age in AGES:
+            created = (NOW - timedelta(days=age)).timestamp()
+            await cache.put(month, f"{age}", CacheEntry(str(uuid.uuid4()), created, b"{}"), None)
+        # Key "45"'s object is old, but its entry was refreshed today: it stays.
+        refreshed = CacheEntry(str(uuid.uuid4()), NOW.timestamp(), b"{}")
+        await cache.put(month, "45", refreshed, None)
+        pruner = Pruner(db, None, batch_size=2, pause=0, clock=lambda: NOW, cache=cache)
+        [pruned] = await pruner.run()
+        left = {f"{age}": await cache.get(month, f"{age}") for age in AGES}
+    finally:
+        await redis.aclose()
+    assert pruned.objects == 3
+    assert {key for key, entry in left.items() if entry is None} == {"30.1", "400"}
+    assert left["45"] == refreshed

@@ -2,7 +2,8 @@
 then everything the broker said or wrote is searched for them.
 
 Searched: every response (body and headers), every log line (caplog at DEBUG for an
-in-thread broker; the console script's output for a subprocess one), every Redis key
+in-thread broker; the console script's JSON lines at DEBUG with the access log for a
+subprocess one), every Redis key
 under the test's prefix and every value behind it, every message published there,
 every column of every row of every table, every file left on disk, and /metrics
 (label values included). The upstream never answers a 2xx body holding a secret, so a
@@ -279,7 +280,7 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
     )
     await admin("PUT", f"/data-sources/{sid}", {**everywhere, "description": "now described"})
     changed_method = {**everywhere, "source": {**everywhere["source"], "method": "PUT"}}
-    await admin("PUT", f"/data-sources/{sid}", changed_method, expect=422)
+    await admin("PUT", f"/data-sources/{sid}", changed_method, expect=400)
     await admin("POST", f"/data-sources/{sid}/publish")
     draft_spec = {
         "name": "draft",
@@ -294,30 +295,36 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
 
     # Validation errors whose request holds a secret: none may echo it.
     secret = SECRETS["HEADER_SECRET"]
-    for items in (
-        [{"name": "NOT_DECLARED", "value": secret}],
-        [{"name": "HEADER_SECRET", "value": {"nested": secret}}],
-        [{"name": "HEADER_SECRET", "value": [secret]}],
-        [{"name": "HEADER_SECRET", "value": secret, "extra": secret}],
-        [{"name": "HEADER_SECRET", "value": secret}, {"name": "HEADER_SECRET", "value": secret}],
-        {"HEADER_SECRET": secret},
+    for items, refused in (
+        ([{"name": "NOT_DECLARED", "value": secret}], 400),
+        ([{"name": "HEADER_SECRET", "value": {"nested": secret}}], 422),
+        ([{"name": "HEADER_SECRET", "value": [secret]}], 422),
+        ([{"name": "HEADER_SECRET", "value": secret, "extra": secret}], 422),
+        (
+            [
+                {"name": "HEADER_SECRET", "value": secret},
+                {"name": "HEADER_SECRET", "value": secret},
+            ],
+            422,
+        ),
+        ({"HEADER_SECRET": secret}, 422),
     ):
-        await admin("PUT", f"/data-sources/{sid}/variables", items, expect=422)
+        await admin("PUT", f"/data-sources/{sid}/variables", items, expect=refused)
     truncated = f'[{{"name": "HEADER_SECRET", "value": "{secret}"'.encode()
     answer = await client.put(f"/data-sources/{sid}/variables", content=truncated, headers=ADMIN)
     assert answer.status_code == 422, answer.text
     good = {"url": f"{base}/x"}
-    for bad in (
-        {"source": {"url": secret}},
-        {"source": {**good, "method": secret}},
-        {"source": {**good, "response_type": secret}},
-        {"source": {**good, "timeout": secret}},
-        {"source": {**good, "retry": {"max_retries": secret}}},
-        {"source": {**good, "headers": {"X": f"{secret}\r\n"}}},
-        {"source": good, "caching": {"ttl": secret}},
-        {"source": good, "project_id": secret},
+    for bad, refused in (
+        ({"source": {"url": secret}}, 400),  # not a template the broker can render
+        ({"source": {**good, "method": secret}}, 422),
+        ({"source": {**good, "response_type": secret}}, 422),
+        ({"source": {**good, "timeout": secret}}, 422),
+        ({"source": {**good, "retry": {"max_retries": secret}}}, 422),
+        ({"source": {**good, "headers": {"X": f"{secret}\r\n"}}}, 400),
+        ({"source": good, "caching": {"ttl": secret}}, 422),
+        ({"source": good, "project_id": secret}, 422),
     ):
-        await admin("POST", "/data-sources", {"name": "bad", **bad}, expect=422)
+        await admin("POST", "/data-sources", {"name": "bad", **bad}, expect=refused)
     wrong = await client.get("/data-sources", headers={"Authorization": f"Bearer {secret}"})
     assert wrong.status_code == 401
 
@@ -487,6 +494,9 @@ async def test_no_secret_leaves_the_console_script(
         admin_token=ADMIN_TOKEN,
         secret_key=key,
         outbox_dir=str(tmp_path / "outbox"),
+        # Every line there is: JSON (a database URL is set), at DEBUG, with the access log.
+        log_level="debug",
+        access_log="1",
     )
     with black_hole() as hole, published_messages(redis_prefix) as messages:
         async with serving(env, tmp_path) as (process, client):
@@ -497,6 +507,7 @@ async def test_no_secret_leaves_the_console_script(
     assert set(SECRETS.values()) <= await stored_secrets(db, key)
     logs = log_of(tmp_path)
     assert "Uvicorn running" in logs or "Application startup complete" in logs, logs
+    assert '"logger":"databroker.access"' in logs and '"run_id":' in logs, logs
     leaks = await search_everything(seen, logs, db, redis_prefix, messages, tmp_path)
     assert leaks == [], "secrets found in:\n" + "\n".join(leaks)
 

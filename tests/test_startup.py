@@ -59,11 +59,11 @@ def invoke(args: list[str], **settings: str) -> tuple[int, list[str]]:
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
     """The real command to its end (the test fails at the deadline): its exit code and the
-    lines it wrote, less uvicorn's notes."""
+    lines it wrote as text (what a terminal shows), less uvicorn's notes."""
     try:
         done = subprocess.run(
             [str(DATABROKER), *args],
-            env=env,
+            env={**env, "DATABROKER_LOG_FORMAT": "text"},
             cwd=cwd,
             capture_output=True,
             text=True,

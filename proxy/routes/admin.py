@@ -3,8 +3,10 @@
 Bodies and answers follow the reference OpenAPI. Every route needs
 ``Authorization: Bearer $DATABROKER_ADMIN_TOKEN``; with no token configured
 the admin surface is off (403). Every failure answers ``{"detail", "code"}``
-JSON, whatever raised it. Validation errors never echo input values, since a
-variable's value is a secret.
+JSON, whatever raised it: a request that is not the route's shape 422 with
+``detail`` in FastAPI's list shape, other refusals 400 with ``detail`` a message
+(the engine's SDK reads only these). Validation errors never echo input values,
+since a variable's value is a secret.
 
 Each request works in one project: ``?project_id=``, else the body's
 ``project_id``, else ``DATABROKER_PROJECT_ID``, else the global namespace. A
@@ -35,6 +37,7 @@ from proxy.errors import (
     DatabaseUnavailable,
     InternalError,
     NotFound,
+    Refused,
     Unauthorized,
     ValidationFailed,
 )
@@ -56,7 +59,8 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 
 
 def error_answer(exc: BrokerError) -> Response:
-    return _json({"detail": exc.message, "code": exc.code, **exc.extra}, exc.status)
+    detail = exc.errors if isinstance(exc, ValidationFailed) else exc.message
+    return _json({"detail": detail, "code": exc.code, **exc.extra}, exc.status)
 
 
 def _authorize(request: Request) -> None:
@@ -119,14 +123,19 @@ async def _parse(request: Request, validate: Callable[[Any], Any]) -> Any:
     try:
         data = loads_strict(body)
     except ValueError as exc:
-        raise ValidationFailed(str(exc)) from exc
+        message = str(exc)
+        raise ValidationFailed(
+            message, errors=[{"loc": ["body"], "msg": message, "type": "json_invalid"}]
+        ) from exc
     try:
         return validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False, include_context=False)
         raise ValidationFailed(
             "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors),
-            errors=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors],
+            errors=[
+                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors
+            ],
         ) from exc
 
 
@@ -149,20 +158,26 @@ def _project(request: Request, in_body: uuid.UUID | None = None) -> uuid.UUID | 
     try:
         project = uuid.UUID(given)
     except ValueError as exc:
-        raise ValidationFailed("project_id is not a UUID") from exc
+        raise ValidationFailed("project_id is not a UUID", loc=("query", "project_id")) from exc
     if in_body is not None and in_body != project:
-        raise ValidationFailed("project_id in the body differs from ?project_id=")
+        raise Refused("project_id in the body differs from ?project_id=")
     return project
 
 
 @admin
 async def list_sources(request: Request) -> Response:
     status = request.query_params.get("status")
-    if status is not None and status not in get_args(Status):
-        raise ValidationFailed(f"status must be one of {', '.join(get_args(Status))}")
+    if status is not None:
+        status = status.upper()  # the engine's enum, any case
+        if status not in get_args(Status):
+            raise ValidationFailed(
+                f"status must be one of {', '.join(get_args(Status))}", loc=("query", "status")
+            )
     include_archived = request.query_params.get("include_archived", "false").lower()
     if include_archived not in ("true", "false"):
-        raise ValidationFailed("include_archived must be true or false")
+        raise ValidationFailed(
+            "include_archived must be true or false", loc=("query", "include_archived")
+        )
     rows = await _store(request).list_sources(
         _project(request),
         include_archived == "true",
@@ -228,6 +243,24 @@ async def set_variables(request: Request) -> Response:
     return _json(await _store(request).get_variables(data_source_id, project))
 
 
+async def _set_paused(request: Request, paused: bool) -> Response:
+    """Pause or resume a source on every sidecar (``proxy.vendor_state``): its upstream calls
+    answer 503 SOURCE_PAUSED within a second fleet-wide; its cache hits are still served."""
+    row = await _store(request).get(_source_id(request), _project(request))
+    await services(request).broker.vendors.set_paused(row.data_source_id, paused)
+    return _json({**to_api(row), "paused": paused})
+
+
+@admin
+async def pause_source(request: Request) -> Response:
+    return await _set_paused(request, True)
+
+
+@admin
+async def resume_source(request: Request) -> Response:
+    return await _set_paused(request, False)
+
+
 routes = [
     # Both spellings answer directly: the reference SDK calls "/data-sources/" and
     # does not follow redirects.
@@ -239,4 +272,6 @@ routes = [
     Route("/data-sources/{data_source_id}/publish", publish_source, methods=["POST"]),
     Route("/data-sources/{data_source_id}/variables", get_variables, methods=["GET"]),
     Route("/data-sources/{data_source_id}/variables", set_variables, methods=["PUT"]),
+    Route("/data-sources/{data_source_id}/pause", pause_source, methods=["POST"]),
+    Route("/data-sources/{data_source_id}/resume", resume_source, methods=["POST"]),
 ]
