@@ -85,9 +85,7 @@ def _date(name: str, given: str | None) -> date | None:
 
 
 def _invalid(name: str, msg: str) -> ValidationFailed:
-    return ValidationFailed(
-        f"{name}: {msg}", errors=[{"loc": ["query", name], "msg": msg, "type": "date_parsing"}]
-    )
+    return ValidationFailed(f"{name}: {msg}", loc=("query", name))
 
 
 def window(start_date: str | None, end_date: str | None, today: date) -> Window:

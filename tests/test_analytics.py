@@ -62,7 +62,7 @@ def test_a_bad_window_is_refused_naming_its_parameter(
 ) -> None:
     with pytest.raises(ValidationFailed) as refused:
         analytics.window(start, end, TODAY)
-    assert refused.value.extra["errors"][0]["loc"] == ["query", field]
+    assert refused.value.errors[0]["loc"] == ["query", field]
 
 
 @pytest.mark.parametrize(
