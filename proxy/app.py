@@ -52,6 +52,7 @@ from proxy.services import Services
 from proxy.settings import Settings
 from proxy.source_registry import Registry
 from proxy.source_store import SourceStore
+from proxy.tokens import Tokens
 from proxy.upstream import Upstream, create_client
 from proxy.vendor_state import VendorState
 from proxy.writer import OutboxWriter, sink_for
@@ -249,6 +250,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         backlog=lambda: writer.backlog_bytes,
         replays=replays,
         vendors=vendors,
+        tokens=Tokens(redis, layout, box, client),
     )
     dependencies = Dependencies(
         {"redis": redis.ping, "database": lambda: _database_answers(engine)},
