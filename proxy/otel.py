@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from importlib.metadata import version
 
@@ -23,35 +23,40 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _INCOMING = frozenset({b"traceparent", b"tracestate"})
 
 
-def _exporter(name: str) -> SpanExporter:
-    if name == "console":
-        return ConsoleSpanExporter()
-    if name == "otlp":
-        protocol = os.environ.get(
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        )
-        if protocol != "http/protobuf":
-            raise StartupError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: http/protobuf"
+def exporters() -> list[Callable[[], SpanExporter]]:
+    """A factory for each exporter ``OTEL_TRACES_EXPORTER`` names (default otlp);
+    StartupError for one that is not shipped: checked by ``serve`` before it starts."""
+    factories: list[Callable[[], SpanExporter]] = []
+    names = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
+    for name in filter(None, (part.strip().lower() for part in names.split(","))):
+        if name == "console":
+            factories.append(ConsoleSpanExporter)
+        elif name == "otlp":
+            protocol = os.environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             )
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            if protocol != "http/protobuf":
+                raise StartupError(
+                    f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: http/protobuf"
+                )
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()  # endpoint, headers, timeout: from OTEL_EXPORTER_OTLP_*
-    raise StartupError(f"OTEL_TRACES_EXPORTER={name} is not supported: otlp or console")
+            factories.append(OTLPSpanExporter)  # endpoint, headers...: from OTEL_EXPORTER_OTLP_*
+        else:
+            raise StartupError(f"OTEL_TRACES_EXPORTER={name} is not supported: otlp or console")
+    return factories
 
 
 def provider_from_environment() -> TracerProvider:
-    """A provider exporting in batches (``OTEL_BSP_*``) to each exporter of
-    ``OTEL_TRACES_EXPORTER`` (default otlp); ``service.name`` databroker unless
-    ``OTEL_SERVICE_NAME`` or ``OTEL_RESOURCE_ATTRIBUTES`` say otherwise."""
+    """A provider exporting in batches (``OTEL_BSP_*``) to ``exporters()``; ``service.name``
+    databroker unless ``OTEL_SERVICE_NAME`` or ``OTEL_RESOURCE_ATTRIBUTES`` say otherwise."""
     resource = Resource.create()
-    if resource.attributes.get(SERVICE_NAME, "").startswith("unknown_service"):
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "databroker"}))
     provider = TracerProvider(resource=resource)
-    names = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
-    for name in filter(None, (part.strip().lower() for part in names.split(","))):
-        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
+    for exporter in exporters():
+        provider.add_span_processor(BatchSpanProcessor(exporter()))
     return provider
 
 

@@ -58,6 +58,14 @@ def install(provider: Any = None) -> None:
     _tracer = Tracer(provider or provider_from_environment())
 
 
+def check() -> None:
+    """What ``install`` would refuse, found before serving: ImportError without the
+    ``otel`` extra, StartupError for an exporter that is not shipped."""
+    from proxy.otel import exporters
+
+    exporters()
+
+
 def uninstall() -> None:
     global _tracer
     _tracer = None
