@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 from proxy import messages
 from proxy.auth import fetch_deadline
@@ -336,6 +337,7 @@ class _Call:
             max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
             follow_redirects=bool(source.http.follow_redirects),
             source=source.name,
+            throttled=partial(broker.vendors.hold, source.data_source_id),
         )
 
     def _finish(self, outcome: bytes | BrokerError) -> Answer:
