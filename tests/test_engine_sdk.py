@@ -292,7 +292,6 @@ def test_a_source_carries_the_fields_the_engine_always_sends(
         assert stamp.utcoffset() == datetime.timedelta(0)
 
 
-@NOT_BUILT
 def test_create_accepts_source_auth(sdk: SimpleNamespace, admin: Any, upstream: Upstream) -> None:
     auth = {
         "method": "bearer",
