@@ -31,7 +31,7 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
-from proxy import export
+from proxy import export, tracing
 from proxy.analytics import render
 from proxy.cache import RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
@@ -171,6 +171,13 @@ def serve(
     if uds is None:
         _check_port(host, port)
     made = _shared_metrics() if workers > 1 else None
+    if tracing.configured():
+        try:
+            tracing.check()
+        except ImportError:
+            _refuse("OTEL_* variables configure traces: install them with 'databroker[otel]'")
+        except StartupError as exc:
+            _refuse(f"invalid settings: {exc}")
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -232,6 +239,8 @@ def serving_app() -> ASGIApp:
     """The application as ``serve`` runs it: uvicorn's factory, called in each worker process."""
     from proxy.app import create_app
 
+    if tracing.configured():
+        tracing.install()  # here: the exporters' threads belong to the worker process
     return create_app(Settings(), started=_StartupGuard().started)
 
 
