@@ -4,7 +4,7 @@ Two kinds of state, read two ways:
 
 - Pauses (an operator's) and holds (an upstream 429's ``Retry-After``) are two
   small hashes, ``{prefix}vendor:paused`` and ``{prefix}vendor:holds``. Every
-  sidecar reads both every ``interval`` (0.2 s) into memory, so checking them
+  sidecar reads both every ``interval`` (0.1 s) into memory, so checking them
   costs a miss nothing and a hit is never asked. Race window: another sidecar
   learns of a pause or hold up to one interval (plus a round trip) late; the
   sidecar that set it knows at once.
@@ -326,7 +326,7 @@ class VendorState:
             # it locally, and the upstream's next 429 sets it again.
             await self._redis.hdel(self._layout.holds, *ended)
 
-    async def follow(self, interval: float = 0.2) -> None:
+    async def follow(self, interval: float = 0.1) -> None:
         """Refresh every ``interval`` seconds; runs until cancelled, through any Redis outage."""
         while True:
             try:
