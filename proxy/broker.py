@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from proxy import messages, tracing
+from proxy.auth import fetch_deadline
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.errors import (
     AuditBacklogFull,
@@ -241,7 +242,9 @@ class _Call:
             self._check_backlog(for_hits=True)
             return self._from_cache(entry)
         self._check_backlog()
-        deadline = source.retrying.deadline(self._timeout())
+        deadline = fetch_deadline(
+            source.http.auth, source.retrying.deadline(self._timeout()), self._timeout()
+        )
         try:
             # One upstream call per key, whoever asks, in this process or another.
             async with tracing.waited(

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from importlib.metadata import version
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from proxy.errors import StartupError
+from proxy.errors import BrokerError, StartupError
 
 # Trace context only, whatever OTEL_PROPAGATORS says: baggage from the caller is not
 # forwarded to a vendor.
@@ -66,13 +67,24 @@ class Tracer:
 
     def request(self, headers: Iterable[tuple[bytes, bytes]]) -> AbstractContextManager[Span]:
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in _INCOMING}
-        return self._tracer.start_as_current_span(
-            "databroker.request", context=_PROPAGATOR.extract(carrier), kind=SpanKind.SERVER
-        )
+        return self._span("databroker.request", SpanKind.SERVER, _PROPAGATOR.extract(carrier))
 
     def span(self, name: str) -> AbstractContextManager[Span]:
-        kind = SpanKind.CLIENT if name == "upstream" else SpanKind.INTERNAL
-        return self._tracer.start_as_current_span(name, kind=kind)
+        return self._span(name, SpanKind.CLIENT if name == "upstream" else SpanKind.INTERNAL)
+
+    @contextmanager
+    def _span(self, name: str, kind: SpanKind, parent: Context | None = None) -> Iterator[Span]:
+        """A current span that a failure marks with its error code only. Not the SDK's
+        recorded exception: its stack trace holds the chained causes' messages, and
+        httpx's quote the URL, variables and all."""
+        with self._tracer.start_as_current_span(
+            name, parent, kind, record_exception=False, set_status_on_exception=False
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                self.failed(span, exc.code if isinstance(exc, BrokerError) else type(exc).__name__)
+                raise
 
     @staticmethod
     def failed(span: Span, code: str) -> None:
