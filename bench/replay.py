@@ -9,7 +9,7 @@ checked). Then:
 
 - replay lookup: wrk POSTs strict ``as_of`` replays (2000 bodies: random keys,
   random instants after each key's first object, so every one is found) at
-  ``--concurrency`` for ``--duration`` s; p99 against 5 ms, and the lookup's
+  each ``--concurrency`` (1, 4 and 16) for ``--duration`` s; p99 against 5 ms, and the lookup's
   ``EXPLAIN ANALYZE`` must use ``ix_data_object_source_key_created``;
 - export: ``databroker export --output`` over the first ``--export-days`` days;
   objects per second of the command's wall time against 50k.
@@ -204,9 +204,9 @@ class Measured:
     keys: int
     load_seconds: float
     plan: list[str]
-    replayed: stats.WrkRun
-    cpu_us: float
-    """The broker process's CPU per replay (user + system), whatever else loads the machine."""
+    replayed: dict[int, tuple[stats.WrkRun, float]]
+    """By concurrency: the wrk run and the broker process's CPU per replay (µs, user +
+    system), whatever else loads the machine."""
     exported: int
     export_seconds: float
     streamed_per_second: float
@@ -232,17 +232,18 @@ async def _measure(
         script = work / "replay.lua"
         script.write_text(stats.lua_script(replay_bodies(2000, args.objects, keys)))
         url = base + BROKER_PATH
-        await asyncio.to_thread(_wrk, url, script, args.concurrency, 2)  # warm-up
-        replayed, cpu_us = await asyncio.to_thread(
-            _replays, broker.pid, url, script, args.concurrency, args.duration
-        )
+        await asyncio.to_thread(_wrk, url, script, max(args.concurrency), 2)  # warm-up
+        replayed = {
+            c: await asyncio.to_thread(_replays, broker.pid, url, script, c, args.duration)
+            for c in args.concurrency
+        }
         written, export_seconds, streamed = await asyncio.to_thread(
             _export, database_url, work, args.export_days
         )
     finally:
         await asyncio.to_thread(broker.stop)
         await engine.dispose()
-    return Measured(keys, load_seconds, plan, replayed, cpu_us, written, export_seconds, streamed)
+    return Measured(keys, load_seconds, plan, replayed, written, export_seconds, streamed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,29 +255,30 @@ def run(args: argparse.Namespace) -> int:
         m = asyncio.run(_measure(args, database_url, prefix, Path(tmp)))
     rate = m.streamed_per_second
     uses_index = any(INDEX in line for line in m.plan)
-    replayed = m.replayed
     print(f"objects {args.objects:,}, keys {m.keys:,}, loaded in {m.load_seconds:.0f} s")
     print("EXPLAIN ANALYZE of the as_of lookup:\n  " + "\n  ".join(m.plan))
-    print(
-        f"replay over HTTP, c={args.concurrency}, {args.duration} s: {replayed.rps:.0f} req/s, "
-        f"p50 {replayed.p50_ms:.2f} ms, p99 {replayed.p99_ms:.2f} ms "
-        f"(target <= {P99_TARGET_MS:g}: {stats.verdict(replayed.p99_ms <= P99_TARGET_MS)}), "
-        f"errors {replayed.errors}; index {INDEX}: {stats.verdict(uses_index)}; "
-        f"broker CPU {m.cpu_us:.0f} µs/replay"
-    )
+    print(f"index {INDEX}: {stats.verdict(uses_index)}")
+    for c, (run, cpu_us) in m.replayed.items():
+        print(
+            f"replay over HTTP, c={c}, {args.duration} s: {run.rps:.0f} req/s, "
+            f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms "
+            f"(target <= {P99_TARGET_MS:g}: {stats.verdict(run.p99_ms <= P99_TARGET_MS)}), "
+            f"errors {run.errors}; broker CPU {cpu_us:.0f} µs/replay"
+        )
     print(
         f"export of {args.export_days} days: {m.exported:,} objects, streamed at {rate:,.0f}/s "
         f"(target >= {EXPORT_TARGET:,}: {stats.verdict(rate >= EXPORT_TARGET)}); the command "
         f"took {m.export_seconds:.1f} s with its start-up"
     )
-    return 0 if uses_index and replayed.errors == 0 and replayed.requests > 0 else 1
+    found = all(run.errors == 0 and run.requests > 0 for run, _ in m.replayed.values())
+    return 0 if uses_index and found else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__)
     parser.add_argument("--objects", type=int, default=10_000_000)
     parser.add_argument("--keys", type=int, default=0, help="Default: objects / 10.")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--export-days", type=int, default=30)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")

@@ -34,9 +34,10 @@ def test_a_tiny_run_finds_every_replay_through_the_index(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = asyncio.run(pg_server())
-    argv = ["--objects", "2000", "--duration", "1", "--export-days", "365"]
+    argv = ["--objects", "2000", "--duration", "1", "--export-days", "365", "--concurrency", "2"]
     assert main([*argv, "--postgres", server, "--redis", REDIS_URL]) == 0
     out = capsys.readouterr().out
     assert "Index Scan Backward using ix_data_object_source_key_created" in out
-    assert "errors 0; index ix_data_object_source_key_created: ok; broker CPU" in out
+    assert "index ix_data_object_source_key_created: ok" in out
+    assert "replay over HTTP, c=2, 1 s:" in out and "errors 0; broker CPU" in out
     assert "export of 365 days: 2,000 objects, streamed at" in out
