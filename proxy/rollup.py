@@ -3,8 +3,8 @@
 Analytics over ``run_data_request`` itself cost a scan of every row in the window
 (seconds at 10M rows, see the README's analytics bench), so the writer folds each
 batch into ``run_data_request_daily`` in the transaction that inserts it: one
-counter per source, UTC day, metric and label. A window then costs a few rows
-per source and day, however many requests it saw.
+counter per source (and per project), UTC day, metric and label. A window then
+costs a few rows per source and day, however many requests it saw.
 
 Only rows the insert actually wrote are folded (Postgres: the rows its
 ``RETURNING`` gives back; SQLite: the ids not present before), so a segment
