@@ -170,7 +170,6 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
-    made = _shared_metrics() if workers > 1 else None
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -184,6 +183,7 @@ def serve(
     # one the process would die of it (exit -15). After a clean drain, exit 0 instead.
     signal.signal(signal.SIGTERM, _exit_after_drain)
     listener = _unix_socket(uds, uds_mode, uds_group) if uds else None
+    made = _shared_metrics() if workers > 1 else None
     try:
         uvicorn.run(
             "proxy.cli:serving_app",
@@ -215,9 +215,11 @@ def _shared_metrics() -> Path | None:
     multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
     temporary directory made here, whose path is returned to be removed at exit.
 
-    Set before anything imports prometheus-client, which picks its value store at
-    import; the workers, spawned, inherit it. A previous run's files are removed: its
-    counts are not this run's (a restarted worker's are kept: they are this run's).
+    Set once this process has imported prometheus-client (which picks its value store
+    at import) and before uvicorn spawns the workers, which inherit it: this process
+    serves no metrics, so its own stay in memory and out of the sum. A previous run's
+    files are removed — its counts are not this run's, nor are this process's if the
+    variable was set from the start (a restarted worker's are kept: they are this run's).
     """
     given = os.environ.get(MULTIPROCESS_VARIABLE)
     directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))
