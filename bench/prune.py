@@ -15,7 +15,16 @@ Meanwhile a writer inserts one row every 5 ms into ``data_object`` and times
 each commit: the stall a prune inflicts on the outbox writer, against the same
 writer's latencies just before. Reported: rows gone, seconds, rows/s, the
 slowest batch, the writer's p50/p99/max before and during, and the table's
-size. Counts are exact; times are this machine's (shared: run-to-run noise is large).
+size.
+
+With ``--hits``, one more case: ``databroker serve`` (as shipped, with its
+background pruner every second) answers cache hits of one key to ``--clients``
+sequential callers while its own pruner removes N rows of each table (the source's
+``retention_days`` is set through the admin API, every row being older): the hits'
+p50/p99/max before and during, until ``databroker_rows_pruned_total`` says
+all went.
+
+Counts are exact; times are this machine's (shared: run-to-run noise is large).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,16 +42,34 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.database import create_engine
 from proxy.pruner import Pruner
-from tests.harness import private_database
+from tests.harness import (
+    BROKER_PATH,
+    LOOPBACK,
+    Child,
+    admin_headers,
+    async_wait_for,
+    broker_request,
+    counter,
+    free_port,
+    private_database,
+    private_prefix,
+    register,
+    serve_argv,
+    sidecar_env,
+)
+from tests.servers import Upstream, serve_in_thread, upstream_app
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 MONTH = timedelta(days=30)
 WRITER_EVERY = 0.005
+BASELINE_SECONDS = 3.0
+HITS_SOURCE = "bench_prune_hits"
 SOURCE = uuid.UUID("6f1c0b8e-2d4a-4c1e-9b7a-3e5d2f4a6b8c")
 
 
@@ -82,6 +110,15 @@ class Result:
         return (self.objects_gone + self.requests_gone) / self.seconds if self.seconds else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class HitsResult:
+    rows_pruned: int
+    prune_seconds: float
+    clients: int
+    before: Latencies
+    during: Latencies
+
+
 # --- the pure half ---------------------------------------------------------------------------
 
 
@@ -101,6 +138,16 @@ def report(results: list[Result]) -> str:
             f"  {r.table_mb:>14.0f}"
         )
     return "\n".join(lines)
+
+
+def hits_report(result: HitsResult) -> str:
+    before, during = result.before, result.during
+    return (
+        f"hits while the broker prunes {result.rows_pruned} rows in {result.prune_seconds:.1f} s"
+        f" ({result.clients} clients): p50/p99/max ms {before.p50:.2f}/{before.p99:.2f}/"
+        f"{before.max:.2f} ({before.count} hits) -> {during.p50:.2f}/{during.p99:.2f}/"
+        f"{during.max:.2f} ({during.count} hits)"
+    )
 
 
 def month_bounds(months: int) -> list[tuple[datetime, datetime]]:
@@ -150,9 +197,16 @@ async def _execute(engine: AsyncEngine, *statements: str, **params: object) -> N
             await conn.execute(text(statement), params)
 
 
-async def fill(engine: AsyncEngine, prefix: str, rows: int, months: int, size: int) -> None:
+async def fill(
+    engine: AsyncEngine,
+    prefix: str,
+    rows: int,
+    months: int,
+    size: int,
+    source: uuid.UUID = SOURCE,
+) -> None:
     span = (months * MONTH).total_seconds()
-    params = {"source": SOURCE, "size": size, "start": START, "span": span, "rows": rows}
+    params = {"source": source, "size": size, "start": START, "span": span, "rows": rows}
     await _execute(engine, _FILL_OBJECTS.format(table=f"{prefix}data_object"), **params)
     await _execute(engine, _FILL_REQUESTS.format(table=f"{prefix}run_data_request"), **params)
     await _execute(engine, f"ANALYZE {prefix}data_object", f"ANALYZE {prefix}run_data_request")
@@ -296,6 +350,110 @@ async def partitioned(url: str, rows: int, months: int, size: int) -> Result:
     )
 
 
+async def _hit_load(
+    client: httpx.AsyncClient,
+    clients: int,
+    until: Callable[[], Awaitable[bool]],
+    timeout: float,
+) -> list[float]:
+    """``clients`` callers asking for the warmed key back to back until ``until()``."""
+    times: list[float] = []
+    stop = asyncio.Event()
+    body = broker_request(HITS_SOURCE, {"id": "1"})
+
+    async def caller() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            answer = await client.post(BROKER_PATH, json=body)
+            times.append(time.perf_counter() - started)
+            if answer.json().get("origin") != "CACHE":
+                raise RuntimeError(f"not a hit: {answer.text[:200]}")
+
+    tasks = [asyncio.create_task(caller()) for _ in range(clients)]
+    try:
+        await async_wait_for(until, timeout=timeout, interval=0.2)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    return times
+
+
+async def _hits_while_pruning(
+    base: str, url: str, upstream: str, rows: int, size: int, clients: int, timeout: float
+) -> HitsResult:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        source = await register(
+            client,
+            {
+                "name": HITS_SOURCE,
+                "source": {"url": f"{upstream}/person?id={{{{ id }}}}", "response_type": "JSON"},
+                "caching": {"enabled": True, "ttl": None},
+            },
+        )
+        sid = uuid.UUID(source["data_source_id"])
+        engine = create_engine(url, command_timeout=None)
+        try:
+            await fill(engine, "", rows, 12, size, sid)
+        finally:
+            await engine.dispose()
+        warm = await client.post(BROKER_PATH, json=broker_request(HITS_SOURCE, {"id": "1"}))
+        warm.raise_for_status()  # the miss that caches the key (created now: never pruned)
+        deadline = time.perf_counter() + BASELINE_SECONDS
+
+        async def baseline_done() -> bool:
+            return time.perf_counter() >= deadline
+
+        gone = 0.0
+
+        async def all_pruned() -> bool:
+            nonlocal gone
+            gone = counter((await client.get("/metrics")).text, "databroker_rows_pruned")
+            return gone >= 2 * rows
+
+        before = await _hit_load(client, clients, baseline_done, BASELINE_SECONDS + timeout)
+        started = time.perf_counter()
+        # Every filled row is older than 30 days: the broker's next prune round takes them all.
+        kept = ("name", "source", "caching", "runtime_params", "variables")
+        answer = await client.put(
+            f"/data-sources/{sid}",
+            json={**{k: source[k] for k in kept}, "retention_days": 30},
+            headers=admin_headers(),
+        )
+        answer.raise_for_status()
+        during = await _hit_load(client, clients, all_pruned, timeout)
+        seconds = time.perf_counter() - started
+    return HitsResult(int(gone), seconds, clients, Latencies.of(before), Latencies.of(during))
+
+
+def hits_while_pruning(
+    postgres: str, redis_url: str, rows: int, size: int, clients: int, timeout: float = 3600
+) -> HitsResult:
+    """The ``--hits`` case (see the module's docstring), in its own database and Redis prefix;
+    AssertionError if the broker has not pruned every row within ``timeout`` seconds."""
+    state = Upstream()
+    with (
+        serve_in_thread(upstream_app(state)) as upstream,
+        private_database(postgres, "databroker_bench_prune") as url,
+        private_prefix(redis_url, "bench_prune") as prefix,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        state.answer("/person", b'{"name": "Ada"}')
+        port = free_port()
+        env = sidecar_env(
+            url, redis_url, Path(tmp) / "outbox", redis_prefix=prefix, prune_interval="1"
+        )
+        broker = Child(serve_argv(port), env, Path(tmp) / "broker.log")
+        try:
+            broker.wait_listening(port)
+            return asyncio.run(
+                _hits_while_pruning(
+                    f"http://{LOOPBACK}:{port}", url, upstream, rows, size, clients, timeout
+                )
+            )
+        finally:
+            broker.stop()
+
+
 def run(postgres: str, rows: int, months: int, size: int, batch: int) -> list[Result]:
     """Both layouts in one private (migrated) database, one after the other: the first's
     tables are dropped before the second is filled, so the disk holds one at a time."""
@@ -315,17 +473,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--postgres", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
     )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--hits", action="store_true", help="also: hits while the broker prunes")
+    parser.add_argument("--hits-only", action="store_true", help="only the --hits case")
+    parser.add_argument("--clients", type=int, default=4, help="callers of the --hits case")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
-    results = run(args.postgres, args.rows, args.months, args.value_bytes, args.batch)
-    print(report(results))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prune.json").write_text(
-        json.dumps(
-            [asdict(r) | {"rows_per_second": r.rows_per_second} for r in results],
-            indent=2,
+    found: dict[str, object] = {}
+    if not args.hits_only:
+        results = run(args.postgres, args.rows, args.months, args.value_bytes, args.batch)
+        print(report(results))
+        found["layouts"] = [asdict(r) | {"rows_per_second": r.rows_per_second} for r in results]
+    if args.hits or args.hits_only:
+        hits = hits_while_pruning(
+            args.postgres, args.redis, args.rows, args.value_bytes, args.clients
         )
-    )
+        print(hits_report(hits))
+        found["hits"] = asdict(hits)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prune.json").write_text(json.dumps(found, indent=2))
 
 
 if __name__ == "__main__":

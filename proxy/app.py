@@ -53,6 +53,7 @@ from proxy.settings import Settings
 from proxy.source_registry import Registry
 from proxy.source_store import SourceStore
 from proxy.upstream import Upstream, create_client
+from proxy.vendor_state import VendorState
 from proxy.writer import OutboxWriter, sink_for
 
 logger = logging.getLogger("databroker")
@@ -232,6 +233,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         "pruner",
     )
 
+    vendors = VendorState(redis, layout)
+    _background(stack, vendors.follow(), "vendor state follower")
     broker = Broker(
         registry,
         cache,
@@ -241,6 +244,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
         replays=Replays(engine),
+        vendors=vendors,
     )
     dependencies = Dependencies(
         {"redis": redis.ping, "database": lambda: _database_answers(engine)},

@@ -36,9 +36,11 @@ from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
 from proxy.replays import Replays
 from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
+from proxy.source_spec import Money
 from proxy.templates import check, render
 from proxy.types import Origin
 from proxy.upstream import Upstream
+from proxy.vendor_state import VendorState
 
 logger = logging.getLogger("databroker.broker")
 
@@ -52,6 +54,8 @@ class Answer:
     source: str = ""
     origin: str = "NONE"
     code: str = "OK"
+    retry_after: float | None = None
+    """Sent as ``Retry-After`` (whole seconds): when asking again can succeed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +68,16 @@ class Limits:
 
 # Codes that say the upstream failed, as opposed to the request or the broker:
 # only these let a stale entry stand in for a fresh one.
+# An open breaker too: the contract lets a stale entry answer instead.
 UPSTREAM_FAILURES = frozenset(
-    {"TIMEOUT", "CONNECTION_ERROR", "HTTP_ERROR", "RESPONSE_TOO_LARGE", "PARSE_ERROR"}
+    {
+        "TIMEOUT",
+        "CONNECTION_ERROR",
+        "HTTP_ERROR",
+        "RESPONSE_TOO_LARGE",
+        "PARSE_ERROR",
+        "CIRCUIT_OPEN",
+    }
 )
 
 
@@ -80,6 +92,7 @@ class Broker:
         default_project: uuid.UUID | None,
         backlog: Callable[[], int],
         replays: Replays,
+        vendors: VendorState,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -89,6 +102,7 @@ class Broker:
         self.default_project = default_project
         self.backlog = backlog
         self.replays = replays
+        self.vendors = vendors
         self.flights = Flights(cache)
         self._redis_outage = Outage(
             logger,
@@ -119,7 +133,14 @@ class Broker:
     def refuse(self, error: BrokerError, source: str = "") -> Answer:
         """An error before a source was resolved (or its audit row could be): answered,
         not audited."""
-        return Answer(error.status, messages.failure(error), source, "NONE", error.code)
+        return Answer(
+            error.status,
+            messages.failure(error),
+            source,
+            "NONE",
+            error.code,
+            error.retry_after,
+        )
 
     def outbox_full(self, for_hits: bool = False) -> bool:
         """At the outbox bound upstream calls are refused (and ``/readyz`` says "full");
@@ -168,6 +189,8 @@ class _Call:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.stale_because: BrokerError | None = None
+        self.cost: Money | None = None
+        """The source's price, once an upstream call was let through."""
         # max_age is measured from here.
         self.arrival = time.time()
         self.max_age = request.max_age
@@ -267,6 +290,9 @@ class _Call:
         broker, source = self.broker, self.source
         assert self.key is not None
         rendered = render(source.compiled, self.request.configured_params, source.values)
+        # Budget, rate limit, breaker, pause: raises the refusal, or waits for a turn.
+        admission = await broker.vendors.before_call(source, self._timeout())
+        self.cost = source.http.cost
         self.origin = "REQUEST"
         self.start_time = time.time()
         try:
@@ -279,9 +305,14 @@ class _Call:
                     follow_redirects=bool(source.http.follow_redirects),
                     source=source.name,
                 )
+        except BrokerError as exc:
+            await broker.vendors.after_call(source, admission, exc)
+            raise
         finally:
             self.end_time = time.time()
             UPSTREAM_SECONDS.observe(self.end_time - self.start_time)
+        if admission is not None:
+            await broker.vendors.after_call(source, admission, None)
         data_object_id = uuid.uuid4()
         self.data_object_id = str(data_object_id)
         # Journaled before parsing: a body that fails to parse is kept for audit too.
@@ -318,6 +349,7 @@ class _Call:
                 self.source.name,
                 self.origin or "NONE",
                 error.code,
+                error.retry_after,
             )
         assert self.origin is not None and self.key is not None and self.data_object_id is not None
         assert isinstance(outcome, bytes)
@@ -351,5 +383,7 @@ class _Call:
             end_time=self.end_time,
             error=recorded,
             created_at=time.time(),
+            cost_amount=None if self.cost is None else self.cost.amount,
+            cost_currency=None if self.cost is None else self.cost.currency,
             replay=None if self.request.replay is None else self.request.replay.by,
         )

@@ -17,6 +17,11 @@
     │   └── AuthError ............. 502 AUTH_ERROR         (the token endpoint failed or refused)
     ├── RelayedError .............. another fetch's failure, shared with its waiters
     ├── AuditBacklogFull .......... 503 AUDIT_BACKLOG_FULL
+    ├── VendorRefusal ............. not called: the source's protection said "not now" (Retry-After)
+    │   ├── BudgetExhausted ....... 429 BUDGET_EXHAUSTED   (names the budget and its period)
+    │   ├── RateLimited ........... 429 RATE_LIMITED
+    │   ├── CircuitOpen ........... 503 CIRCUIT_OPEN
+    │   └── SourcePaused .......... 503 SOURCE_PAUSED
     ├── ParseError ................ 500 PARSE_ERROR
     ├── InternalError ............. 500 INTERNAL
     └── AdminError ................ admin routes only
@@ -39,12 +44,15 @@ never carry a secret: callers build them from names, never from values.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
 class BrokerError(Exception):
     code: str = "INTERNAL"
     status: int = 500
+    retry_after: float | None = None
+    """Seconds the caller should wait before asking again: sent as ``Retry-After``."""
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -130,11 +138,14 @@ class UpstreamConnectError(UpstreamError):
 class UpstreamHTTPError(UpstreamError):
     code = "HTTP_ERROR"
 
-    def __init__(self, upstream_status: int) -> None:
+    def __init__(self, upstream_status: int, retry_after: float | None = None) -> None:
+        """``retry_after``: what an upstream 429 asked for (``proxy.vendor_guard.hold_of``)."""
+        extra = {} if retry_after is None else {"retry_after": _whole_seconds(retry_after)}
         super().__init__(
-            f"upstream answered HTTP {upstream_status}", upstream_status=upstream_status
+            f"upstream answered HTTP {upstream_status}", upstream_status=upstream_status, **extra
         )
         self.upstream_status = upstream_status
+        self.retry_after = retry_after
 
 
 class ResponseTooLarge(UpstreamError):
@@ -170,6 +181,44 @@ class RelayedError(BrokerError):
         super().__init__(str(error.get("message", "the shared fetch failed")), **fields)
         self.code = str(error.get("code", "INTERNAL"))
         self.status = int(error.get("status", 502))
+        retry_after = error.get("retry_after")
+        if isinstance(retry_after, int | float):
+            self.retry_after = float(retry_after)
+
+
+def _whole_seconds(seconds: float) -> int:
+    """``Retry-After`` takes whole seconds: rounded up, so a caller never comes back early."""
+    return max(1, math.ceil(seconds))
+
+
+class VendorRefusal(BrokerError):
+    """The upstream was not called: a budget, rate limit, breaker or pause stopped the call.
+    ``retry_after`` is when asking again can succeed; it rides in the error too, so a
+    waiter that receives the failure from another sidecar answers with it as well."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=_whole_seconds(retry_after))
+        self.retry_after = float(_whole_seconds(retry_after))
+
+
+class BudgetExhausted(VendorRefusal):
+    code = "BUDGET_EXHAUSTED"
+    status = 429
+
+
+class RateLimited(VendorRefusal):
+    code = "RATE_LIMITED"
+    status = 429
+
+
+class CircuitOpen(VendorRefusal):
+    code = "CIRCUIT_OPEN"
+    status = 503
+
+
+class SourcePaused(VendorRefusal):
+    code = "SOURCE_PAUSED"
+    status = 503
 
 
 class AuditBacklogFull(BrokerError):

@@ -8,6 +8,10 @@ family                            value                       expiry            
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
 ``{prefix}events:erasure``        (pub/sub channel)           —                      proxy.erasure
 ``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
+``{prefix}spend:{sid}:{period}``  micro-units spent (INCRBY)  the period's end + 1 d  proxy.vendor_state
+``{prefix}vendor:{sid}``          rate-limit TAT, breaker     2 days after last use   proxy.vendor_state
+``{prefix}vendor:paused``         hash: sid → paused at       never (admin resumes)   proxy.vendor_state
+``{prefix}vendor:holds``          hash: sid → held until      fields pruned on read   proxy.vendor_state
 ================================  ==========================  =====================  ==================
 
 Other families go beside ``cache:`` under the same prefix, never inside it, so
@@ -48,6 +52,8 @@ class KeyLayout:
         self.erasure_channel = f"{prefix}events:erasure"
         self.cache_family = f"{prefix}cache:"
         self.prune_lock = f"{prefix}prune"
+        self.paused = f"{prefix}vendor:paused"
+        self.holds = f"{prefix}vendor:holds"
 
     def _source(self, data_source_id: uuid.UUID | str) -> str:
         return f"{{{data_source_id}}}" if self.cluster else str(data_source_id)
@@ -57,6 +63,14 @@ class KeyLayout:
 
     def lock(self, data_source_id: uuid.UUID | str, key: str) -> str:
         return f"{self.prefix}lock:{self._source(data_source_id)}:{key}"
+
+    def spend(self, data_source_id: uuid.UUID | str, period: str) -> str:
+        """What a source spent in one budget period (``proxy.vendor_guard.period_of``)."""
+        return f"{self.prefix}spend:{self._source(data_source_id)}:{period}"
+
+    def vendor(self, data_source_id: uuid.UUID | str) -> str:
+        """A source's fleet-wide rate-limit and breaker state (one hash, the spend's slot)."""
+        return f"{self.prefix}vendor:{self._source(data_source_id)}"
 
     def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
         """A SCAN pattern for every cache entry, or for one source's entries.

@@ -12,7 +12,14 @@ from proxy.source_spec import DataSourceSpec
 from proxy.templates import Names, TemplateError, compile_source, scan_names
 
 MUTABLE_WHEN_PUBLISHED = frozenset(
-    {"description", "caching", "retention_days", "source.timeout", "source.retry"}
+    {
+        "description",
+        "caching",
+        "retention_days",
+        "source.timeout",
+        "source.retry",
+        "source.budget",
+    }
 )
 
 

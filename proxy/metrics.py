@@ -16,6 +16,7 @@ import asyncio
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -208,3 +209,66 @@ def scrape(outbox_oldest_age: float) -> bytes:
     scraped = CollectorRegistry(auto_describe=False)
     scraped.register(_AtScrape([age]))
     return generate_latest(registry) + generate_latest(scraped)
+
+
+SPEND = Counter(
+    "databroker_spend",
+    "What upstream calls cost (each source's cost per call), by source and currency.",
+    ["source", "currency"],
+)
+VENDOR_REFUSALS = Counter(
+    "databroker_vendor_refusals",
+    "Upstream calls not made: BUDGET_EXHAUSTED, RATE_LIMITED, CIRCUIT_OPEN, SOURCE_PAUSED.",
+    ["source", "code"],
+)
+RATE_LIMIT_WAITS = Counter(
+    "databroker_rate_limit_waits",
+    "Upstream calls that waited for their rate-limit turn.",
+    ["source"],
+)
+RATE_LIMIT_WAIT_SECONDS = Counter(
+    "databroker_rate_limit_wait_seconds",
+    "Seconds upstream calls waited for their turn.",
+    ["source"],
+)
+CIRCUIT_STATE = Gauge(
+    "databroker_circuit_state",
+    "A source's circuit breaker as this sidecar last saw it: 0 closed, 1 open, 2 half-open.",
+    ["source"],
+    multiprocess_mode="livemax",  # open (or half-open) as soon as one worker saw it so
+)
+BUDGET_REMAINING = Gauge(
+    "databroker_budget_remaining",
+    "What a source may still spend in its budget period, as this sidecar last saw it.",
+    ["source", "currency"],
+    multiprocess_mode="livemin",  # the least any worker saw remaining
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VendorMetrics:
+    """One source's vendor-protection metrics; labels are the source's name only."""
+
+    source: str
+    waits: Counter
+    wait_seconds: Counter
+    breaker: Gauge
+
+    def refusals(self, code: str) -> Counter:
+        return VENDOR_REFUSALS.labels(source=self.source, code=code)
+
+    def budget_remaining(self, currency: str) -> Gauge:
+        return BUDGET_REMAINING.labels(source=self.source, currency=currency)
+
+    def spend(self, currency: str) -> Counter:
+        return SPEND.labels(source=self.source, currency=currency)
+
+
+@cache
+def vendor_metrics(source: str) -> VendorMetrics:
+    return VendorMetrics(
+        source,
+        RATE_LIMIT_WAITS.labels(source=source),
+        RATE_LIMIT_WAIT_SECONDS.labels(source=source),
+        CIRCUIT_STATE.labels(source=source),
+    )

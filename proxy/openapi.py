@@ -150,7 +150,7 @@ def document() -> dict[str, Any]:
     one = ("data_source_id",)
     broker_errors = {
         str(status): {"description": "Error", **_json(BROKER_RESPONSE)}
-        for status in (400, 403, 404, 500, 502, 503)
+        for status in (400, 403, 404, 429, 500, 502, 503)
     }
     listing = _op("List data sources", {"type": "array", "items": {"type": "object"}})
     listing["parameters"] = [
@@ -199,6 +199,12 @@ def document() -> dict[str, Any]:
             },
             "/data-sources/{data_source_id}/publish": {
                 "post": _op("Publish a draft", {"type": "object"}, params=one)
+            },
+            "/data-sources/{data_source_id}/pause": {
+                "post": _op("Pause upstream calls fleet-wide", {"type": "object"}, params=one)
+            },
+            "/data-sources/{data_source_id}/resume": {
+                "post": _op("Resume upstream calls fleet-wide", {"type": "object"}, params=one)
             },
             "/data-sources/{data_source_id}/variables": {
                 "get": _op("Variable names and whether set", {"type": "array"}, params=one),

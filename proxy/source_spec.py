@@ -8,9 +8,11 @@ typo such as ``"ttl_seconds"`` fails loudly instead of being ignored.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from decimal import Decimal
+from functools import cached_property
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.types import Method, ResponseType
 
@@ -44,6 +46,52 @@ class RetryPolicy(_Strict):
         return value
 
 
+MONEY_PLACES = 6
+"""Decimal places of an amount: those of ``run_data_request.cost_amount`` (NUMERIC(18,6))."""
+
+
+class Money(_Strict):
+    """An amount as a decimal string (``"0.35"``), never a float: spend is summed exactly."""
+
+    amount: str = Field(pattern=rf"^\d{{1,12}}(\.\d{{1,{MONEY_PLACES}}})?$")
+    currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217, e.g. USD")
+
+    @cached_property
+    def micros(self) -> int:
+        """The amount in millionths: what Redis counts (integers add exactly)."""
+        return int(Decimal(self.amount).scaleb(MONEY_PLACES))
+
+
+class Budget(Money):
+    period: Literal["day", "month"] = Field(description="UTC day or UTC calendar month")
+
+    @field_validator("amount")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        if Decimal(value) <= 0:
+            raise ValueError("a budget is more than 0")
+        return value
+
+
+class RateLimit(_Strict):
+    """A burst of ``requests``, then ``requests`` per ``per_seconds``, fleet-wide."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per_seconds: float = Field(gt=0, le=86_400)
+
+
+class CircuitBreaker(_Strict):
+    """Opens when ``failure_ratio`` of at least ``min_requests`` calls in a window of
+    ``window_seconds`` failed; stays open ``open_seconds``; then lets
+    ``half_open_requests`` probes through (fleet-wide) and closes on a success."""
+
+    failure_ratio: float = Field(gt=0, le=1)
+    min_requests: int = Field(ge=1, le=1_000_000)
+    window_seconds: float = Field(gt=0, le=86_400)
+    open_seconds: float = Field(gt=0, le=86_400)
+    half_open_requests: int = Field(default=1, ge=1, le=1_000)
+
+
 class HTTPSource(_Strict):
     url: str = Field(min_length=1, max_length=8192)
     method: Method = "GET"
@@ -66,6 +114,20 @@ class HTTPSource(_Strict):
         description="true: follow up to 5 redirects, each hop checked by the egress policy; "
         "unset or false: a 3xx is the answer (HTTP_ERROR).",
     )
+    cost: Money | None = Field(default=None, description="The price of one upstream call.")
+    budget: Budget | None = Field(
+        default=None, description="Spend allowed per UTC period, fleet-wide; needs a cost."
+    )
+    rate_limit: RateLimit | None = None
+    circuit_breaker: CircuitBreaker | None = None
+
+    @model_validator(mode="after")
+    def _budget_in_cost_currency(self) -> Self:
+        if self.budget is not None and (
+            self.cost is None or self.cost.currency != self.budget.currency
+        ):
+            raise ValueError("a budget needs a cost in the same currency")
+        return self
 
     @field_validator("body")
     @classmethod

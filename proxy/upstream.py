@@ -33,6 +33,7 @@ from proxy.metrics import upstream_counts
 from proxy.retry import Retrying, parse_retry_after
 from proxy.templates import RenderedRequest
 from proxy.transport import PooledTransport
+from proxy.vendor_guard import hold_of
 
 # httpx logs every request at INFO with its full URL: URLs carry variables (API keys in a
 # query or path), so every line would hold a secret. Warnings still pass. (httpcore, which
@@ -164,7 +165,9 @@ class Upstream:
                 counts.response(str(status))
                 if 200 <= status < 300:
                     return Fetched(content, headers.get("content-type"), attempt + 1)
-                error = UpstreamHTTPError(status)
+                # An upstream 429 says how long to stay away: the broker holds the source.
+                hold = hold_of(headers, time.time()) if status == 429 else None
+                error = UpstreamHTTPError(status, hold)
                 retry = retrying.retries_status(status, attempt)
                 retry_after = parse_retry_after(headers.get("retry-after"), time.time())
                 cause = error

@@ -6,8 +6,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from bench.prune import MONTH, START, Latencies, month_bounds, report, run
-from tests.conftest import pg_server
+from bench.prune import (
+    MONTH,
+    START,
+    Latencies,
+    hits_report,
+    hits_while_pruning,
+    month_bounds,
+    report,
+    run,
+)
+from tests.conftest import REDIS_URL, pg_server
 
 
 def test_latencies_take_median_p99_and_max_in_ms() -> None:
@@ -30,3 +39,14 @@ def test_both_layouts_remove_exactly_the_oldest_month() -> None:
     assert all(r.writer_during.count > 0 and r.writer_before.count > 0 for r in results)
     table = report(results)
     assert "batched" in table and "partitioned" in table
+
+
+def test_a_serving_broker_prunes_in_the_background_while_answering_hits() -> None:
+    """``databroker serve`` itself: its pruner takes every row once the source has a
+    retention, and hits are answered before and meanwhile."""
+    result = hits_while_pruning(
+        asyncio.run(pg_server()), REDIS_URL, rows=500, size=10, clients=1, timeout=60
+    )
+    assert result.rows_pruned == 1000
+    assert result.before.count > 0 and result.during.count > 0
+    assert "hits while the broker prunes 1000 rows" in hits_report(result)

@@ -243,6 +243,24 @@ async def set_variables(request: Request) -> Response:
     return _json(await _store(request).get_variables(data_source_id, project))
 
 
+async def _set_paused(request: Request, paused: bool) -> Response:
+    """Pause or resume a source on every sidecar (``proxy.vendor_state``): its upstream calls
+    answer 503 SOURCE_PAUSED within a second fleet-wide; its cache hits are still served."""
+    row = await _store(request).get(_source_id(request), _project(request))
+    await services(request).broker.vendors.set_paused(row.data_source_id, paused)
+    return _json({**to_api(row), "paused": paused})
+
+
+@admin
+async def pause_source(request: Request) -> Response:
+    return await _set_paused(request, True)
+
+
+@admin
+async def resume_source(request: Request) -> Response:
+    return await _set_paused(request, False)
+
+
 routes = [
     # Both spellings answer directly: the reference SDK calls "/data-sources/" and
     # does not follow redirects.
@@ -254,4 +272,6 @@ routes = [
     Route("/data-sources/{data_source_id}/publish", publish_source, methods=["POST"]),
     Route("/data-sources/{data_source_id}/variables", get_variables, methods=["GET"]),
     Route("/data-sources/{data_source_id}/variables", set_variables, methods=["PUT"]),
+    Route("/data-sources/{data_source_id}/pause", pause_source, methods=["POST"]),
+    Route("/data-sources/{data_source_id}/resume", resume_source, methods=["POST"]),
 ]

@@ -12,6 +12,7 @@ answer is the contract's envelope, a failure nobody foresaw INTERNAL.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from starlette.requests import ClientDisconnect
@@ -54,16 +55,13 @@ class BrokerRoute:
         # finds it counted.
         record_request(answer.source, answer.origin, answer.code, time.perf_counter() - started)
         status, payload = answer.status, answer.body
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
+        if answer.retry_after is not None:
+            headers.append((b"retry-after", str(math.ceil(answer.retry_after)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
 
