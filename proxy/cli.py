@@ -451,10 +451,27 @@ def prune_command(dry_run: bool) -> None:
 
 @main.command("export")
 @click.option("--source", "name", required=True, help="The data source's name.")
-@click.option("--from", "first", required=True, type=click.DateTime(["%Y-%m-%d"]))
-@click.option("--to", "last", required=True, type=click.DateTime(["%Y-%m-%d"]))
 @click.option(
-    "--format", "form", default="jsonl", show_default=True, type=click.Choice(["jsonl", "parquet"])
+    "--from",
+    "first",
+    required=True,
+    type=click.DateTime(["%Y-%m-%d"]),
+    help="First UTC day, YYYY-MM-DD (included).",
+)
+@click.option(
+    "--to",
+    "last",
+    required=True,
+    type=click.DateTime(["%Y-%m-%d"]),
+    help="Last UTC day, YYYY-MM-DD (included).",
+)
+@click.option(
+    "--format",
+    "form",
+    default="jsonl",
+    show_default=True,
+    type=click.Choice(["jsonl", "parquet"]),
+    help="One JSON object a line, or Parquet (the parquet extra).",
 )
 @click.option("--output", type=click.Path(path_type=Path), help="A file instead of stdout.")
 @click.option("--project-id", type=click.UUID, help="The source's project (default: the setting).")
@@ -611,3 +628,60 @@ def stats_command(
     with _admin_client(url, "stats") as client:
         summary = _admin_call(client, "GET", "/analytics/summary", params=params)
     click.echo(render(summary))
+
+
+@main.group("sources")
+def sources_group() -> None:
+    """Data sources kept as files, applied to a running broker."""
+
+
+@sources_group.command("apply")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@click.option("--project-id", type=click.UUID, help="The sources' project (default: the broker's).")
+@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+def sources_apply_command(
+    directory: Path, dry_run: bool, project_id: uuid.UUID | None, url: str
+) -> None:
+    """Create, update and publish the sources DIRECTORY's files describe (.json, .yaml).
+
+    Idempotent: a source already as its file says is left alone; sources no file names
+    are never touched. Variable values come from the environment or files (variables_from),
+    read before anything changes, and are never printed. Through the admin API of the
+    broker at --url (token: DATABROKER_ADMIN_TOKEN).
+    """
+    from proxy.source_files import SourceFileError, describe, plan, read_dir, variable_values
+
+    try:
+        files = read_dir(directory)
+        values = {file.spec["name"]: variable_values(file) for file in files}
+    except SourceFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    project = {} if project_id is None else {"project_id": str(project_id)}
+    with _admin_client(url, "sources apply") as client:
+        steps = plan(files, _admin_call(client, "GET", "/data-sources", params=project))
+        for step in steps:
+            for line in describe(step, dry_run):
+                click.echo(line)
+            if dry_run:
+                continue
+            path = f"/data-sources/{step.data_source_id}"
+            if step.action == "create":
+                made = _admin_call(
+                    client, "POST", "/data-sources", json=step.file.spec, params=project
+                )
+                path = f"/data-sources/{made['data_source_id']}"
+            elif step.action == "update":
+                _admin_call(client, "PUT", path, json=step.file.spec, params=project)
+            if values[step.name]:
+                _admin_call(
+                    client, "PUT", f"{path}/variables", json=values[step.name], params=project
+                )
+            if step.publish:
+                _admin_call(client, "POST", f"{path}/publish", params=project)
+    counts = {action: sum(s.action == action for s in steps) for action in ("create", "update")}
+    published = sum(s.publish for s in steps)
+    click.echo(
+        f"{'dry run: ' if dry_run else ''}{counts['create']} to create, {counts['update']} to"
+        f" update, {published} to publish, {len(steps) - sum(counts.values())} unchanged"
+    )

@@ -100,6 +100,13 @@ class Eraser:
             raise RedisUnavailable(f"the cache entry could not be deleted ({exc}); retry") from exc
         await self._ship()
         erased = await erase_rows(self.engine, data_source_id, key, at)
+        # Never the key: it stands for the subject whose data this removed.
+        logger.info(
+            "erased %d DataObjects of data source %s; %d audit rows marked",
+            len(erased.data_object_ids),
+            data_source_id,
+            erased.audit_rows,
+        )
         announcement = {
             "s": str(data_source_id),
             "k": key,

@@ -192,7 +192,10 @@ def _instant(value: Any) -> datetime:
         raise InvalidRequest(problem, field="replay.as_of") from exc
     if instant.tzinfo is None:
         raise InvalidRequest(problem, field="replay.as_of")
-    return instant.astimezone(UTC)
+    try:
+        return instant.astimezone(UTC)
+    except OverflowError as exc:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise InvalidRequest(problem, field="replay.as_of") from exc
 
 
 def success(

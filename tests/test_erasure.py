@@ -6,6 +6,7 @@ searched for); the audit rows stay, their object reference cleared and erased_at
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -164,8 +165,9 @@ async def register_subject(broker: Broker, upstream: Upstream, canary: str) -> d
 
 
 async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
-    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream
+    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="databroker")
     side, engine = erasing
     broker, services = side.broker, side.app.services
     canary = f"canary-{uuid.uuid4().hex}"
@@ -204,6 +206,9 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
     assert outbox_holding(outbox, canary) == []
     assert await rows_holding(engine, canary) == []
     assert redis_holding(services, canary) == []
+    # The erasure is logged, by source and counts: never the key, which stands for the subject.
+    assert f"erased 1 DataObjects of data source {sid}; 3 audit rows marked" in caplog.messages
+    assert not [m for m in caplog.messages if key in m or canary in m]
     assert await side.app.run(cached) is None
     assert await side.app.run(hot_copy) is None
     async with engine.connect() as conn:

@@ -175,6 +175,7 @@ def test_replay_run_id() -> None:
         ({"as_of": "2026-01-05T12:00:00"}, "with an offset"),
         ({"as_of": "yesterday"}, "RFC 3339"),
         ({"as_of": 1767614400}, "RFC 3339"),
+        ({"as_of": "0001-01-01T00:00:00+01:00"}, "RFC 3339"),
         ({"run_id": "r1"}, "replay.run_id is not a UUID"),
         ({"run_id": RUN, "mode": "lenient"}, "strict or hybrid"),
         ({"run_id": RUN, "at": 1}, "unknown replay fields: at"),
