@@ -44,6 +44,12 @@ from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
 
+# How long uvicorn's supervisor (--workers N) waits for a worker's answer to its
+# health check before killing it. Its default, 5 s, ends workers that are still
+# importing on a busy node (a spawned worker answers only once it has imported this
+# module): at a load average of 12 on 2 cores, the workers of `serve --workers 2` were
+# killed and restarted again and again before they served (seen in its log).
+WORKER_HEALTHCHECK_TIMEOUT = 30
 # prometheus-client's; named here so that serve need not import it (see _shared_metrics).
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -201,6 +207,7 @@ def serve(
             ),
             log_level=log_level,
             timeout_graceful_shutdown=int(settings.shutdown_grace),
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
         )
     finally:
         if listener is not None and uds is not None:
