@@ -71,6 +71,13 @@ from bench.run import Options, run
 @click.option(
     "--skip-load", is_flag=True, help="Skip the hits/misses table (with --memory or --profile)."
 )
+@click.option(
+    "--analytics-rows",
+    default=10_000_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Audit rows the analytics case loads with COPY (0: skip it; also `python -m bench.analytics`).",
+)
 def main(**options: Any) -> None:
     """Measure hits, misses, invalidation and the outbox writer against their targets (needs wrk)."""
     sys.exit(run(Options(**options)))

@@ -48,6 +48,7 @@ import orjson
 import redis as sync_redis
 from sqlalchemy import text
 
+from bench import analytics as bench_analytics
 from bench import stats
 from bench.apps import UPSTREAM_BODY
 from proxy.database import create_engine
@@ -88,6 +89,7 @@ class Options:
     profile: bool = False
     skip_load: bool = False
     invalidation_rounds: int = 20
+    analytics_rows: int = 10_000_000
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Results:
     invalidation: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
     profile: dict[str, dict[str, Any]] | None = None
+    analytics: dict[str, Any] | None = None
 
 
 def _local(url: str) -> str:
@@ -662,7 +665,13 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
             raise
         finally:
             bench.stop_all()
-            results.machine["load_average_end"] = os.getloadavg()
+        if options.analytics_rows:
+            # After the load: ten million rows of COPY would weigh on its figures.
+            case = bench_analytics.Options(
+                rows=options.analytics_rows, postgres=options.postgres, redis=options.redis
+            )
+            results.analytics = asdict(bench_analytics.run(case, out))
+        results.machine["load_average_end"] = os.getloadavg()
     _report(results, options.out, stamp, out)
     return 0
 
@@ -710,6 +719,8 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
             f"{loaded_mib:.1f} MiB after {m['requests']} (target <= "
             f"{stats.LOADED_RSS_TARGET_MIB}: {stats.verdict(loaded_mib <= stats.LOADED_RSS_TARGET_MIB)})"
         )
+    if results.analytics:
+        lines.append(bench_analytics.report(bench_analytics.Results(**results.analytics)))
     for profile in (results.profile or {}).values():
         lines.append(
             f"\nprofile: {profile['target']} at c=16 "

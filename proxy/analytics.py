@@ -35,6 +35,8 @@ UPSTREAM_ERRORS: Final = "upstream_errors"  # upstream calls that failed
 LATENCY: Final = "latency"  # upstream calls; label: the bucket's upper bound in ms
 ERRORS: Final = "errors"  # label: the error's code
 SPEND: Final = "spend"  # upstream calls with a cost; label: currency; total: amount
+# Before a metric's name: the counter of a project's sources together, not of one source.
+PROJECT: Final = "*"
 
 # Upper bounds of the latency buckets, ms, ten a decade; above the last is OVERFLOW.
 BOUNDS: Final = tuple(
@@ -83,9 +85,7 @@ def _date(name: str, given: str | None) -> date | None:
 
 
 def _invalid(name: str, msg: str) -> ValidationFailed:
-    return ValidationFailed(
-        f"{name}: {msg}", errors=[{"loc": ["query", name], "msg": msg, "type": "date_parsing"}]
-    )
+    return ValidationFailed(f"{name}: {msg}", loc=("query", name))
 
 
 def window(start_date: str | None, end_date: str | None, today: date) -> Window:
@@ -303,29 +303,33 @@ class SourceInfo:
 
 
 def summary(
-    counters: Iterable[Counter],
+    whole: Iterable[Counter],
+    ranked: Iterable[Counter],
     w: Window,
     project_id: uuid.UUID | None,
     sources: Mapping[uuid.UUID, SourceInfo],
 ) -> dict[str, Any]:
-    """The seed's four figures across a project's sources, plus percentiles, errors and spend."""
+    """The seed's four figures across a project's sources, plus percentiles, errors and spend:
+    ``whole`` are the project's counters, ``ranked`` its sources' requests, hits and misses."""
+    total = Tally()
+    for c in whole:
+        total.add(c)
     per_source: dict[uuid.UUID, Tally] = {}
-    for c in counters:
+    for c in ranked:
         per_source.setdefault(c.data_source_id, Tally()).add(c)
-    whole = total(per_source.values())
     saved: dict[str, Decimal] = {}
     for sid, t in per_source.items():
         info = sources.get(sid)
         for currency, amount in t.spend_saved(info.cost if info else None).items():
             saved[currency] = saved.get(currency, Decimal(0)) + amount
-    ranked = sorted(per_source.items(), key=lambda item: (-item[1].requests, str(item[0])))
+    ranking = sorted(per_source.items(), key=lambda item: (-item[1].requests, str(item[0])))
     return {
         **_dates(w),
         "project_id": None if project_id is None else str(project_id),
-        "requests": whole.requests,
-        "hit_rate": whole.hit_ratio,
-        "avg_latency_ms": whole.avg_ms,
-        "error_rate": whole.error_rate,
+        "requests": total.requests,
+        "hit_rate": total.hit_ratio,
+        "avg_latency_ms": total.avg_ms,
+        "error_rate": total.error_rate,
         "top_sources": [
             {
                 "data_source_id": str(sid),
@@ -333,16 +337,16 @@ def summary(
                 "requests": t.requests,
                 "hit_rate": t.hit_ratio,
             }
-            for sid, t in ranked[:TOP_SOURCES]
+            for sid, t in ranking[:TOP_SOURCES]
             if t.requests
         ],
-        "latency_ms": whole.latency_ms(),
-        "errors_by_code": dict(whole.errors.most_common()),
-        "hits": whole.hits,
-        "misses": whole.misses,
-        "replays": whole.replays.total(),
-        "upstream_calls": whole.upstream,
-        "spend": amounts(whole.spend),
+        "latency_ms": total.latency_ms(),
+        "errors_by_code": dict(total.errors.most_common()),
+        "hits": total.hits,
+        "misses": total.misses,
+        "replays": total.replays.total(),
+        "upstream_calls": total.upstream,
+        "spend": amounts(total.spend),
         "spend_saved": amounts(saved),
     }
 

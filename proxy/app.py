@@ -44,7 +44,7 @@ from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
 from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
-from proxy.replays import Replays
+from proxy.replays import replays_for
 from proxy.request_ids import RequestIds
 from proxy.routes import admin, analytics, credentials, erasure, health, internal
 from proxy.secrets import load_secret_box
@@ -52,6 +52,7 @@ from proxy.services import Services
 from proxy.settings import Settings
 from proxy.source_registry import Registry
 from proxy.source_store import SourceStore
+from proxy.tokens import Tokens
 from proxy.upstream import Upstream, create_client
 from proxy.vendor_state import VendorState
 from proxy.writer import OutboxWriter, sink_for
@@ -233,6 +234,10 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         "pruner",
     )
 
+    replays = replays_for(
+        engine, settings.database_connect_timeout, settings.database_command_timeout
+    )
+    stack.push_async_callback(_bounded, "closing the replay pool", replays.close)
     vendors = VendorState(redis, layout)
     _background(stack, vendors.follow(), "vendor state follower")
     broker = Broker(
@@ -243,8 +248,9 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         Limits(settings.default_timeout, settings.max_response_bytes, settings.outbox_max_bytes),
         settings.project_id,
         backlog=lambda: writer.backlog_bytes,
-        replays=Replays(engine),
+        replays=replays,
         vendors=vendors,
+        tokens=Tokens(redis, layout, box, client),
     )
     dependencies = Dependencies(
         {"redis": redis.ping, "database": lambda: _database_answers(engine)},

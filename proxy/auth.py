@@ -11,14 +11,18 @@ the source (``PUT …/credentials``), encrypted, and reach this module decrypted
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy.errors import AuthError, MissingVariables
+
+if TYPE_CHECKING:
+    from proxy.templates import RenderedRequest
 
 CredentialType: TypeAlias = Literal["CLIENT_ID", "CLIENT_SECRET", "USERNAME", "PASSWORD"]
 AuthMethod: TypeAlias = Literal["basic", "bearer"]
@@ -120,3 +124,9 @@ def cache_seconds(expires_in: float) -> float:
     """How long a token is used: ``max(0.8 * expires_in, expires_in - 60)``, so it is
     replaced before it expires whatever its lifetime (a minute early for long ones)."""
     return max(0.8 * expires_in, expires_in - 60)
+
+
+def with_authorization(request: RenderedRequest, value: str) -> RenderedRequest:
+    """``request`` with ``Authorization: value``, in place of any the source's headers set."""
+    headers = [(k, v) for k, v in request.headers if k.lower() != "authorization"]
+    return dataclasses.replace(request, headers=(*headers, ("Authorization", value)))

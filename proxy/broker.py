@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 from proxy import messages
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
@@ -37,9 +38,10 @@ from proxy.replays import Replays
 from proxy.singleflight import Flights
 from proxy.source_registry import Registry, Source
 from proxy.source_spec import Money
-from proxy.templates import check, render
+from proxy.templates import RenderedRequest, check, render
+from proxy.tokens import Tokens
 from proxy.types import Origin
-from proxy.upstream import Upstream
+from proxy.upstream import Fetched, Upstream
 from proxy.vendor_state import VendorState
 
 logger = logging.getLogger("databroker.broker")
@@ -77,6 +79,7 @@ UPSTREAM_FAILURES = frozenset(
         "RESPONSE_TOO_LARGE",
         "PARSE_ERROR",
         "CIRCUIT_OPEN",
+        "AUTH_ERROR",
     }
 )
 
@@ -93,6 +96,7 @@ class Broker:
         backlog: Callable[[], int],
         replays: Replays,
         vendors: VendorState,
+        tokens: Tokens,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -103,6 +107,7 @@ class Broker:
         self.backlog = backlog
         self.replays = replays
         self.vendors = vendors
+        self.tokens = tokens
         self.flights = Flights(cache)
         self._redis_outage = Outage(
             logger,
@@ -297,14 +302,7 @@ class _Call:
         self.start_time = time.time()
         try:
             async with broker.slot(source):
-                fetched = await broker.upstream.fetch(
-                    rendered,
-                    timeout=self._timeout(),
-                    retrying=source.retrying,
-                    max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
-                    follow_redirects=bool(source.http.follow_redirects),
-                    source=source.name,
-                )
+                fetched = await broker.tokens.send(source, rendered, self._timeout(), self._call)
         except BrokerError as exc:
             await broker.vendors.after_call(source, admission, exc)
             raise
@@ -325,6 +323,19 @@ class _Call:
             fetched.content, source.http.response_type, charset_of(fetched.content_type)
         )
         return CacheEntry(self.data_object_id, self.end_time, value_json)
+
+    async def _call(self, rendered: RenderedRequest) -> Fetched:
+        """One upstream call (its retries included) of an authenticated request."""
+        broker, source = self.broker, self.source
+        return await broker.upstream.fetch(
+            rendered,
+            timeout=self._timeout(),
+            retrying=source.retrying,
+            max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
+            follow_redirects=bool(source.http.follow_redirects),
+            source=source.name,
+            throttled=partial(broker.vendors.hold, source.data_source_id),
+        )
 
     def _finish(self, outcome: bytes | BrokerError) -> Answer:
         """Journal the audit row, then answer: the row is on disk before the answer leaves."""

@@ -12,6 +12,10 @@ family                            value                       expiry            
 ``{prefix}vendor:{sid}``          rate-limit TAT, breaker     2 days after last use   proxy.vendor_state
 ``{prefix}vendor:paused``         hash: sid → paused at       never (admin resumes)   proxy.vendor_state
 ``{prefix}vendor:holds``          hash: sid → held until      fields pruned on read   proxy.vendor_state
+``{prefix}token:{sid}``           a source's OAuth2 token     before it expires       proxy.tokens
+                                  (Fernet-encrypted)
+``{prefix}lock:{sid}:token``      a token request in flight   its timeout             proxy.tokens
+                                  / failed
 ================================  ==========================  =====================  ==================
 
 Other families go beside ``cache:`` under the same prefix, never inside it, so
@@ -71,6 +75,13 @@ class KeyLayout:
     def vendor(self, data_source_id: uuid.UUID | str) -> str:
         """A source's fleet-wide rate-limit and breaker state (one hash, the spend's slot)."""
         return f"{self.prefix}vendor:{self._source(data_source_id)}"
+
+    def token(self, data_source_id: uuid.UUID | str) -> str:
+        return f"{self.prefix}token:{self._source(data_source_id)}"
+
+    def token_lock(self, data_source_id: uuid.UUID | str) -> str:
+        """Beside the fetch locks, whose keys are md5 hex: never one of theirs."""
+        return self.lock(data_source_id, "token")
 
     def cache_pattern(self, data_source_id: uuid.UUID | str | None = None) -> str:
         """A SCAN pattern for every cache entry, or for one source's entries.

@@ -23,7 +23,7 @@ import uuid
 from datetime import date
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from proxy.analytics import (
@@ -33,6 +33,7 @@ from proxy.analytics import (
     LATENCY,
     MISSES,
     OVERFLOW,
+    PROJECT,
     REPLAYS,
     REQUESTS,
     SPEND,
@@ -61,6 +62,11 @@ _CODE = {
     "postgresql": 'substring(r.error::text from \'"code"\\s*:\\s*"([A-Za-z0-9_]*)"\')',
     "sqlite": "json_extract(r.error, '$.code')",
 }
+# The global namespace's key (no project), as each database stores a UUID.
+GLOBAL = uuid.UUID(int=0)
+_GLOBAL = {"postgresql": f"'{GLOBAL}'::uuid", "sqlite": f"'{GLOBAL.hex}'"}
+# A source's counters that rank it in its project's summary.
+RANKED = (REQUESTS, HITS, MISSES)
 # Upstream calls, a hybrid replay's fresh call included (a stored answer has no timings).
 _TIMED = "r.start_time IS NOT NULL AND r.end_time IS NOT NULL"
 _MS = "(r.end_time - r.start_time) * 1000"
@@ -68,43 +74,66 @@ _MS = "(r.end_time - r.start_time) * 1000"
 
 def _bucket() -> str:
     whens = " ".join(f"WHEN {_MS} <= {b!r} THEN '{bucket_label(b)}'" for b in BOUNDS)
-    return f"CASE {whens} ELSE '{OVERFLOW}' END"
+    return f"CASE WHEN {_TIMED} THEN CASE {whens} ELSE '{OVERFLOW}' END END"
 
 
-def fold(dialect: str, rows: str) -> str:
+def fold(dialect: str, rows: str, ctes: str = "") -> str:
     """SQL adding the audit rows of the relation named ``rows`` to the rollup.
 
-    ``rows`` is a table or a CTE the caller puts before this statement. Each branch
-    makes distinct (source, day, metric, label) keys, as one upsert may touch a row
-    only once; they are taken in key order so that concurrent writers lock in the
-    same order.
+    ``rows`` is a table, or a CTE that ``ctes`` defines (``name AS (…)``). The
+    rows are read once, grouped by everything a counter splits by (``pre``);
+    each counter is then a sum over those groups. Every counter is kept twice:
+    for the row's source, and for its source's project (``project_key``; metric
+    ``PROJECT`` + name), so that a project's summary reads a few rows a day
+    however many sources it has. Each branch makes distinct (key, day, metric,
+    label) rows, as one upsert may touch a row only once; they are taken in key
+    order so that concurrent writers lock in the same order.
     """
+    pre = (
+        f"pre AS (SELECT r.data_source_id, {_DAY[dialect]} AS day, r.data_origin AS origin,"
+        f" r.replay, r.error IS NOT NULL AS failed, {_CODE[dialect]} AS code,"
+        f" {_bucket()} AS bucket, r.cost_currency AS currency, count(*) AS n,"
+        f" sum(CASE WHEN {_TIMED} THEN {_MS} END) AS ms, sum(r.cost_amount) AS cost,"
+        f" count(r.cost_amount) AS costed"
+        f" FROM {rows} AS r GROUP BY 1, 2, 3, 4, 5, 6, 7, 8)"
+    )
     branches = (
         (REQUESTS, "''", "0", "TRUE"),
-        (HITS, "''", "0", "r.data_origin = 'CACHE' AND r.replay IS NULL"),
-        (MISSES, "''", "0", "r.data_origin = 'REQUEST'"),
+        (HITS, "''", "0", "r.origin = 'CACHE' AND r.replay IS NULL"),
+        (MISSES, "''", "0", "r.origin = 'REQUEST'"),
         (REPLAYS, "r.replay", "0", "r.replay IS NOT NULL"),
-        (UPSTREAM, "''", f"sum({_MS})", _TIMED),
-        (UPSTREAM_ERRORS, "''", "0", f"{_TIMED} AND r.error IS NOT NULL"),
-        (LATENCY, _bucket(), "0", _TIMED),
-        (ERRORS, f"coalesce({_CODE[dialect]}, '')", "0", "r.error IS NOT NULL"),
+        (UPSTREAM, "''", "sum(r.ms)", "r.bucket IS NOT NULL"),
+        (UPSTREAM_ERRORS, "''", "0", "r.bucket IS NOT NULL AND r.failed"),
+        (LATENCY, "r.bucket", "0", "r.bucket IS NOT NULL"),
+        (ERRORS, "coalesce(r.code, '')", "0", "r.failed"),
+        (SPEND, "coalesce(r.currency, '')", "sum(r.cost)", "r.costed > 0"),
+    )
+    # Rows of a source that no longer exists (a deleted draft) count for no project.
+    scopes = (
+        ("r.data_source_id", "", "pre AS r"),
         (
-            SPEND,
-            "coalesce(r.cost_currency, '')",
-            "sum(r.cost_amount)",
-            "r.cost_amount IS NOT NULL",
+            f"coalesce(s.project_id, {_GLOBAL[dialect]})",
+            PROJECT,
+            "pre AS r JOIN data_source AS s ON s.data_source_id = r.data_source_id",
         ),
     )
     union = "\nUNION ALL\n".join(
-        f"SELECT r.data_source_id, {_DAY[dialect]} AS day, '{metric}' AS metric, {label} AS label,"
-        f" count(*) AS n, CAST({total} AS NUMERIC) AS total FROM {rows} AS r WHERE {where}"
-        " GROUP BY 1, 2, 4"
+        f"SELECT {key} AS data_source_id, r.day, '{prefix}{metric}' AS metric,"
+        f" {label} AS label, sum({'r.costed' if metric == SPEND else 'r.n'}) AS n,"
+        f" CAST({total} AS NUMERIC) AS total FROM {source} WHERE {where} GROUP BY 1, 2, 4"
+        for key, prefix, source in scopes
         for metric, label, total, where in branches
     )
     return (
+        f"WITH {ctes + ', ' if ctes else ''}{pre}\n"
         f"INSERT INTO {_TABLE} ({_COLUMNS})\n"
         f"SELECT {_COLUMNS} FROM ({union}) AS folded WHERE TRUE ORDER BY 1, 2, 3, 4\n{_UPSERT}"
     )
+
+
+def project_key(project_id: uuid.UUID | None) -> uuid.UUID:
+    """Where a project's counters are kept (``data_source_id``)."""
+    return GLOBAL if project_id is None else project_id
 
 
 def rebuild(dialect: str) -> str:
@@ -112,34 +141,68 @@ def rebuild(dialect: str) -> str:
     return fold(dialect, "run_data_request")
 
 
+def source_query(
+    data_source_id: uuid.UUID, start: date, end: date
+) -> Select[uuid.UUID, date, str, str, int, Decimal]:
+    """A source's counters of the days ``start`` to ``end``, both included."""
+    t = RunDataRequestDaily
+    return select(t.data_source_id, t.day, t.metric, t.label, t.n, t.total).where(
+        t.data_source_id == data_source_id, t.day >= start, t.day <= end
+    )
+
+
+def project_query(
+    project_id: uuid.UUID | None, start: date, end: date
+) -> Select[str, str, int, Decimal]:
+    """A project's counters (all its sources together) summed over the days ``start`` to
+    ``end``; metrics without their ``PROJECT`` prefix."""
+    t = RunDataRequestDaily
+    return (
+        select(func.substr(t.metric, 2), t.label, func.sum(t.n), func.sum(t.total))
+        .where(
+            t.data_source_id == project_key(project_id),
+            t.metric.startswith(PROJECT, autoescape=True),
+            t.day >= start,
+            t.day <= end,
+        )
+        .group_by(t.metric, t.label)
+    )
+
+
+def ranking_query(
+    project_id: uuid.UUID | None, start: date, end: date
+) -> Select[uuid.UUID, str, int]:
+    """Requests, hits and misses of each of the project's sources (archived ones included:
+    they served) over the days ``start`` to ``end``."""
+    t, s = RunDataRequestDaily, DataSource
+    in_project = s.project_id.is_(None) if project_id is None else s.project_id == project_id
+    return (
+        select(t.data_source_id, t.metric, func.sum(t.n))
+        .join(s, s.data_source_id == t.data_source_id)
+        .where(t.metric.in_(RANKED), t.day >= start, t.day <= end, in_project)
+        .group_by(t.data_source_id, t.metric)
+    )
+
+
 async def read_source(
     conn: AsyncConnection, data_source_id: uuid.UUID, start: date, end: date
 ) -> list[Counter]:
-    """A source's counters of the days ``start`` to ``end``, both included."""
-    t = RunDataRequestDaily
-    query = select(t.data_source_id, t.day, t.metric, t.label, t.n, t.total).where(
-        t.data_source_id == data_source_id, t.day >= start, t.day <= end
-    )
-    return [
-        Counter(sid, day, metric, label, int(n), Decimal(total))
-        for sid, day, metric, label, n, total in await conn.execute(query)
-    ]
+    rows = await conn.execute(source_query(data_source_id, start, end))
+    return [Counter(sid, day, m, label, int(n), Decimal(t)) for sid, day, m, label, n, t in rows]
 
 
 async def read_project(
     conn: AsyncConnection, project_id: uuid.UUID | None, start: date, end: date
-) -> list[Counter]:
-    """The counters of the project's sources (archived ones included: they served) over the
-    days ``start`` to ``end``, summed over the days (``day`` is ``start`` in every one)."""
-    t, s = RunDataRequestDaily, DataSource
-    in_project = s.project_id.is_(None) if project_id is None else s.project_id == project_id
-    query = (
-        select(t.data_source_id, t.metric, t.label, func.sum(t.n), func.sum(t.total))
-        .join(s, s.data_source_id == t.data_source_id)
-        .where(t.day >= start, t.day <= end, in_project)
-        .group_by(t.data_source_id, t.metric, t.label)
-    )
-    return [
-        Counter(sid, start, metric, label, int(n), Decimal(total))
-        for sid, metric, label, n, total in await conn.execute(query)
+) -> tuple[list[Counter], list[Counter]]:
+    """The project's counters, and its sources' requests, hits and misses, summed over the
+    window (``day`` is ``start`` in every one)."""
+    key = project_key(project_id)
+    whole = [
+        Counter(key, start, m, label, int(n), Decimal(t))
+        for m, label, n, t in await conn.execute(project_query(project_id, start, end))
     ]
+    ranked = [
+        Counter(sid, start, m, "", int(n), Decimal(0))
+        for sid, m, n in await conn.execute(ranking_query(project_id, start, end))
+    ]
+    return whole, ranked

@@ -14,6 +14,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proxy.auth import AuthConfig
 from proxy.types import Method, ResponseType
 
 DEFAULT_STATUS_FORCELIST = (429, 500, 502, 503, 504)
@@ -101,10 +102,7 @@ class HTTPSource(_Strict):
     timeout: float | None = Field(default=None, gt=0, le=600)
     retry: RetryPolicy | None = None
     response_type: ResponseType = "PLAIN_TEXT"
-    auth: None = Field(
-        default=None,
-        description="Reserved for the engine's OAuth/basic auth; not supported yet, must be null.",
-    )
+    auth: AuthConfig | None = None
     max_response_bytes: int | None = Field(default=None, gt=0)
     max_concurrency: int | None = Field(default=None, gt=0, le=10_000)
     # None (unset) rather than False by default: stored sources and admin answers keep

@@ -29,8 +29,7 @@ from proxy.source_spec import MONEY_PLACES, Budget, CircuitBreaker, HTTPSource, 
 US = 1_000_000
 """Microseconds in a second: the scripts' time unit."""
 
-BREAKER_STATES = {"c": 0, "o": 1, "h": 2}
-"""A breaker's state as the ``databroker_circuit_state`` gauge shows it."""
+_BREAKER_STATES = {"c": 0, "o": 1, "h": 2}
 
 PROBE_RETRY = 1.0
 """Retry-After while a half-open breaker's probes are all out: they report within seconds."""
@@ -50,7 +49,6 @@ class Admission:
     """A half-open breaker's probe: its outcome closes or reopens the breaker."""
     spent_micros: int | None = None
     """The period's spend after this call's reservation (budgeted sources)."""
-    breaker_state: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +106,10 @@ class Plan:
 
     def decide(self, reply: list[bytes | int], now: float) -> Admission | VendorRefusal:
         """The admit script's reply ``[verdict, µs, spent, probe, breaker state]``."""
-        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        verdict = _text(reply[0])
         micros, spent, probe = int(reply[1]), int(reply[2]), bool(int(reply[3]))
-        state = BREAKER_STATES.get(_text(reply[4]))
         if verdict == "OK":
-            return Admission(
-                micros / US,
-                probe,
-                spent if self.budget else None,
-                None if not self.breaker else state,
-            )
+            return Admission(micros / US, probe, spent if self.budget else None)
         if verdict == "BUDGET_EXHAUSTED":
             assert self.budget is not None
             return budget_exhausted(self.budget, now)
@@ -138,7 +130,14 @@ class Plan:
         return float(Decimal(self.budget.micros - spent_micros).scaleb(-MONEY_PLACES))
 
 
+def breaker_state(value: bytes | int | str) -> int:
+    """A script's breaker state as the ``databroker_circuit_state`` gauge shows it:
+    0 closed, 1 open, 2 half-open."""
+    return _BREAKER_STATES.get(_text(value), 0)
+
+
 def _text(value: bytes | int | str) -> str:
+    """A script's reply as text (the client is made without decode_responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from proxy.cache import RedisClient
+from proxy.cache import RedisClient, reply_bytes
 from proxy.errors import BrokerError, RateLimited, SourcePaused, VendorRefusal
 from proxy.keys import KeyLayout
 from proxy.metrics import vendor_metrics
 from proxy.outage import Outage
-from proxy.vendor_guard import BREAKER_STATES, Admission, Plan, is_vendor_failure
+from proxy.vendor_guard import Admission, Plan, breaker_state, is_vendor_failure
 
 if TYPE_CHECKING:
     from proxy.source_registry import Source
@@ -192,11 +192,8 @@ class VendorState:
     async def after_call(
         self, source: Source, admission: Admission | None, error: BrokerError | None
     ) -> None:
-        """Report how the call went: an upstream 429 holds the source; a breaker hears of
-        failures and probes (the admit script counted the call already)."""
-        if error is not None and error.code == "HTTP_ERROR" and error.retry_after is not None:
-            if error.extra.get("upstream_status") == 429:
-                await self.hold(source.data_source_id, error.retry_after)
+        """Report how the call went to the source's breaker: failures and probes (the
+        admit script counted the call already). (An upstream 429's hold was set as it came.)"""
         if admission is None or source.http.circuit_breaker is None:
             return
         failed = is_vendor_failure(error)
@@ -237,13 +234,13 @@ class VendorState:
         self._outage.recovered()
         decided = plan.decide(reply, now)
         metrics = vendor_metrics(name)
+        if plan.budget is not None and reply[0] in (b"OK", b"BUDGET_EXHAUSTED"):
+            remaining = plan.remaining(int(reply[2])) or 0.0
+            metrics.budget_remaining(plan.budget.currency).set(max(remaining, 0.0))
+        if plan.breaker is not None:
+            metrics.breaker.set(breaker_state(reply[4]))
         if isinstance(decided, VendorRefusal):
             raise _counted(name, decided)
-        if decided.breaker_state is not None:
-            metrics.breaker.set(decided.breaker_state)
-        if decided.spent_micros is not None and plan.budget is not None:
-            remaining = plan.remaining(decided.spent_micros)
-            metrics.budget_remaining(plan.budget.currency).set(remaining or 0.0)
         if decided.wait > 0:
             metrics.waits.inc()
             metrics.wait_seconds.inc(decided.wait)
@@ -261,7 +258,7 @@ class VendorState:
         except (RedisError, OSError) as exc:
             self._outage.failed(type(exc).__name__)
             return
-        vendor_metrics(name).breaker.set(BREAKER_STATES.get(_text(state), 0))
+        vendor_metrics(name).breaker.set(breaker_state(state))
 
     async def hold(self, data_source_id: uuid.UUID, seconds: float) -> None:
         """Keep the whole fleet from calling the source for ``seconds`` (an upstream 429)."""
@@ -291,8 +288,8 @@ class VendorState:
             pipeline.hgetall(self._layout.holds)
             paused, holds = await pipeline.execute()
         now = time.time()
-        self.paused = frozenset(uuid.UUID(_text(sid)) for sid in paused)
-        live = {uuid.UUID(_text(sid)): float(until) for sid, until in holds.items()}
+        self.paused = frozenset(uuid.UUID(reply_bytes(sid).decode()) for sid in paused)
+        live = {uuid.UUID(reply_bytes(sid).decode()): float(until) for sid, until in holds.items()}
         ended = [str(sid) for sid, until in live.items() if until <= now]
         self.holds = {sid: until for sid, until in live.items() if until > now}
         if ended:
@@ -309,10 +306,6 @@ class VendorState:
             except (RedisError, OSError, ValueError) as exc:
                 self._outage.failed(type(exc).__name__)
             await asyncio.sleep(interval)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _counted(name: str, refusal: VendorRefusal) -> VendorRefusal:

@@ -143,8 +143,11 @@ _DATA_OBJECT = cast(Table, DataObject.__table__)
 _RUN_DATA_REQUEST = cast(Table, RunDataRequest.__table__)
 _STAGE = "_stage_journal"
 _FOLD_FRESH = text(
-    "WITH inserted AS (SELECT * FROM run_data_request WHERE run_data_request_id IN :ids)\n"
-    + rollup.fold("sqlite", "inserted")
+    rollup.fold(
+        "sqlite",
+        "inserted",
+        "inserted AS (SELECT * FROM run_data_request WHERE run_data_request_id IN :ids)",
+    )
 ).bindparams(bindparam("ids", expanding=True, type_=Uuid))
 _T = TypeVar("_T")
 # The journal's field names (proxy.outbox.encode), read in SQL. ``e`` is the error's
@@ -157,8 +160,10 @@ FROM {_STAGE} WHERE line->>'t' = 'o'
 ON CONFLICT DO NOTHING
 """
 # The rows the insert wrote, and only those, are folded into the daily rollup.
-_INSERT_REQUESTS = f"""
-WITH inserted AS (
+_INSERT_REQUESTS = rollup.fold(
+    "postgresql",
+    "inserted",
+    f"""inserted AS (
 INSERT INTO {_RUN_DATA_REQUEST.name} (run_data_request_id, run_id, data_object_id,
     data_source_id, data_origin, start_time, end_time, error, created_at,
     cost_amount, cost_currency, replay)
@@ -169,9 +174,8 @@ SELECT (line->>'id')::uuid, (line->>'run')::uuid, (line->>'o')::uuid, (line->>'s
 FROM {_STAGE} WHERE line->>'t' = 'r'
 ON CONFLICT DO NOTHING
 RETURNING *
+)""",
 )
-{rollup.fold("postgresql", "inserted")}
-"""
 
 
 def _values(record: Record, columns: list[str]) -> tuple[Any, ...]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.applications import Starlette
@@ -90,3 +95,62 @@ def upstream_app(state: Upstream) -> Starlette:
     return Starlette(
         routes=[Route("/{path:path}", dispatch, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
     )
+
+
+@dataclass
+class TokenIssuer:
+    """A real OAuth2 token endpoint (RFC 6749 ``client_credentials`` and ``password``
+    grants, client credentials in the form) and the API its tokens open, both served by
+    an ``Upstream``: tokens expire by this process's clock, can be revoked, are counted."""
+
+    client_id: str = "issuer-client"
+    client_secret: str = "issuer-secret"
+    username: str = "issuer-user"
+    password: str = "issuer-password"
+    expires_in: float = 3600
+    failing: int | None = None
+    """A status to answer every token request with, instead of a token."""
+    delay: float = 0.0
+    """Seconds each token request takes: a slow endpoint, for callers to contend on."""
+    token_prefix: str = "tok"
+    issued: dict[str, float] = field(default_factory=dict)
+    """Each token issued, and when (monotonic) it expires."""
+    forms: list[dict[str, str]] = field(default_factory=list)
+    api_calls: list[str | None] = field(default_factory=list)
+    """The Authorization header of each API call."""
+
+    def install(self, upstream: Upstream) -> tuple[str, str]:
+        """Serve the endpoint and the API on ``upstream``; their URLs."""
+        return upstream.on("/oauth/token", self._token), upstream.on("/api", self._api)
+
+    def revoke_all(self) -> None:
+        self.issued.clear()
+
+    async def _token(self, request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode()))
+        self.forms.append(form)
+        await asyncio.sleep(self.delay)
+        if self.failing is not None:
+            return Response(b'{"error": "temporarily_unavailable"}', self.failing)
+        client_ok = (form.get("client_id"), form.get("client_secret")) == (
+            self.client_id,
+            self.client_secret,
+        )
+        user_ok = (form.get("username"), form.get("password")) == (self.username, self.password)
+        grant = form.get("grant_type")
+        if not client_ok or (grant == "password" and not user_ok):
+            return Response(b'{"error": "invalid_client"}', 401, media_type="application/json")
+        if grant not in ("client_credentials", "password"):
+            return Response(b'{"error": "unsupported_grant_type"}', 400)
+        token = f"{self.token_prefix}-{uuid.uuid4().hex}"
+        self.issued[token] = time.monotonic() + self.expires_in
+        answer = {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
+        return Response(json.dumps(answer).encode(), media_type="application/json")
+
+    async def _api(self, request: Request) -> Response:
+        header = request.headers.get("authorization")
+        self.api_calls.append(header)
+        token = (header or "").removeprefix("Bearer ")
+        if self.issued.get(token, 0) <= time.monotonic():
+            return Response(b'{"error": "invalid_token"}', 401, media_type="application/json")
+        return Response(b'{"ok": true}', media_type="application/json")

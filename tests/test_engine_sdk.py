@@ -292,7 +292,6 @@ def test_a_source_carries_the_fields_the_engine_always_sends(
         assert stamp.utcoffset() == datetime.timedelta(0)
 
 
-@NOT_BUILT
 def test_create_accepts_source_auth(sdk: SimpleNamespace, admin: Any, upstream: Upstream) -> None:
     auth = {
         "method": "bearer",
@@ -628,7 +627,6 @@ def test_metrics_and_cache_stats_give_latency_and_percentages_per_day(
     assert 0 < by_date(metrics, "avg_response_time_by_date")[today()] < 30_000  # ms
 
 
-@NOT_BUILT
 @pytest.mark.parametrize(
     "operation", ["get_data_source_usage", "get_data_source_metrics", "get_cache_statistics"]
 )

@@ -45,7 +45,7 @@ from proxy.templates import render
 from tests.conftest import REDIS_URL, TABLES
 from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, free_port
 from tests.instances import log_of, serving, terminate
-from tests.servers import Upstream, serve_in_thread
+from tests.servers import TokenIssuer, Upstream, serve_in_thread
 
 CANARY = "canary-7f3a9c"
 SECRETS = {
@@ -56,6 +56,14 @@ SECRETS = {
     "FORM_SECRET": f"{CANARY}-SECRET-form",
     "USERINFO": f"{CANARY}-SECRET-user:{CANARY}-SECRET-password",
 }
+# Credentials (source.auth), and the tokens the issuer mints from them: secrets too.
+CREDENTIALS = {
+    "CLIENT_ID": f"{CANARY}-CREDENTIAL-client-id",
+    "CLIENT_SECRET": f"{CANARY}-CREDENTIAL-client-secret",
+    "USERNAME": f"{CANARY}-CREDENTIAL-user",
+    "PASSWORD": f"{CANARY}-CREDENTIAL-password",
+}
+TOKENS = f"{CANARY}-TOKEN"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 NOT_RESOLVED = {"INVALID_REQUEST", "DATA_SOURCE_NOT_FOUND"}
 
@@ -147,6 +155,13 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
             await admin("POST", f"/data-sources/{sid}/publish")
         return sid
 
+    async def with_credentials(spec: dict[str, Any], kinds: tuple[str, ...]) -> str:
+        sid: str = (await admin("POST", "/data-sources", spec))["data_source_id"]
+        items = [{"credential_type": k, "value": CREDENTIALS[k]} for k in kinds]
+        await admin("PUT", f"/data-sources/{sid}/credentials", items)
+        await admin("POST", f"/data-sources/{sid}/publish")
+        return sid
+
     async def call(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {"data_source_name": name, "configured_params": params or {}}
         answer = await client.post(
@@ -197,6 +212,41 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
     host = base.removeprefix("http://")
     basic = {"name": "basic", "source": {"url": f"http://{{{{ env.USERINFO }}}}@{host}/basic"}}
     await register(basic, pick("USERINFO"))
+
+    # Source auth: an OAuth2 endpoint minting canary tokens, and basic auth.
+    issuer = TokenIssuer(
+        client_id=CREDENTIALS["CLIENT_ID"],
+        client_secret=CREDENTIALS["CLIENT_SECRET"],
+        token_prefix=TOKENS,
+    )
+    token_url, api = issuer.install(upstream)
+    oauth = {
+        "name": "oauth",
+        "source": {
+            "url": f"{api}?id={{{{ id }}}}",
+            "response_type": "JSON",
+            "auth": {
+                "method": "bearer",
+                "token_url": token_url,
+                "grant_type": "client_credentials",
+            },
+        },
+        "caching": {"enabled": True, "ttl": 60},
+    }
+    oauth_id = await with_credentials(oauth, ("CLIENT_ID", "CLIENT_SECRET"))
+    basic_auth = {
+        "name": "basic_auth",
+        "source": {"url": f"{base}/basic", "auth": {"method": "basic"}},
+    }
+    await with_credentials(basic_auth, ("USERNAME", "PASSWORD"))
+    refused_token = {
+        "name": "refused_token",
+        "source": {
+            "url": f"{api}?again=1",
+            "auth": {"method": "bearer", "token_url": f"{base}/fail", "grant_type": "password"},
+        },
+    }
+    await with_credentials(refused_token, ("USERNAME", "PASSWORD"))
 
     upstream.on("/fail", echo_500)
     upstream.on("/moved", redirect_echo)
@@ -259,6 +309,13 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
         assert (await call("everywhere", params))["error"]["code"] == code
     assert (await call("form"))["value"] == {"ok": True}
     assert (await call("basic"))["value"] == '{"ok": true}'  # PLAIN_TEXT
+    assert (await call("basic_auth"))["value"] == '{"ok": true}'
+    assert (await call("oauth", {"id": "1"}))["origin"] == "REQUEST"
+    assert (await call("oauth", {"id": "1"}))["origin"] == "CACHE"
+    issuer.revoke_all()  # the next miss is refused (401), gets a new token and retries
+    assert (await call("oauth", {"id": "2"}))["value"] == {"ok": True}
+    assert len(issuer.forms) == 2
+    assert (await call("refused_token"))["error"]["code"] == "AUTH_ERROR"
     for name, (code, _, _) in expected.items():
         answer = await call(name)
         assert answer["error"] is not None and answer["error"]["code"] == code, answer
@@ -274,6 +331,14 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
     ):
         assert len(await admin("GET", path)) >= 2
     assert (await admin("GET", f"/data-sources/{sid}"))["name"] == "everywhere"
+    masked = await admin("GET", f"/data-sources/{oauth_id}/credentials")
+    assert {c["value"] for c in masked} == {"********"}
+    for items in (
+        [{"credential_type": "CLIENT_SECRET", "value": [CREDENTIALS["CLIENT_SECRET"]]}],
+        [{"credential_type": "API_KEY", "value": CREDENTIALS["CLIENT_SECRET"]}],
+        [{"credential_type": "CLIENT_SECRET", "value": "x", "extra": CREDENTIALS["PASSWORD"]}],
+    ):
+        await admin("PUT", f"/data-sources/{oauth_id}/credentials", items, expect=422)
     listed = await admin("GET", f"/data-sources/{sid}/variables")
     assert {v["name"] for v in listed if v["is_set"]} == set(
         pick("HEADER_SECRET", "QUERY_SECRET", "PATH_SECRET", "JSON_SECRET")
@@ -346,6 +411,12 @@ def assert_secrets_reached_upstream(upstream: Upstream) -> None:
     assert any(f"client_secret={SECRETS['FORM_SECRET']}".encode() in r["body"] for r in sent)
     userinfo = base64.b64encode(SECRETS["USERINFO"].encode()).decode()
     assert any(r["headers"].get("authorization") == f"Basic {userinfo}" for r in sent)
+    user = f"{CREDENTIALS['USERNAME']}:{CREDENTIALS['PASSWORD']}"
+    basic = f"Basic {base64.b64encode(user.encode()).decode()}"
+    assert any(r["headers"].get("authorization") == basic for r in sent)
+    secret = f"client_secret={CREDENTIALS['CLIENT_SECRET']}".encode()
+    assert any(r["path"] == "/oauth/token" and secret in r["body"] for r in sent)
+    assert any(r["headers"].get("authorization", "").startswith(f"Bearer {TOKENS}") for r in sent)
 
 
 # --- the search ----------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_verdicts() -> None:
         rate_limit={"requests": 2, "per_seconds": 1},
         circuit_breaker=BREAKER,
     )
-    assert plan.decide([b"OK", 250_000, 700_000, 1, b"h"], now) == Admission(0.25, True, 700_000, 2)
+    assert plan.decide([b"OK", 250_000, 700_000, 1, b"h"], now) == Admission(0.25, True, 700_000)
     assert plan.remaining(700_000) == pytest.approx(0.3)
     spent = plan.decide([b"BUDGET_EXHAUSTED", 0, 1_050_000, 0, b"c"], now)
     assert isinstance(spent, BudgetExhausted)

@@ -3,6 +3,7 @@ budgets, pauses, upstream 429 holds and breakers as the worker sees them."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -190,3 +191,28 @@ async def test_an_open_breaker_answers_stale_where_allowed(
     answer = await async_wait_for(stale, timeout=10)
     assert answer.status_code == 200 and answer.json()["value"] == {"ok": True}
     assert len(upstream.received) == calls
+
+
+async def test_a_429_holds_the_source_while_its_own_retry_waits(
+    broker: Broker, upstream: Upstream
+) -> None:
+    answers = iter([Response(b"later", 429, headers={"Retry-After": "1"})])
+
+    async def once_throttled(_: Request) -> Response:
+        return next(answers, Response(b'{"n": 1}', media_type="application/json"))
+
+    upstream.on("/retried/1", once_throttled)
+    upstream.answer("/retried/2", b'{"n": 2}')
+    retry = {"max_retries": 1, "backoff_factor": 0}
+    await broker.register(_spec("retried", f"{upstream.url}/retried", retry=retry, timeout=5))
+    first = asyncio.create_task(broker.call("retried", {"n": "1"}))
+    # Counted as it came back, then the hold is set with no wait in between.
+    await async_wait_for(
+        lambda: _metric("databroker_upstream_responses_total", source="retried", status="429")
+    )
+    # The first call waits out the Retry-After before its retry; the fleet holds meanwhile.
+    held = await broker.call("retried", {"n": "2"})
+    assert held.status_code == 429 and held.json()["error"]["code"] == "RATE_LIMITED"
+    assert upstream.hits("/retried/2") == 0
+    answer = await first
+    assert answer.status_code == 200 and answer.json()["value"] == {"n": 1}

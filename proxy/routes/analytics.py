@@ -52,8 +52,8 @@ async def summary(request: Request) -> Response:
         for row in rows
     }
     async with found.engine.connect() as conn:
-        counters = await rollup.read_project(conn, project, window.start, window.end)
-    return _json(analytics.summary(counters, window, project, sources))
+        whole, ranked = await rollup.read_project(conn, project, window.start, window.end)
+    return _json(analytics.summary(whole, ranked, window, project, sources))
 
 
 routes = [

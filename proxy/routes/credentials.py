@@ -30,6 +30,9 @@ async def set_credentials(request: Request) -> Response:
     data_source_id, project = _source_id(request), _project(request)
     await _store(request).set_credentials(data_source_id, given, project)
     await services(request).registry.changed(data_source_id)
+    # The cached token was issued for the old credentials. (Another sidecar that has not
+    # reloaded yet may still request one with them: it lasts until it expires.)
+    await services(request).broker.tokens.forget(data_source_id)
     return _json(await _store(request).get_credentials(data_source_id, project))
 
 

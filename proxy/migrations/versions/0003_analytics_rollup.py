@@ -29,11 +29,15 @@ def upgrade() -> None:
         sa.Column("n", sa.BigInteger(), nullable=False),
         sa.Column("total", sa.Numeric(24, 6), nullable=False),
     )
-    op.create_index("ix_run_data_request_daily_day", "run_data_request_daily", ["day"])
+    op.create_index(
+        "ix_run_data_request_daily_ranking",
+        "run_data_request_daily",
+        ["metric", "day", "data_source_id", "n"],
+    )
     # The audit rows written before this release: analytics cover them too.
     op.execute(rebuild(op.get_bind().dialect.name))
 
 
 def downgrade() -> None:
-    op.drop_index("ix_run_data_request_daily_day", "run_data_request_daily")
+    op.drop_index("ix_run_data_request_daily_ranking", "run_data_request_daily")
     op.drop_table("run_data_request_daily")
