@@ -126,6 +126,14 @@ def cache_seconds(expires_in: float) -> float:
     return max(0.8 * expires_in, expires_in - 60)
 
 
+def fetch_deadline(auth: AuthConfig | None, call_deadline: float, timeout: float) -> float:
+    """How long a fetch may take: a bearer call may need a token request (up to
+    ``timeout``), then after a 401 another one and the call again."""
+    if auth is None or auth.method != "bearer":
+        return call_deadline
+    return 2 * (timeout + call_deadline)
+
+
 def with_authorization(request: RenderedRequest, value: str) -> RenderedRequest:
     """``request`` with ``Authorization: value``, in place of any the source's headers set."""
     headers = [(k, v) for k, v in request.headers if k.lower() != "authorization"]

@@ -31,7 +31,7 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
-from proxy import export
+from proxy import export, tracing
 from proxy.analytics import render
 from proxy.cache import RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
@@ -176,6 +176,13 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
+    if tracing.configured():
+        try:
+            tracing.check()
+        except ImportError:
+            _refuse("OTEL_* variables configure traces: install them with 'databroker[otel]'")
+        except StartupError as exc:
+            _refuse(f"invalid settings: {exc}")
     # Here, before uvicorn: its workers would each print the failure and their parent exit 0.
     # SIGTERM meanwhile has its default effect (the process ends): nothing has started.
     from proxy.app import check_services  # the web application: for serve only
@@ -241,6 +248,8 @@ def serving_app() -> ASGIApp:
     """The application as ``serve`` runs it: uvicorn's factory, called in each worker process."""
     from proxy.app import create_app
 
+    if tracing.configured():
+        tracing.install()  # here: the exporters' threads belong to the worker process
     return create_app(Settings(), started=_StartupGuard().started)
 
 
@@ -571,7 +580,10 @@ def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> 
         return answer.json()
     try:
         error = answer.json()
-        reason = f"{error['code']}: {error['detail']}"
+        detail = error["detail"]
+        if isinstance(detail, list):  # a 422: FastAPI's list of {loc, msg, type}
+            detail = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
+        reason = f"{error['code']}: {detail}"
     except (ValueError, KeyError, TypeError):
         reason = f"HTTP {answer.status_code}"
     raise click.ClickException(f"{method} {path}: {reason}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
@@ -45,6 +46,8 @@ from proxy.source_registry import Source
 from proxy.templates import RenderedRequest
 
 T = TypeVar("T")
+
+logger = logging.getLogger("databroker.tokens")
 
 MAX_TOKEN_BYTES = 64 * 1024
 """The largest token endpoint answer read; a larger one is refused (AUTH_ERROR)."""
@@ -186,6 +189,8 @@ class Tokens:
                 return cached
             token, expires_in = await self._request(source, timeout)
         except AuthError as exc:
+            # The message names what failed (a status, a timeout), never a value.
+            logger.warning("token request for %r failed: %s", source.name, exc.message)
             mark = FAILED_MARK + exc.message.encode()
             with contextlib.suppress(CacheUnavailable):
                 await call(self._redis.eval(_MARK_FAILED, 1, lock, mine, mark, FAILURE_HOLD_MS))

@@ -15,6 +15,7 @@ from proxy.auth import (
     AuthConfig,
     basic_header,
     cache_seconds,
+    fetch_deadline,
     parse_token,
     token_form,
     with_authorization,
@@ -159,3 +160,10 @@ def test_our_authorization_replaces_the_sources() -> None:
     )
     headers = with_authorization(request, "Bearer new").headers
     assert headers == (("X-A", "1"), ("Authorization", "Bearer new"))
+
+
+def test_a_bearer_fetch_has_time_for_two_token_requests_and_two_calls() -> None:
+    bearer = AuthConfig(**BEARER, grant_type="client_credentials")
+    assert fetch_deadline(None, 12, 5) == 12
+    assert fetch_deadline(AuthConfig(method="basic"), 12, 5) == 12
+    assert fetch_deadline(bearer, 12, 5) == 34
