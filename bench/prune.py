@@ -171,20 +171,24 @@ SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), :source, 'REQUES
        + (i::float8 * CAST(:span AS float8) / CAST(:rows AS int)) * interval '1 second'
 FROM generate_series(0, CAST(:rows AS int) - 1) AS i
 """
+# Keys and indexes are built after the fill (a sorted build, much faster than 10M random
+# inserts into a growing btree); the prune then meets the same indexes as in production.
 _PARTITIONED = [
     """CREATE TABLE part_data_object (
         data_object_id uuid NOT NULL, data_source_id uuid NOT NULL, key varchar(32) NOT NULL,
-        value bytea NOT NULL, created_at timestamptz NOT NULL,
-        PRIMARY KEY (data_object_id, created_at)) PARTITION BY RANGE (created_at)""",
-    "CREATE INDEX ON part_data_object (data_source_id, key, created_at)",
-    "CREATE INDEX ON part_data_object (data_source_id, created_at)",
+        value bytea NOT NULL, created_at timestamptz NOT NULL) PARTITION BY RANGE (created_at)""",
     """CREATE TABLE part_run_data_request (
         run_data_request_id uuid NOT NULL, run_id uuid NOT NULL, data_object_id uuid,
         data_source_id uuid NOT NULL, data_origin varchar(16), start_time float8,
         end_time float8, error json, created_at timestamptz NOT NULL,
         cost_amount numeric(18, 6), cost_currency varchar(3), replay varchar(8),
-        erased_at timestamptz,
-        PRIMARY KEY (run_data_request_id, created_at)) PARTITION BY RANGE (created_at)""",
+        erased_at timestamptz) PARTITION BY RANGE (created_at)""",
+]
+_PARTITIONED_INDEXES = [
+    "ALTER TABLE part_data_object ADD PRIMARY KEY (data_object_id, created_at)",
+    "CREATE INDEX ON part_data_object (data_source_id, key, created_at)",
+    "CREATE INDEX ON part_data_object (data_source_id, created_at)",
+    "ALTER TABLE part_run_data_request ADD PRIMARY KEY (run_data_request_id, created_at)",
     "CREATE INDEX ON part_run_data_request (run_id)",
     "CREATE INDEX ON part_run_data_request (data_source_id)",
     "CREATE INDEX ON part_run_data_request (created_at)",
@@ -197,6 +201,25 @@ async def _execute(engine: AsyncEngine, *statements: str, **params: object) -> N
             await conn.execute(text(statement), params)
 
 
+async def drop_indexes(engine: AsyncEngine, table: str) -> list[str]:
+    """Drop a (plain) table's indexes and primary key; the statements that build them again."""
+    query = text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t")
+    async with engine.connect() as conn:
+        found = (await conn.execute(query, {"t": table})).all()
+    drops, builds = [], []
+    for name, definition in found:
+        builds.append(definition)
+        if name.endswith("_pkey"):
+            drops.append(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+            builds.append(
+                f"ALTER TABLE {table} ADD CONSTRAINT {name} PRIMARY KEY USING INDEX {name}"
+            )
+        else:
+            drops.append(f"DROP INDEX {name}")
+    await _execute(engine, *drops)
+    return builds
+
+
 async def fill(
     engine: AsyncEngine,
     prefix: str,
@@ -204,12 +227,18 @@ async def fill(
     months: int,
     size: int,
     source: uuid.UUID = SOURCE,
+    indexes: list[str] | None = None,
 ) -> None:
+    """N rows in each table; ``indexes`` built afterwards (None: the tables' own, dropped first)."""
+    tables = (f"{prefix}data_object", f"{prefix}run_data_request")
+    if indexes is None:
+        indexes = [build for table in tables for build in await drop_indexes(engine, table)]
     span = (months * MONTH).total_seconds()
     params = {"source": source, "size": size, "start": START, "span": span, "rows": rows}
-    await _execute(engine, _FILL_OBJECTS.format(table=f"{prefix}data_object"), **params)
-    await _execute(engine, _FILL_REQUESTS.format(table=f"{prefix}run_data_request"), **params)
-    await _execute(engine, f"ANALYZE {prefix}data_object", f"ANALYZE {prefix}run_data_request")
+    await _execute(engine, _FILL_OBJECTS.format(table=tables[0]), **params)
+    await _execute(engine, _FILL_REQUESTS.format(table=tables[1]), **params)
+    await _execute(engine, *indexes)
+    await _execute(engine, *(f"ANALYZE {table}" for table in tables))
 
 
 async def create_partitioned(engine: AsyncEngine, months: int) -> None:
@@ -236,23 +265,27 @@ async def writer(engine: AsyncEngine, table: str, at: datetime) -> AsyncIterator
         "VALUES (:id, :source, 'k', :value, :at)"
     )
 
+    stop = asyncio.Event()
+
     async def run() -> None:
-        while True:
+        while not stop.is_set():
             started = time.perf_counter()
             async with engine.begin() as conn:
                 await conn.execute(
                     statement, {"id": uuid.uuid4(), "source": SOURCE, "value": b"x", "at": at}
                 )
             times.append(time.perf_counter() - started)
-            await asyncio.sleep(WRITER_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WRITER_EVERY)
 
     task = asyncio.create_task(run())
     try:
         yield times
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # The insert in flight is finished and timed, not cancelled: the one a short prune
+        # (a partition dropped in milliseconds) stalls is the sample that matters.
+        stop.set()
+        await task
 
 
 async def measure(
@@ -323,7 +356,7 @@ async def partitioned(url: str, rows: int, months: int, size: int) -> Result:
     engine = create_engine(url, command_timeout=None)
     try:
         await create_partitioned(engine, months)
-        await fill(engine, "part_", rows, months, size)
+        await fill(engine, "part_", rows, months, size, indexes=_PARTITIONED_INDEXES)
         mb = await table_mb(engine, "part_data_object_m0") * months
 
         async def prune(steps: list[float]) -> tuple[int, int]:

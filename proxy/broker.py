@@ -17,8 +17,10 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
-from proxy import messages
+from proxy import messages, tracing
+from proxy.auth import check_credentials, fetch_deadline
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.errors import (
     AuditBacklogFull,
@@ -221,6 +223,7 @@ class _Call:
     async def _serve(self) -> bytes:
         source, params = self.source, self.request.configured_params
         check(source.compiled, params, source.values)
+        check_credentials(source.http.auth, source.credentials)
         self.key = key = make_cache_key(source.data_source_id, params)
         if self.request.replay is not None:
             replayed = await self._replay(self.request.replay)
@@ -231,21 +234,28 @@ class _Call:
         if not source.caching.enabled:
             self._check_backlog()
             return (await self._fetch()).value_json
-        entry = await self.broker.cached(source, key)
+        with tracing.span("cache") as traced:
+            entry = await self.broker.cached(source, key)
+            if traced is not None:
+                age = None if entry is None else round(self.arrival - entry.created_at, 3)
+                tracing.annotate(traced, **{"cache.hit": entry is not None, "cache.age_s": age})
         if entry is not None and self._fresh(entry):
             self._check_backlog(for_hits=True)
             return self._from_cache(entry)
         self._check_backlog()
-        deadline = source.retrying.deadline(self._timeout())
+        deadline = fetch_deadline(
+            source.http.auth, source.retrying.deadline(self._timeout()), self._timeout()
+        )
         try:
             # One upstream call per key, whoever asks, in this process or another.
-            async with self.broker.flights.turn(
-                source.data_source_id, key, deadline, self._fresh
+            async with tracing.waited(
+                "lock", self.broker.flights.turn(source.data_source_id, key, deadline, self._fresh)
             ) as turn:
                 if turn.received is not None:
                     return self._from_cache(turn.received)
                 new = await self._fetch()
-                await self.broker.store(source, key, new)
+                with tracing.span("cache.store"):
+                    await self.broker.store(source, key, new)
                 turn.share(new)
                 return new.value_json
         except BrokerError as exc:
@@ -313,11 +323,12 @@ class _Call:
         data_object_id = uuid.uuid4()
         self.data_object_id = str(data_object_id)
         # Journaled before parsing: a body that fails to parse is kept for audit too.
-        broker.outbox.append(
-            DataObjectRecord(
-                data_object_id, source.data_source_id, self.key, fetched.content, self.end_time
+        with tracing.span("outbox"):
+            broker.outbox.append(
+                DataObjectRecord(
+                    data_object_id, source.data_source_id, self.key, fetched.content, self.end_time
+                )
             )
-        )
         value_json = format_body(
             fetched.content, source.http.response_type, charset_of(fetched.content_type)
         )
@@ -326,20 +337,23 @@ class _Call:
     async def _call(self, rendered: RenderedRequest) -> Fetched:
         """One upstream call (its retries included) of an authenticated request."""
         broker, source = self.broker, self.source
-        return await broker.upstream.fetch(
-            rendered,
-            timeout=self._timeout(),
-            retrying=source.retrying,
-            max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
-            follow_redirects=bool(source.http.follow_redirects),
-            source=source.name,
-        )
+        with tracing.span("upstream"):
+            return await broker.upstream.fetch(
+                tracing.propagate(rendered),
+                timeout=self._timeout(),
+                retrying=source.retrying,
+                max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
+                follow_redirects=bool(source.http.follow_redirects),
+                source=source.name,
+                throttled=partial(broker.vendors.hold, source.data_source_id),
+            )
 
     def _finish(self, outcome: bytes | BrokerError) -> Answer:
         """Journal the audit row, then answer: the row is on disk before the answer leaves."""
         error = outcome if isinstance(outcome, BrokerError) else None
         try:
-            self.broker.outbox.append(self._audit(error or self.stale_because))
+            with tracing.span("outbox"):
+                self.broker.outbox.append(self._audit(error or self.stale_because))
         except Exception:
             # The journal itself failed (disk full, outbox closed): answer anyway, loudly.
             logger.exception("could not journal the audit row of a request")

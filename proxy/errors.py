@@ -226,6 +226,7 @@ class AuditBacklogFull(BrokerError):
 
     code = "AUDIT_BACKLOG_FULL"
     status = 503
+    retry_after = 5.0  # the writer ships a batch every second or so once the database is back
 
 
 class ParseError(BrokerError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
@@ -46,11 +47,14 @@ from proxy.templates import RenderedRequest
 
 T = TypeVar("T")
 
+logger = logging.getLogger("databroker.tokens")
+
 MAX_TOKEN_BYTES = 64 * 1024
 """The largest token endpoint answer read; a larger one is refused (AUTH_ERROR)."""
-FAILURE_HOLD_MS = 1000
+FAILURE_HOLD_MS = 2000
 """How long a failed token request is answered to those who waited for it or came right
-after: a failing endpoint sees one request a second, not one per waiting sidecar."""
+after (as ``singleflight.FAILURE_HOLD_MS``): a failing endpoint sees one request every
+2 s, not one per waiting call or sidecar."""
 SLACK = 1.0
 """Seconds past a token request's timeout before its lock expires by itself."""
 POLL_START = 0.005
@@ -186,6 +190,8 @@ class Tokens:
                 return cached
             token, expires_in = await self._request(source, timeout)
         except AuthError as exc:
+            # The message names what failed (a status, a timeout), never a value.
+            logger.warning("token request for %r failed: %s", source.name, exc.message)
             mark = FAILED_MARK + exc.message.encode()
             with contextlib.suppress(CacheUnavailable):
                 await call(self._redis.eval(_MARK_FAILED, 1, lock, mine, mark, FAILURE_HOLD_MS))

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -126,13 +127,15 @@ class Upstream:
         max_bytes: int,
         follow_redirects: bool = False,
         source: str = "",
+        throttled: Callable[[float], Awaitable[None]] | None = None,
     ) -> Fetched:
         """Raises an UpstreamError; EgressDenied and ResponseTooLarge pass through, unretried.
 
         All attempts and waits fit in ``retrying.deadline(timeout)``: an attempt gets
         at most what is left of it, and a ``Retry-After`` that does not fit ends the
         retries with the answer that asked for it. Each attempt is counted under the
-        data source's name ``source``.
+        data source's name ``source``. An upstream 429 that says how long to stay away
+        is told to ``throttled`` at once, before any retry waits for it.
         """
         counts = upstream_counts(source)
         loop = asyncio.get_running_loop()
@@ -167,6 +170,8 @@ class Upstream:
                     return Fetched(content, headers.get("content-type"), attempt + 1)
                 # An upstream 429 says how long to stay away: the broker holds the source.
                 hold = hold_of(headers, time.time()) if status == 429 else None
+                if hold is not None and throttled is not None:
+                    await throttled(hold)
                 error = UpstreamHTTPError(status, hold)
                 retry = retrying.retries_status(status, attempt)
                 retry_after = parse_retry_after(headers.get("retry-after"), time.time())

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from proxy.errors import (
     BrokerError,
@@ -29,8 +30,7 @@ from proxy.source_spec import MONEY_PLACES, Budget, CircuitBreaker, HTTPSource, 
 US = 1_000_000
 """Microseconds in a second: the scripts' time unit."""
 
-BREAKER_STATES = {"c": 0, "o": 1, "h": 2}
-"""A breaker's state as the ``databroker_circuit_state`` gauge shows it."""
+_BREAKER_STATES = {"c": 0, "o": 1, "h": 2}
 
 PROBE_RETRY = 1.0
 """Retry-After while a half-open breaker's probes are all out: they report within seconds."""
@@ -50,7 +50,6 @@ class Admission:
     """A half-open breaker's probe: its outcome closes or reopens the breaker."""
     spent_micros: int | None = None
     """The period's spend after this call's reservation (budgeted sources)."""
-    breaker_state: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +107,10 @@ class Plan:
 
     def decide(self, reply: list[bytes | int], now: float) -> Admission | VendorRefusal:
         """The admit script's reply ``[verdict, µs, spent, probe, breaker state]``."""
-        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        verdict = _text(reply[0])
         micros, spent, probe = int(reply[1]), int(reply[2]), bool(int(reply[3]))
-        state = BREAKER_STATES.get(_text(reply[4]))
         if verdict == "OK":
-            return Admission(
-                micros / US,
-                probe,
-                spent if self.budget else None,
-                None if not self.breaker else state,
-            )
+            return Admission(micros / US, probe, spent if self.budget else None)
         if verdict == "BUDGET_EXHAUSTED":
             assert self.budget is not None
             return budget_exhausted(self.budget, now)
@@ -138,7 +131,59 @@ class Plan:
         return float(Decimal(self.budget.micros - spent_micros).scaleb(-MONEY_PLACES))
 
 
+def breaker_state(value: bytes | int | str) -> int:
+    """A script's breaker state as the ``databroker_circuit_state`` gauge shows it:
+    0 closed, 1 open, 2 half-open."""
+    return _BREAKER_STATES.get(_text(value), 0)
+
+
+def describe(
+    plan: Plan,
+    *,
+    paused: bool,
+    held_until: float | None,
+    breaker: tuple[bytes | None, bytes | None],
+    spent_micros: int,
+    now: float,
+) -> dict[str, Any]:
+    """What an operator sees of a source's protection (``GET …/protection``): the pause,
+    an upstream's hold, the period's spend against the budget, the breaker's state.
+    ``breaker``: the hash's state and until (µs, Redis's clock, close to ours)."""
+    described: dict[str, Any] = {
+        "paused": paused,
+        "held_for_seconds": None if held_until is None else max(held_until - now, 0.0),
+        "cost": None if plan.cost is None else plan.cost.model_dump(),
+        "rate_limit": None if plan.rate_limit is None else plan.rate_limit.model_dump(),
+        "budget": None,
+        "circuit_breaker": None,
+    }
+    if plan.budget is not None:
+        _, left = period_of(plan.budget.period, now)
+        described["budget"] = {
+            **plan.budget.model_dump(),
+            "spent": _amount(spent_micros),
+            "remaining": _amount(max(plan.budget.micros - spent_micros, 0)),
+            "period_ends_in_seconds": left,
+        }
+    if plan.breaker is not None:
+        state, until = breaker
+        code = breaker_state(state or b"c")
+        open_for = int(until or 0) / US - now if code == 1 else 0.0
+        described["circuit_breaker"] = {
+            **plan.breaker.model_dump(),
+            "state": ("closed", "open", "half-open")[code],
+            "open_for_seconds": max(open_for, 0.0),
+        }
+    return described
+
+
+def _amount(micros: int) -> str:
+    """Millionths as the decimal string sources are written with (``"0.7"``, ``"12"``)."""
+    return format(Decimal(micros).scaleb(-MONEY_PLACES).normalize(), "f")
+
+
 def _text(value: bytes | int | str) -> str:
+    """A script's reply as text (the client is made without decode_responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

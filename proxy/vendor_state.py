@@ -4,7 +4,7 @@ Two kinds of state, read two ways:
 
 - Pauses (an operator's) and holds (an upstream 429's ``Retry-After``) are two
   small hashes, ``{prefix}vendor:paused`` and ``{prefix}vendor:holds``. Every
-  sidecar reads both every ``interval`` (0.2 s) into memory, so checking them
+  sidecar reads both every ``interval`` (0.1 s) into memory, so checking them
   costs a miss nothing and a hit is never asked. Race window: another sidecar
   learns of a pause or hold up to one interval (plus a round trip) late; the
   sidecar that set it knows at once.
@@ -27,16 +27,24 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from proxy.cache import RedisClient
-from proxy.errors import BrokerError, RateLimited, SourcePaused, VendorRefusal
+from proxy.cache import RedisClient, reply_bytes
+from proxy.errors import BrokerError, RateLimited, RedisUnavailable, SourcePaused, VendorRefusal
 from proxy.keys import KeyLayout
 from proxy.metrics import vendor_metrics
 from proxy.outage import Outage
-from proxy.vendor_guard import BREAKER_STATES, Admission, Plan, is_vendor_failure
+from proxy.source_spec import HTTPSource
+from proxy.vendor_guard import (
+    Admission,
+    Plan,
+    breaker_state,
+    describe,
+    is_vendor_failure,
+    period_of,
+)
 
 if TYPE_CHECKING:
     from proxy.source_registry import Source
@@ -192,11 +200,8 @@ class VendorState:
     async def after_call(
         self, source: Source, admission: Admission | None, error: BrokerError | None
     ) -> None:
-        """Report how the call went: an upstream 429 holds the source; a breaker hears of
-        failures and probes (the admit script counted the call already)."""
-        if error is not None and error.code == "HTTP_ERROR" and error.retry_after is not None:
-            if error.extra.get("upstream_status") == 429:
-                await self.hold(source.data_source_id, error.retry_after)
+        """Report how the call went to the source's breaker: failures and probes (the
+        admit script counted the call already). (An upstream 429's hold was set as it came.)"""
         if admission is None or source.http.circuit_breaker is None:
             return
         failed = is_vendor_failure(error)
@@ -237,13 +242,13 @@ class VendorState:
         self._outage.recovered()
         decided = plan.decide(reply, now)
         metrics = vendor_metrics(name)
+        if plan.budget is not None and reply[0] in (b"OK", b"BUDGET_EXHAUSTED"):
+            remaining = plan.remaining(int(reply[2])) or 0.0
+            metrics.budget_remaining(plan.budget.currency).set(max(remaining, 0.0))
+        if plan.breaker is not None:
+            metrics.breaker.set(breaker_state(reply[4]))
         if isinstance(decided, VendorRefusal):
             raise _counted(name, decided)
-        if decided.breaker_state is not None:
-            metrics.breaker.set(decided.breaker_state)
-        if decided.spent_micros is not None and plan.budget is not None:
-            remaining = plan.remaining(decided.spent_micros)
-            metrics.budget_remaining(plan.budget.currency).set(remaining or 0.0)
         if decided.wait > 0:
             metrics.waits.inc()
             metrics.wait_seconds.inc(decided.wait)
@@ -261,7 +266,7 @@ class VendorState:
         except (RedisError, OSError) as exc:
             self._outage.failed(type(exc).__name__)
             return
-        vendor_metrics(name).breaker.set(BREAKER_STATES.get(_text(state), 0))
+        vendor_metrics(name).breaker.set(breaker_state(state))
 
     async def hold(self, data_source_id: uuid.UUID, seconds: float) -> None:
         """Keep the whole fleet from calling the source for ``seconds`` (an upstream 429)."""
@@ -273,16 +278,37 @@ class VendorState:
             self._outage.failed(type(exc).__name__)
 
     async def set_paused(self, data_source_id: uuid.UUID, paused: bool) -> None:
-        """Pause or resume the source fleet-wide (raises RedisError: the admin must know)."""
-        if paused:
-            await self._redis.hset(self._layout.paused, str(data_source_id), repr(time.time()))
-            self.paused = self.paused | {data_source_id}
-        else:
-            await self._redis.hdel(self._layout.paused, str(data_source_id))
-            self.paused = self.paused - {data_source_id}
+        """Pause or resume the source fleet-wide; RedisUnavailable if Redis did not take it."""
+        try:
+            if paused:
+                await self._redis.hset(self._layout.paused, str(data_source_id), repr(time.time()))
+            else:
+                await self._redis.hdel(self._layout.paused, str(data_source_id))
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry") from exc
+        self.paused = self.paused | {data_source_id} if paused else self.paused - {data_source_id}
 
-    async def is_paused(self, data_source_id: uuid.UUID) -> bool:
-        return bool(await self._redis.hexists(self._layout.paused, str(data_source_id)))
+    async def describe(self, data_source_id: uuid.UUID, http: HTTPSource) -> dict[str, Any]:
+        """The source's protection as the fleet holds it now (``vendor_guard.describe``)."""
+        plan, now, sid = Plan.of(http), time.time(), str(data_source_id)
+        period = period_of(plan.budget.period, now)[0] if plan.budget else "none"
+        try:
+            async with self._redis.pipeline(transaction=False) as pipeline:
+                pipeline.hexists(self._layout.paused, sid)
+                pipeline.hget(self._layout.holds, sid)
+                pipeline.hmget(self._layout.vendor(data_source_id), ["bs", "bu"])
+                pipeline.get(self._layout.spend(data_source_id, period))
+                paused, held, breaker, spent = await pipeline.execute()
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry") from exc
+        return describe(
+            plan,
+            paused=bool(paused),
+            held_until=None if held is None else float(held),
+            breaker=(breaker[0], breaker[1]),
+            spent_micros=int(spent or 0),
+            now=now,
+        )
 
     async def refresh(self) -> None:
         """Read the fleet's pauses and holds; drop holds that ended."""
@@ -291,8 +317,8 @@ class VendorState:
             pipeline.hgetall(self._layout.holds)
             paused, holds = await pipeline.execute()
         now = time.time()
-        self.paused = frozenset(uuid.UUID(_text(sid)) for sid in paused)
-        live = {uuid.UUID(_text(sid)): float(until) for sid, until in holds.items()}
+        self.paused = frozenset(uuid.UUID(reply_bytes(sid).decode()) for sid in paused)
+        live = {uuid.UUID(reply_bytes(sid).decode()): float(until) for sid, until in holds.items()}
         ended = [str(sid) for sid, until in live.items() if until <= now]
         self.holds = {sid: until for sid, until in live.items() if until > now}
         if ended:
@@ -300,7 +326,7 @@ class VendorState:
             # it locally, and the upstream's next 429 sets it again.
             await self._redis.hdel(self._layout.holds, *ended)
 
-    async def follow(self, interval: float = 0.2) -> None:
+    async def follow(self, interval: float = 0.1) -> None:
         """Refresh every ``interval`` seconds; runs until cancelled, through any Redis outage."""
         while True:
             try:
@@ -309,10 +335,6 @@ class VendorState:
             except (RedisError, OSError, ValueError) as exc:
                 self._outage.failed(type(exc).__name__)
             await asyncio.sleep(interval)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _counted(name: str, refusal: VendorRefusal) -> VendorRefusal:

@@ -186,3 +186,22 @@ async def broker(settings: Settings, db: AsyncEngine) -> AsyncIterator[Broker]:
     with serve_in_thread(create_app(settings)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             yield Broker(url, settings, client)
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """Traces on, to the SDK's in-memory exporter (yielded) until the test ends."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from proxy import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.uninstall()

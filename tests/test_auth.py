@@ -15,6 +15,8 @@ from proxy.auth import (
     AuthConfig,
     basic_header,
     cache_seconds,
+    check_credentials,
+    fetch_deadline,
     parse_token,
     token_form,
     with_authorization,
@@ -89,6 +91,21 @@ def test_token_form_names_the_missing_credentials(
     assert refused.value.extra["variables"] == missing
 
 
+def test_check_credentials_names_what_each_method_lacks() -> None:
+    check_credentials(None, {})
+    check_credentials(AuthConfig(method="basic"), CLIENT)
+    check_credentials(AuthConfig(**BEARER, grant_type="password"), USER)
+    cases = [
+        (AuthConfig(method="basic"), {"USERNAME": "ada"}, ["USERNAME", "PASSWORD"]),
+        (AuthConfig(**BEARER, grant_type="client_credentials"), USER, list(CLIENT)),
+        (AuthConfig(**BEARER, grant_type="password"), {"USERNAME": "ada"}, ["PASSWORD"]),
+    ]
+    for auth, credentials, missing in cases:
+        with pytest.raises(MissingVariables) as refused:
+            check_credentials(auth, credentials)
+        assert refused.value.extra["variables"] == missing
+
+
 @pytest.mark.parametrize(
     "auth",
     [
@@ -159,3 +176,10 @@ def test_our_authorization_replaces_the_sources() -> None:
     )
     headers = with_authorization(request, "Bearer new").headers
     assert headers == (("X-A", "1"), ("Authorization", "Bearer new"))
+
+
+def test_a_bearer_fetch_has_time_for_two_token_requests_and_two_calls() -> None:
+    bearer = AuthConfig(**BEARER, grant_type="client_credentials")
+    assert fetch_deadline(None, 12, 5) == 12
+    assert fetch_deadline(AuthConfig(method="basic"), 12, 5) == 12
+    assert fetch_deadline(bearer, 12, 5) == 34

@@ -1,7 +1,8 @@
 """Secrets canary: variables hold recognisable values, every route and error path is driven,
 then everything the broker said or wrote is searched for them.
 
-Searched: every response (body and headers), every log line (caplog at DEBUG for an
+Searched: every response (body and headers), every span of the in-thread broker's
+traces (attributes, recorded exceptions), every log line (caplog at DEBUG for an
 in-thread broker; the console script's JSON lines at DEBUG with the access log for a
 subprocess one), every Redis key
 under the test's prefix and every value behind it, every message published there,
@@ -28,6 +29,8 @@ import orjson
 import pytest
 import redis as sync_redis
 from cryptography.fernet import Fernet
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
@@ -537,6 +540,7 @@ async def test_no_secret_leaves_an_in_thread_broker(
     redis_prefix: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    spans: InMemorySpanExporter,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     with black_hole() as hole, published_messages(redis_prefix) as messages:
@@ -544,12 +548,19 @@ async def test_no_secret_leaves_an_in_thread_broker(
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 seen = await drive(client, upstream, hole)
                 await audited(db, seen.resolved)
+    # Traces on: every span of every request searched, failed ones (the upstream's) included.
+    traced = spans.get_finished_spans()
+    assert {span.name for span in traced if span.status.status_code is StatusCode.ERROR} >= {
+        "databroker.request",
+        "upstream",
+    }
     assert_secrets_reached_upstream(upstream)
     assert settings.secret_key is not None
     assert set(SECRETS.values()) <= await stored_secrets(db, settings.secret_key.get_secret_value())
     assert len(caplog.records) > 0
     logs = caplog.text + "".join(repr(vars(r)) for r in caplog.records)
     leaks = await search_everything(seen, logs, db, redis_prefix, messages, tmp_path)
+    leaks += [leak for span in traced for leak in found(f"span {span.name}", span.to_json())]
     assert leaks == [], "secrets found in:\n" + "\n".join(leaks)
 
 
@@ -624,10 +635,11 @@ def test_a_served_source_shows_its_variables_by_name_only() -> None:
         created_at=now,
         last_updated_at=now,
     )
-    source = Source.from_row(row, Secrets({"KEY": SECRETS["HEADER_SECRET"]}))
+    source = Source.from_row(row, Secrets({"KEY": SECRETS["HEADER_SECRET"]}), Secrets(CREDENTIALS))
     rendered = render(source.compiled, {"id": "1"}, source.values)
     assert dict(rendered.headers)["X-Key"] == SECRETS["HEADER_SECRET"]  # it is in there
-    for obj in (source, source.values, rendered):
+    assert source.credentials["PASSWORD"] == CREDENTIALS["PASSWORD"]
+    for obj in (source, source.values, source.credentials, rendered):
         assert CANARY not in shown(obj)
     assert "KEY" in repr(source.values)  # names are not secret: MISSING_VARIABLES lists them
     # A diff of two sources drills into their fields: the values compare, but print by name.

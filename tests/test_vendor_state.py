@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from proxy.errors import BudgetExhausted, CircuitOpen, RateLimited, SourcePaused, VendorRefusal
 from proxy.keys import KeyLayout
@@ -20,6 +21,7 @@ from proxy.vendor_guard import Admission, Plan, period_of
 from proxy.vendor_state import VendorState
 from tests.conftest import REDIS_URL
 from tests.harness import async_wait_for
+from tests.instances import RedisCluster
 
 COST = {"amount": "0.35", "currency": "USD"}
 BREAKER = {
@@ -178,3 +180,26 @@ async def test_pauses_and_holds_reach_every_sidecar(fleet: list[VendorState]) ->
     with pytest.raises(RateLimited) as held:
         two.check_local(sid, "vendor", time.time())
     assert 29 <= held.value.retry_after <= 30
+
+
+async def test_the_scripts_run_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    """A source's hash and spend counter share a hash slot: one script reaches both."""
+    host, port = redis_cluster.startup_nodes[0]
+    client = AsyncRedisCluster(host=host, port=port)
+    try:
+        state = VendorState(client, KeyLayout("vendors:", cluster=True))
+        sid = uuid.uuid4()
+        plan = _plan(
+            cost=COST,
+            budget={"amount": "0.70", "currency": "USD", "period": "day"},
+            rate_limit={"requests": 5, "per_seconds": 1},
+            circuit_breaker=BREAKER,
+        )
+        outcomes = [await _admit(state, sid, plan) for _ in range(3)]
+        assert [type(o) for o in outcomes] == [Admission, Admission, BudgetExhausted]
+        await state.set_paused(sid, True)
+        await state.hold(sid, 30)
+        await state.refresh()
+        assert sid in state.paused and sid in state.holds
+    finally:
+        await client.aclose()

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy import messages
+from proxy import messages, tracing
 from proxy.broker import Answer
 from proxy.errors import InternalError, InvalidRequest
 from proxy.metrics import record_request
@@ -40,17 +40,20 @@ class BrokerRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        try:
-            body = await read_json(scope, receive, InvalidRequest)
-            answer = await scope["state"]["services"].broker.handle(body)
-        except InvalidRequest as exc:
-            answer = Answer(exc.status, messages.failure(exc), code=exc.code)
-        except ClientDisconnect:
-            return  # nobody is left to answer, and nothing was resolved or journaled
-        except Exception:
-            logger.exception("the broker route failed unexpectedly")
-            error = InternalError("the broker failed unexpectedly; see its log")
-            answer = Answer(error.status, messages.failure(error), code=error.code)
+        with tracing.request(scope["headers"]) as traced:
+            try:
+                body = await read_json(scope, receive, InvalidRequest)
+                answer = await scope["state"]["services"].broker.handle(body)
+            except InvalidRequest as exc:
+                answer = Answer(exc.status, messages.failure(exc), code=exc.code)
+            except ClientDisconnect:
+                return  # nobody is left to answer, and nothing was resolved or journaled
+            except Exception:
+                logger.exception("the broker route failed unexpectedly")
+                error = InternalError("the broker failed unexpectedly; see its log")
+                answer = Answer(error.status, messages.failure(error), code=error.code)
+            if traced is not None:
+                _annotate(traced, answer)
         # Counted before the answer leaves: a worker that scrapes right after its answer
         # finds it counted.
         record_request(answer.source, answer.origin, answer.code, time.perf_counter() - started)
@@ -63,6 +66,19 @@ class BrokerRoute:
             headers.append((b"retry-after", str(math.ceil(answer.retry_after)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _annotate(traced: tracing.Span, answer: Answer) -> None:
+    tracing.annotate(
+        traced,
+        **{
+            "databroker.source": answer.source or None,
+            "databroker.origin": answer.origin,
+            "http.response.status_code": answer.status,
+        },
+    )
+    if answer.code != "OK":
+        tracing.failed(traced, answer.code)
 
 
 class FrontDoor:
