@@ -571,7 +571,10 @@ def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> 
         return answer.json()
     try:
         error = answer.json()
-        reason = f"{error['code']}: {error['detail']}"
+        detail = error["detail"]
+        if isinstance(detail, list):  # a 422: FastAPI's list of {loc, msg, type}
+            detail = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
+        reason = f"{error['code']}: {detail}"
     except (ValueError, KeyError, TypeError):
         reason = f"HTTP {answer.status_code}"
     raise click.ClickException(f"{method} {path}: {reason}")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
-from sqlalchemy import Column, ColumnElement, Table, and_, delete, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Column, ColumnElement, Table, Uuid, and_, column, delete, func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from proxy.cache import CacheUnavailable, RedisCache, RedisClient, call, reply_bytes
 from proxy.metrics import ROWS_PRUNED
@@ -32,6 +33,9 @@ from proxy.retention import Cut, SourceRetention, cuts
 from proxy.tables import DataObject, DataSource, RunDataRequest
 
 logger = logging.getLogger("databroker.pruner")
+
+DELETED_SOURCE = "(deleted source)"
+"""The name a deleted draft's rows are reported under."""
 
 # Each table, its primary key, and what a delete returns: an object's cache key (its entry
 # may outlive it), an audit row's id (only counted).
@@ -70,11 +74,21 @@ class Pruner:
         self.clock = clock
 
     async def cuts(self) -> list[Cut]:
-        """Every source's cut now, archived sources included: their rows age too."""
+        """Every source's cut now, archived sources included: their rows age too. A deleted
+        draft's rows (their source row is gone) take the default retention."""
         query = select(DataSource.data_source_id, DataSource.name, DataSource.retention_days)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        sources = [SourceRetention(r.data_source_id, r.name, r.retention_days) for r in rows]
+            sources = [SourceRetention(r.data_source_id, r.name, r.retention_days) for r in rows]
+            if self.default_days is not None:
+                known = {source.data_source_id for source in sources}
+                named: set[uuid.UUID] = set()
+                for table, *_ in _TABLES:
+                    named.update(await _source_ids(conn, table))
+                sources += [
+                    SourceRetention(orphan, DELETED_SOURCE, None)
+                    for orphan in sorted(named - known)
+                ]
         return cuts(sources, self.default_days, self.clock())
 
     async def run(
@@ -127,6 +141,24 @@ class Pruner:
             if after_batch is not None:
                 await after_batch()
             await asyncio.sleep(self.pause)
+
+
+async def _source_ids(conn: AsyncConnection, table: Table) -> list[uuid.UUID]:
+    """The distinct source ids of a table, one index probe each (a loose index scan: Postgres
+    would otherwise read the whole index to find a handful)."""
+    walk = text(
+        f"""
+        WITH RECURSIVE seen(s) AS (
+            SELECT (SELECT data_source_id FROM {table.name} ORDER BY data_source_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT data_source_id FROM {table.name} WHERE data_source_id > seen.s
+                    ORDER BY data_source_id LIMIT 1)
+            FROM seen WHERE seen.s IS NOT NULL
+        )
+        SELECT s FROM seen WHERE s IS NOT NULL
+        """
+    ).columns(column("s", Uuid))
+    return list((await conn.execute(walk)).scalars().all())
 
 
 def _older(table: Table, cut: Cut) -> ColumnElement[bool]:

@@ -532,7 +532,6 @@ def listed_objects(sdk: SimpleNamespace, admin: Any, sid: str) -> list[Any]:
     return list(ok(sdk.list_data_objects.sync_detailed(sid, client=admin), list))
 
 
-@NOT_BUILT
 def test_objects_are_listed_newest_first_and_read_formatted(
     sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream
 ) -> None:
@@ -556,7 +555,6 @@ def test_objects_are_listed_newest_first_and_read_formatted(
     not_found(sdk.list_data_objects.sync_detailed(unknown_id(), client=admin))
 
 
-@NOT_BUILT
 def test_an_object_is_only_found_under_its_own_source(
     sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream
 ) -> None:

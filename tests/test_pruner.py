@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from proxy.cache import CacheEntry, RedisCache
 from proxy.cli import main
 from proxy.keys import KeyLayout
-from proxy.pruner import Pruner, prune_round
+from proxy.pruner import DELETED_SOURCE, Pruner, prune_round
 from proxy.tables import DataObject, DataSource, RunDataRequest
 from tests.conftest import REDIS_URL
 from tests.harness import clean_env
@@ -213,3 +213,21 @@ async def test_the_entries_of_pruned_objects_leave_the_cache(
     assert pruned.objects == 3
     assert {key for key, entry in left.items() if entry is None} == {"30.1", "400"}
     assert left["45"] == refreshed
+
+
+async def test_a_deleted_drafts_rows_take_the_default_retention(database: AsyncEngine) -> None:
+    """Its source row is gone (drafts are hard-deleted), its rows are not: they age by the
+    default, and are kept forever without one."""
+    kept = await add_source(database, "kept", None)
+    deleted = uuid.uuid4()
+    for source in (kept, deleted):
+        await add_rows(database, source)
+    assert await pruner(database, default_days=None).run() == []
+
+    done = await pruner(database, default_days=30).run()
+
+    assert sorted((p.cut.name, p.cut.data_source_id, p.objects, p.requests) for p in done) == [
+        (DELETED_SOURCE, deleted, 3, 3),
+        ("kept", kept, 3, 3),
+    ]
+    assert await ages_left(database, deleted) == ([0.5, 6.9, 7.1, 29.9],) * 2

@@ -635,10 +635,11 @@ def test_a_served_source_shows_its_variables_by_name_only() -> None:
         created_at=now,
         last_updated_at=now,
     )
-    source = Source.from_row(row, Secrets({"KEY": SECRETS["HEADER_SECRET"]}))
+    source = Source.from_row(row, Secrets({"KEY": SECRETS["HEADER_SECRET"]}), Secrets(CREDENTIALS))
     rendered = render(source.compiled, {"id": "1"}, source.values)
     assert dict(rendered.headers)["X-Key"] == SECRETS["HEADER_SECRET"]  # it is in there
-    for obj in (source, source.values, rendered):
+    assert source.credentials["PASSWORD"] == CREDENTIALS["PASSWORD"]
+    for obj in (source, source.values, source.credentials, rendered):
         assert CANARY not in shown(obj)
     assert "KEY" in repr(source.values)  # names are not secret: MISSING_VARIABLES lists them
     # A diff of two sources drills into their fields: the values compare, but print by name.

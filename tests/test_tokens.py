@@ -7,15 +7,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.keys import KeyLayout
+from proxy.secrets import SecretBox, Secrets
+from proxy.source_registry import Source
+from proxy.source_spec import DataSourceSpec
+from proxy.tables import DataSource
+from proxy.tokens import Tokens
+from proxy.upstream import create_client
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import (
     admin_headers,
@@ -277,6 +285,34 @@ async def test_basic_auth_without_credentials_is_missing_variables(
     error = await failed(broker, "basic", 400, "MISSING_VARIABLES")
     assert error["variables"] == ["USERNAME", "PASSWORD"]
     assert upstream.received == []
+
+
+async def test_without_redis_a_process_still_requests_one_token_at_a_time(
+    upstream: Upstream, issuer: TokenIssuer
+) -> None:
+    token_url, api = issuer.install(upstream)
+    spec = DataSourceSpec.model_validate(bearer("api", token_url, api))
+    now = datetime.now(UTC)
+    row = DataSource(
+        data_source_id=uuid.uuid4(),
+        name=spec.name,
+        source=spec.source.model_dump(mode="json", exclude_none=True),
+        caching_enabled=False,
+        runtime_params=["id"],
+        variables=[],
+        status="PUBLISHED",
+        last_updated_at=now,
+    )
+    source = Source.from_row(row, Secrets(), Secrets(CLIENT))
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")
+    box = SecretBox([Fernet.generate_key().decode()])
+    async with create_client() as client:
+        tokens = Tokens(unreachable, KeyLayout("nowhere:"), box, client)
+        first = await asyncio.gather(*(tokens.token(source, 5) for _ in range(20)))
+        again = await tokens.token(source, 5)
+    await unreachable.aclose()
+    assert len(set(first)) == 1 and again != first[0]  # nothing kept without Redis
+    assert len(issuer.forms) == 2
 
 
 @pytest.mark.slow
