@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from proxy import messages, tracing
-from proxy.auth import fetch_deadline
+from proxy.auth import check_credentials, fetch_deadline
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.errors import (
     AuditBacklogFull,
@@ -249,6 +249,7 @@ class _Call:
     async def _serve(self) -> bytes:
         source, params = self.source, self.request.configured_params
         check(source.compiled, params, source.values)
+        check_credentials(source.http.auth, source.credentials)
         self.key = key = make_cache_key(source.data_source_id, params)
         if self.request.replay is not None:
             replayed = await self._replay(self.request.replay)

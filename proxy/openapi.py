@@ -265,6 +265,13 @@ def document() -> dict[str, Any]:
             "/data-sources/{data_source_id}/pause": {
                 "post": _op("Pause upstream calls fleet-wide", {"type": "object"}, params=one)
             },
+            "/data-sources/{data_source_id}/protection": {
+                "get": _op(
+                    "Pause, hold, spend and breaker state, fleet-wide",
+                    {"type": "object"},
+                    params=one,
+                )
+            },
             "/data-sources/{data_source_id}/resume": {
                 "post": _op("Resume upstream calls fleet-wide", {"type": "object"}, params=one)
             },

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ from tests.conftest import REDIS_URL, Broker
 from tests.harness import (
     BROKER_PATH,
     LOOPBACK,
+    async_wait_for,
     broker_request,
     free_port,
     register,
@@ -132,6 +133,11 @@ def test_the_oldest_record_is_dated_by_its_first_write_not_its_segment_opening(
     outbox.close()
 
 
+async def _includes(found: Awaitable[dict[str, float]], want: dict[str, float]) -> bool:
+    got = await found
+    return all(got.get(name) == value for name, value in want.items())
+
+
 def _families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return {
         family.name: [
@@ -139,10 +145,6 @@ def _families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         ]
         for family in text_string_to_metric_families(text)
     }
-
-
-def _counter_files(directory: Path) -> Iterator[Path]:
-    return directory.glob("counter_*.db")
 
 
 async def test_two_workers_scrape_as_one_counters_never_go_backwards(
@@ -188,8 +190,25 @@ async def test_two_workers_scrape_as_one_counters_never_go_backwards(
                 seen.append(counted)
             upstream_calls = sum(v for _, v in families["databroker_upstream_responses"])
             assert upstream_calls == 20 * 4 == upstream.hits("/workers")
-        # The workers' files, and their parent's (it imported the metrics, counted nothing).
-        pids = {path.stem.split("_")[1] for path in _counter_files(shared)}
-        assert "1" not in pids
-        workers = pids - {str(process.pid)}
-        assert len(workers) == 2, f"one worker served everything; nothing was summed: {pids}"
+
+            async def gauges() -> dict[str, float]:
+                text = (await client.get("/metrics")).text
+                return {
+                    f.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+                    for f in text_string_to_metric_families(text)
+                    if f.type == "gauge"
+                    for s in f.samples
+                }
+
+            # Live gauges combine the workers' values (min, max, sum), nobody else's.
+            want = {
+                "databroker_hot_live": 1.0,
+                "databroker_dependency_up{redis}": 1.0,
+                "databroker_dependency_up{database}": 1.0,
+                f"databroker_build_info{{{__version__}}}": 1.0,
+            }
+            await async_wait_for(lambda: _includes(gauges(), want), timeout=10)
+        # The workers' files only: not the parent's (it serves no metrics), nor the stale one.
+        pids = {path.stem.split("_")[-1] for path in shared.glob("*.db")}
+        assert str(process.pid) not in pids and "1" not in pids
+        assert len(pids) == 2, f"one worker served everything; nothing was summed: {pids}"

@@ -45,7 +45,7 @@ from proxy.messages import loads_strict
 from proxy.routes.bodies import read_json
 from proxy.services import services
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import SourceStore, VariableValue, to_api
+from proxy.source_store import SourceStore, VariableValue, spec_of, to_api
 from proxy.types import Status
 
 logger = logging.getLogger("databroker.admin")
@@ -252,6 +252,17 @@ async def _set_paused(request: Request, paused: bool) -> Response:
 
 
 @admin
+async def get_protection(request: Request) -> Response:
+    """The source's spend and vendor protection as the fleet holds it now: paused, held by
+    an upstream's 429, spent against its budget, its breaker's state."""
+    row = await _store(request).get(_source_id(request), _project(request))
+    described = await services(request).broker.vendors.describe(
+        row.data_source_id, spec_of(row).source
+    )
+    return _json({"data_source_id": str(row.data_source_id), **described})
+
+
+@admin
 async def pause_source(request: Request) -> Response:
     return await _set_paused(request, True)
 
@@ -273,5 +284,6 @@ routes = [
     Route("/data-sources/{data_source_id}/variables", get_variables, methods=["GET"]),
     Route("/data-sources/{data_source_id}/variables", set_variables, methods=["PUT"]),
     Route("/data-sources/{data_source_id}/pause", pause_source, methods=["POST"]),
+    Route("/data-sources/{data_source_id}/protection", get_protection, methods=["GET"]),
     Route("/data-sources/{data_source_id}/resume", resume_source, methods=["POST"]),
 ]
