@@ -5,23 +5,33 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.tables import DataObject
-from tests.conftest import Broker
+from tests.conftest import TABLES, Broker
 from tests.harness import async_wait_for
 from tests.servers import Upstream
 
 KEY = "tryout-canary-key/9+q"  # a '/' and a '+': its encoded forms differ from it
 OVERRIDE = "tryout-canary-override-7d"
 PASSWORD = "tryout-canary-password-3e"
+
+
+@pytest.fixture(autouse=True)
+async def leave_no_secrets(db: AsyncEngine) -> AsyncIterator[None]:
+    """Brokers later in the session start on this database with keys of their own: the
+    variables and credentials stored here under this broker's key would stop their start-up."""
+    yield
+    async with db.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
 
 
 def keyed(upstream: Upstream, path: str, **source: Any) -> dict[str, Any]:
