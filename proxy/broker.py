@@ -252,7 +252,8 @@ class _Call:
         check_credentials(source.http.auth, source.credentials)
         self.key = key = make_cache_key(source.data_source_id, params)
         if self.request.replay is not None:
-            replayed = await self._replay(self.request.replay)
+            with tracing.span("replay"):
+                replayed = await self._replay(self.request.replay)
             if replayed is not None:
                 return replayed
             # hybrid, nothing stored: a fresh upstream call, as a request of today would make.
@@ -331,7 +332,8 @@ class _Call:
         assert self.key is not None
         rendered = render(source.compiled, self.request.configured_params, source.values)
         # Budget, rate limit, breaker, pause: raises the refusal, or waits for a turn.
-        admission = await broker.vendors.before_call(source, self._timeout())
+        with tracing.span("admission"):
+            admission = await broker.vendors.before_call(source, self._timeout())
         self.cost = source.http.cost
         self.origin = "REQUEST"
         self.start_time = time.time()
