@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,14 +27,16 @@ from proxy.tokens import Tokens
 from proxy.upstream import create_client
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import (
+    ADMIN_TOKEN,
     admin_headers,
     async_wait_for,
     broker_request,
+    clean_env,
     free_port,
     private_prefix,
     sidecar_env,
 )
-from tests.instances import sidecar
+from tests.instances import serving, sidecar, terminate
 from tests.servers import TokenIssuer, Upstream
 
 CLIENT = {"CLIENT_ID": "issuer-client", "CLIENT_SECRET": "issuer-secret"}
@@ -350,3 +353,26 @@ async def test_200_calls_across_3_sidecars_fetch_one_token(
     assert {a.json()["origin"] for a in answers} == {"REQUEST"}
     assert len(issuer.forms) == 1
     assert len(issuer.api_calls) == 200 and len(set(issuer.api_calls)) == 1
+
+
+@pytest.mark.slow
+async def test_the_embedded_default_authenticates_too(
+    upstream: Upstream, issuer: TokenIssuer, tmp_path: Path
+) -> None:
+    """SQLite and the in-process Redis: the same path, credentials and token kept encrypted."""
+    async with serving(clean_env(admin_token=ADMIN_TOKEN), tmp_path) as (process, client):
+        await register(client, bearer("api", *issuer.install(upstream)), CLIENT)
+        for i in range(3):
+            answer = await client.post(
+                "/internal/data-broker", json=broker_request("api", {"id": str(i)})
+            )
+            assert answer.status_code == 200, answer.text
+        terminate(process)
+    assert len(issuer.forms) == 1 and len(issuer.api_calls) == 3
+    with sqlite3.connect(tmp_path / ".databroker" / "databroker.db") as conn:
+        stored = conn.execute(
+            "SELECT credential_type, value FROM data_source_credential"
+        ).fetchall()
+    conn.close()
+    assert sorted(kind for kind, _ in stored) == sorted(CLIENT)
+    assert not any(CLIENT["CLIENT_SECRET"] in value for _, value in stored)
