@@ -51,9 +51,10 @@ logger = logging.getLogger("databroker.tokens")
 
 MAX_TOKEN_BYTES = 64 * 1024
 """The largest token endpoint answer read; a larger one is refused (AUTH_ERROR)."""
-FAILURE_HOLD_MS = 1000
+FAILURE_HOLD_MS = 2000
 """How long a failed token request is answered to those who waited for it or came right
-after: a failing endpoint sees one request a second, not one per waiting sidecar."""
+after (as ``singleflight.FAILURE_HOLD_MS``): a failing endpoint sees one request every
+2 s, not one per waiting call or sidecar."""
 SLACK = 1.0
 """Seconds past a token request's timeout before its lock expires by itself."""
 POLL_START = 0.005

@@ -263,3 +263,20 @@ async def test_the_worker_client_types_replays(backend: Backend, upstream: Upstr
             )
     assert (missed.value.code, missed.value.status) == ("REPLAY_MISS", 404)
     assert upstream.hits(path) == 0
+
+
+async def test_an_erased_key_replays_as_a_miss_never_another_object(
+    backend: Backend, upstream: Upstream
+) -> None:
+    sid, path = await bureau(backend, upstream)
+    await store(backend.engine, sid, "1", b'{"v": 0}', T0)
+    kept = await store(backend.engine, sid, "2", b'{"v": "kept"}', T0)
+    assert (await replay(backend, "1", as_of=T0.isoformat())).status_code == 200
+    key = make_cache_key(uuid.UUID(sid), {"ssn": "1"})
+    erased = await backend.broker.admin("DELETE", f"/data-sources/{sid}/objects?key={key}")
+    assert erased.status_code == 200, erased.text
+    missed = await replay(backend, "1", as_of=(T0 + HOUR).isoformat())
+    assert missed.json()["error"]["code"] == "REPLAY_MISS"
+    other = (await replay(backend, "2", as_of=T0.isoformat())).json()
+    assert other["data_object_id"] == kept
+    assert upstream.hits(path) == 0
