@@ -174,14 +174,17 @@ class Broker:
     def timeout_of(self, source: Source) -> float:
         return source.http.timeout or self.limits.default_timeout
 
-    async def send(self, source: Source, rendered: RenderedRequest) -> Fetched:
+    async def send(
+        self, source: Source, rendered: RenderedRequest, applied: list[str] | None = None
+    ) -> Fetched:
         """One upstream call as every request makes it: the source's concurrency slot, its
         auth (a new token on a 401), timeout, retries, size cap, redirects and the egress
-        policy (in the transport). Broker requests and ``POST …/test`` both call this."""
+        policy (in the transport). Broker requests and ``POST …/test`` both call this;
+        ``applied`` collects the auth credentials sent (``Tokens.send``)."""
         timeout = self.timeout_of(source)
         async with self.slot(source):
             return await self.tokens.send(
-                source, rendered, timeout, partial(self._upstream, source, timeout)
+                source, rendered, timeout, partial(self._upstream, source, timeout), applied
             )
 
     async def _upstream(self, source: Source, timeout: float, rendered: RenderedRequest) -> Fetched:

@@ -89,24 +89,32 @@ class Tokens:
         request: RenderedRequest,
         timeout: float,
         call_upstream: Callable[[RenderedRequest], Awaitable[T]],
+        applied: list[str] | None = None,
     ) -> T:
         """``call_upstream(request)`` authenticated; a bearer call answered 401 is made
-        once more with a new token (its second 401 is the answer)."""
+        once more with a new token (its second 401 is the answer). ``applied`` collects
+        each credential sent (a basic pair's base64, a token): what an answer that
+        echoes the upstream (``POST …/test``) must mask."""
         auth = source.http.auth
         if auth is None:
             return await call_upstream(request)
+
+        def authorized(scheme: str, credential: str) -> RenderedRequest:
+            if applied is not None:
+                applied.append(credential)
+            return with_authorization(request, f"{scheme} {credential}")
+
         if auth.method == "basic":
-            return await call_upstream(
-                with_authorization(request, basic_header(source.credentials))
-            )
+            basic = basic_header(source.credentials).removeprefix("Basic ")
+            return await call_upstream(authorized("Basic", basic))
         token = await self.token(source, timeout)
         try:
-            return await call_upstream(with_authorization(request, f"Bearer {token}"))
+            return await call_upstream(authorized("Bearer", token))
         except UpstreamHTTPError as exc:
             if exc.upstream_status != 401:
                 raise
         token = await self.token(source, timeout, rejected=token)
-        return await call_upstream(with_authorization(request, f"Bearer {token}"))
+        return await call_upstream(authorized("Bearer", token))
 
     async def token(self, source: Source, timeout: float, rejected: str | None = None) -> str:
         """The source's token: cached, or requested (once across sidecars). ``rejected``:

@@ -76,7 +76,10 @@ def _body(fetched: Fetched, source: Source) -> tuple[Any, str | None]:
 
 async def run(broker: Broker, source: Source, params: Mapping[str, Any]) -> dict[str, Any]:
     """Call the source once with ``params``; the DataSourceTestResponse, secrets masked."""
-    secrets = forms([*source.values.values(), *source.credentials.values()])
+    stored = [*source.values.values(), *source.credentials.values()]
+    secrets = forms(stored)
+    # The auth sent (a token, a basic pair's base64): an upstream may echo its headers.
+    applied: list[str] = []
     answer: dict[str, Any] = {
         "test_id": str(uuid.uuid4()),
         "request_url": None,
@@ -93,7 +96,7 @@ async def run(broker: Broker, source: Source, params: Mapping[str, Any]) -> dict
         rendered = render(source.compiled, params, source.values)
         answer["request_url"] = mask(str(full_url(rendered)), secrets)
         answer["request_headers"] = _headers(rendered.headers, secrets)
-        fetched = await broker.send(source, rendered)
+        fetched = await broker.send(source, rendered, applied)
     except UpstreamTimeout as exc:
         answer["status_code"], answer["error"] = TIMED_OUT, f"Request timed out: {exc.message}"
     except UpstreamHTTPError as exc:
@@ -101,6 +104,7 @@ async def run(broker: Broker, source: Source, params: Mapping[str, Any]) -> dict
     except BrokerError as exc:
         answer["status_code"], answer["error"] = exc.status, f"{exc.code}: {exc.message}"
     else:
+        secrets = forms([*stored, *applied])
         body, error = _body(fetched, source)
         headers = fetched.headers.multi_items() if fetched.headers is not None else []
         answer |= {

@@ -17,6 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, Secrets
@@ -319,6 +321,32 @@ async def test_without_redis_a_process_still_requests_one_token_at_a_time(
     await unreachable.aclose()
     assert len(set(first)) == 1 and again != first[0]  # nothing kept without Redis
     assert len(issuer.forms) == 2
+
+
+async def reflect(request: Request) -> Response:
+    """An upstream that echoes the Authorization it got (as httpbin's /headers does)."""
+    sent = request.headers.get("authorization", "")
+    return JSONResponse({"you_sent": sent}, headers={"X-Echo": sent})
+
+
+@pytest.mark.parametrize("method", ["bearer", "basic"])
+async def test_testing_a_source_masks_the_auth_it_sent(
+    broker: Broker, upstream: Upstream, issuer: TokenIssuer, method: str
+) -> None:
+    token_url, _ = issuer.install(upstream)
+    url = upstream.on("/reflect", reflect)
+    spec = bearer("reflecting", token_url, url)
+    if method == "basic":
+        spec["source"]["auth"] = {"method": "basic"}
+    sid = await register(broker.client, spec, {**CLIENT, **USER})
+    answer = await broker.admin("POST", f"/data-sources/{sid}/test", {"params": {"id": "1"}})
+    assert answer.status_code == 200, answer.text
+    tested = answer.json()
+    assert tested["status_code"] == 200, tested
+    sent = upstream.received[-1]["headers"]["authorization"]
+    assert sent.startswith("Bearer " if method == "bearer" else "Basic ")
+    assert tested["response_body"]["you_sent"] == sent.split(" ")[0] + " ***"
+    assert sent.split(" ")[1] not in answer.text
 
 
 @pytest.mark.slow
