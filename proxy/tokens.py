@@ -42,6 +42,20 @@ from proxy.cache import CacheUnavailable, RedisClient, call, reply_bytes
 from proxy.errors import AuthError, InternalError, UpstreamHTTPError
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, SecretKeyError
+
+# The fetch lock's pattern and timings: a failed request is answered for FAILURE_HOLD_MS
+# (2 s) to those who waited for it or came right after, so a failing endpoint sees one
+# request every 2 s, not one per waiting call or sidecar; a lock outlives its holder's
+# timeout by SLACK at most.
+from proxy.singleflight import (
+    FAILED_MARK,
+    FAILURE_HOLD_MS,
+    MARK_FAILED,
+    POLL_MAX,
+    POLL_START,
+    RELEASE,
+    SLACK,
+)
 from proxy.source_registry import Source
 from proxy.templates import RenderedRequest
 
@@ -51,24 +65,6 @@ logger = logging.getLogger("databroker.tokens")
 
 MAX_TOKEN_BYTES = 64 * 1024
 """The largest token endpoint answer read; a larger one is refused (AUTH_ERROR)."""
-FAILURE_HOLD_MS = 2000
-"""How long a failed token request is answered to those who waited for it or came right
-after (as ``singleflight.FAILURE_HOLD_MS``): a failing endpoint sees one request every
-2 s, not one per waiting call or sidecar."""
-SLACK = 1.0
-"""Seconds past a token request's timeout before its lock expires by itself."""
-POLL_START = 0.005
-POLL_MAX = 0.05
-FAILED_MARK = b"!"
-
-# Compare-and-act: only the holder (who knows its token) may release or mark its lock.
-_RELEASE = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-)
-_MARK_FAILED = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
-)
 
 
 class Tokens:
@@ -202,11 +198,11 @@ class Tokens:
             logger.warning("token request for %r failed: %s", source.name, exc.message)
             mark = FAILED_MARK + exc.message.encode()
             with contextlib.suppress(CacheUnavailable):
-                await call(self._redis.eval(_MARK_FAILED, 1, lock, mine, mark, FAILURE_HOLD_MS))
+                await call(self._redis.eval(MARK_FAILED, 1, lock, mine, mark, FAILURE_HOLD_MS))
             raise
         except BaseException:
             with contextlib.suppress(CacheUnavailable):
-                await call(self._redis.eval(_RELEASE, 1, lock, mine))
+                await call(self._redis.eval(RELEASE, 1, lock, mine))
             raise
         keep_ms = int(cache_seconds(expires_in) * 1000)
         with contextlib.suppress(CacheUnavailable):
@@ -214,7 +210,7 @@ class Tokens:
                 await call(
                     self._redis.set(self._layout.token(sid), self._box.encrypt(token), px=keep_ms)
                 )
-            await call(self._redis.eval(_RELEASE, 1, lock, mine))
+            await call(self._redis.eval(RELEASE, 1, lock, mine))
         return token
 
     async def _request(self, source: Source, timeout: float) -> tuple[str, float]:
