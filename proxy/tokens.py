@@ -191,8 +191,10 @@ class Tokens:
             # between our read and our lock. One more GET costs less than a request.
             cached = await self._cached(sid)
             if cached is not None and cached != rejected:
-                return cached
-            token, expires_in = await self._request(source, timeout)
+                token, keep_ms = cached, 0
+            else:
+                token, expires_in = await self._request(source, timeout)
+                keep_ms = int(cache_seconds(expires_in) * 1000)
         except AuthError as exc:
             # The message names what failed (a status, a timeout), never a value.
             logger.warning("token request for %r failed: %s", source.name, exc.message)
@@ -204,7 +206,6 @@ class Tokens:
             with contextlib.suppress(CacheUnavailable):
                 await call(self._redis.eval(RELEASE, 1, lock, mine))
             raise
-        keep_ms = int(cache_seconds(expires_in) * 1000)
         with contextlib.suppress(CacheUnavailable):
             if keep_ms > 0:
                 await call(

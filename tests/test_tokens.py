@@ -295,12 +295,9 @@ async def test_basic_auth_without_credentials_is_missing_variables(
     assert upstream.received == []
 
 
-async def test_without_redis_a_process_still_requests_one_token_at_a_time(
-    upstream: Upstream, issuer: TokenIssuer
-) -> None:
-    token_url, api = issuer.install(upstream)
-    spec = DataSourceSpec.model_validate(bearer("api", token_url, api))
-    now = datetime.now(UTC)
+def served(issuer: TokenIssuer, upstream: Upstream) -> Source:
+    """A bearer source as the registry serves it, built without a broker."""
+    spec = DataSourceSpec.model_validate(bearer("api", *issuer.install(upstream)))
     row = DataSource(
         data_source_id=uuid.uuid4(),
         name=spec.name,
@@ -309,18 +306,48 @@ async def test_without_redis_a_process_still_requests_one_token_at_a_time(
         runtime_params=["id"],
         variables=[],
         status="PUBLISHED",
-        last_updated_at=now,
+        last_updated_at=datetime.now(UTC),
     )
-    source = Source.from_row(row, Secrets(), Secrets(CLIENT))
+    return Source.from_row(row, Secrets(), Secrets(CLIENT))
+
+
+def box() -> SecretBox:
+    return SecretBox([Fernet.generate_key().decode()])
+
+
+async def test_without_redis_a_process_still_requests_one_token_at_a_time(
+    upstream: Upstream, issuer: TokenIssuer
+) -> None:
+    source = served(issuer, upstream)
     unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")
-    box = SecretBox([Fernet.generate_key().decode()])
     async with create_client() as client:
-        tokens = Tokens(unreachable, KeyLayout("nowhere:"), box, client)
+        tokens = Tokens(unreachable, KeyLayout("nowhere:"), box(), client)
         first = await asyncio.gather(*(tokens.token(source, 5) for _ in range(20)))
         again = await tokens.token(source, 5)
     await unreachable.aclose()
     assert len(set(first)) == 1 and again != first[0]  # nothing kept without Redis
     assert len(issuer.forms) == 2
+
+
+async def test_a_holder_that_finds_a_token_stored_meanwhile_uses_it_and_lets_go(
+    upstream: Upstream, issuer: TokenIssuer, redis: Any, redis_prefix: str
+) -> None:
+    """The race window: another sidecar stored a token and released between this
+    caller's read and its lock. The stored token is used, and the lock released at once,
+    so the next refresh need not wait for it to expire."""
+    source = served(issuer, upstream)
+    layout, secrets = KeyLayout(redis_prefix), box()
+    lock = layout.token_lock(source.data_source_id)
+    async with create_client() as client:
+        tokens = Tokens(redis, layout, secrets, client)
+        await redis.set(layout.token(source.data_source_id), secrets.encrypt("stored-meanwhile"))
+        await redis.set(lock, "mine")
+        assert await tokens._request_holding(source, 5, lock, "mine", None) == "stored-meanwhile"
+        assert not await redis.exists(lock)
+        # A refresh of that very token requests a new one, kept for the next callers.
+        fresh = await tokens.token(source, 5, rejected="stored-meanwhile")
+    assert fresh in issuer.issued and len(issuer.forms) == 1
+    assert secrets.decrypt((await redis.get(layout.token(source.data_source_id))).decode()) == fresh
 
 
 async def reflect(request: Request) -> Response:
