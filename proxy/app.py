@@ -46,7 +46,16 @@ from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import replays_for
 from proxy.request_ids import RequestIds
-from proxy.routes import admin, analytics, credentials, erasure, health, internal
+from proxy.routes import (
+    admin,
+    analytics,
+    credentials,
+    erasure,
+    health,
+    internal,
+    objects,
+    tryout,
+)
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -80,6 +89,8 @@ def create_app(
             *analytics.routes,
             *credentials.routes,
             *erasure.routes,
+            *objects.routes,
+            *tryout.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],

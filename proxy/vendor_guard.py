@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from proxy.errors import (
     BrokerError,
@@ -134,6 +135,51 @@ def breaker_state(value: bytes | int | str) -> int:
     """A script's breaker state as the ``databroker_circuit_state`` gauge shows it:
     0 closed, 1 open, 2 half-open."""
     return _BREAKER_STATES.get(_text(value), 0)
+
+
+def describe(
+    plan: Plan,
+    *,
+    paused: bool,
+    held_until: float | None,
+    breaker: tuple[bytes | None, bytes | None],
+    spent_micros: int,
+    now: float,
+) -> dict[str, Any]:
+    """What an operator sees of a source's protection (``GET …/protection``): the pause,
+    an upstream's hold, the period's spend against the budget, the breaker's state.
+    ``breaker``: the hash's state and until (µs, Redis's clock, close to ours)."""
+    described: dict[str, Any] = {
+        "paused": paused,
+        "held_for_seconds": None if held_until is None else max(held_until - now, 0.0),
+        "cost": None if plan.cost is None else plan.cost.model_dump(),
+        "rate_limit": None if plan.rate_limit is None else plan.rate_limit.model_dump(),
+        "budget": None,
+        "circuit_breaker": None,
+    }
+    if plan.budget is not None:
+        _, left = period_of(plan.budget.period, now)
+        described["budget"] = {
+            **plan.budget.model_dump(),
+            "spent": _amount(spent_micros),
+            "remaining": _amount(max(plan.budget.micros - spent_micros, 0)),
+            "period_ends_in_seconds": left,
+        }
+    if plan.breaker is not None:
+        state, until = breaker
+        code = breaker_state(state or b"c")
+        open_for = int(until or 0) / US - now if code == 1 else 0.0
+        described["circuit_breaker"] = {
+            **plan.breaker.model_dump(),
+            "state": ("closed", "open", "half-open")[code],
+            "open_for_seconds": max(open_for, 0.0),
+        }
+    return described
+
+
+def _amount(micros: int) -> str:
+    """Millionths as the decimal string sources are written with (``"0.7"``, ``"12"``)."""
+    return format(Decimal(micros).scaleb(-MONEY_PLACES).normalize(), "f")
 
 
 def _text(value: bytes | int | str) -> str:

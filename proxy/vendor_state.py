@@ -4,7 +4,7 @@ Two kinds of state, read two ways:
 
 - Pauses (an operator's) and holds (an upstream 429's ``Retry-After``) are two
   small hashes, ``{prefix}vendor:paused`` and ``{prefix}vendor:holds``. Every
-  sidecar reads both every ``interval`` (0.2 s) into memory, so checking them
+  sidecar reads both every ``interval`` (0.1 s) into memory, so checking them
   costs a miss nothing and a hit is never asked. Race window: another sidecar
   learns of a pause or hold up to one interval (plus a round trip) late; the
   sidecar that set it knows at once.
@@ -27,16 +27,24 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from proxy.cache import RedisClient, reply_bytes
-from proxy.errors import BrokerError, RateLimited, SourcePaused, VendorRefusal
+from proxy.errors import BrokerError, RateLimited, RedisUnavailable, SourcePaused, VendorRefusal
 from proxy.keys import KeyLayout
 from proxy.metrics import vendor_metrics
 from proxy.outage import Outage
-from proxy.vendor_guard import Admission, Plan, breaker_state, is_vendor_failure
+from proxy.source_spec import HTTPSource
+from proxy.vendor_guard import (
+    Admission,
+    Plan,
+    breaker_state,
+    describe,
+    is_vendor_failure,
+    period_of,
+)
 
 if TYPE_CHECKING:
     from proxy.source_registry import Source
@@ -270,16 +278,37 @@ class VendorState:
             self._outage.failed(type(exc).__name__)
 
     async def set_paused(self, data_source_id: uuid.UUID, paused: bool) -> None:
-        """Pause or resume the source fleet-wide (raises RedisError: the admin must know)."""
-        if paused:
-            await self._redis.hset(self._layout.paused, str(data_source_id), repr(time.time()))
-            self.paused = self.paused | {data_source_id}
-        else:
-            await self._redis.hdel(self._layout.paused, str(data_source_id))
-            self.paused = self.paused - {data_source_id}
+        """Pause or resume the source fleet-wide; RedisUnavailable if Redis did not take it."""
+        try:
+            if paused:
+                await self._redis.hset(self._layout.paused, str(data_source_id), repr(time.time()))
+            else:
+                await self._redis.hdel(self._layout.paused, str(data_source_id))
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry") from exc
+        self.paused = self.paused | {data_source_id} if paused else self.paused - {data_source_id}
 
-    async def is_paused(self, data_source_id: uuid.UUID) -> bool:
-        return bool(await self._redis.hexists(self._layout.paused, str(data_source_id)))
+    async def describe(self, data_source_id: uuid.UUID, http: HTTPSource) -> dict[str, Any]:
+        """The source's protection as the fleet holds it now (``vendor_guard.describe``)."""
+        plan, now, sid = Plan.of(http), time.time(), str(data_source_id)
+        period = period_of(plan.budget.period, now)[0] if plan.budget else "none"
+        try:
+            async with self._redis.pipeline(transaction=False) as pipeline:
+                pipeline.hexists(self._layout.paused, sid)
+                pipeline.hget(self._layout.holds, sid)
+                pipeline.hmget(self._layout.vendor(data_source_id), ["bs", "bu"])
+                pipeline.get(self._layout.spend(data_source_id, period))
+                paused, held, breaker, spent = await pipeline.execute()
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry") from exc
+        return describe(
+            plan,
+            paused=bool(paused),
+            held_until=None if held is None else float(held),
+            breaker=(breaker[0], breaker[1]),
+            spent_micros=int(spent or 0),
+            now=now,
+        )
 
     async def refresh(self) -> None:
         """Read the fleet's pauses and holds; drop holds that ended."""
@@ -297,7 +326,7 @@ class VendorState:
             # it locally, and the upstream's next 429 sets it again.
             await self._redis.hdel(self._layout.holds, *ended)
 
-    async def follow(self, interval: float = 0.2) -> None:
+    async def follow(self, interval: float = 0.1) -> None:
         """Refresh every ``interval`` seconds; runs until cancelled, through any Redis outage."""
         while True:
             try:

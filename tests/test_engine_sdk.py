@@ -532,7 +532,6 @@ def listed_objects(sdk: SimpleNamespace, admin: Any, sid: str) -> list[Any]:
     return list(ok(sdk.list_data_objects.sync_detailed(sid, client=admin), list))
 
 
-@NOT_BUILT
 def test_objects_are_listed_newest_first_and_read_formatted(
     sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream
 ) -> None:
@@ -556,7 +555,6 @@ def test_objects_are_listed_newest_first_and_read_formatted(
     not_found(sdk.list_data_objects.sync_detailed(unknown_id(), client=admin))
 
 
-@NOT_BUILT
 def test_an_object_is_only_found_under_its_own_source(
     sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream
 ) -> None:
@@ -643,7 +641,6 @@ def test_analytics_refuse_a_bad_date_with_422_or_404(
 # --- test a source -------------------------------------------------------------------------
 
 
-@NOT_BUILT
 def test_test_runs_the_real_request_and_masks_secrets(
     sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream
 ) -> None:
@@ -670,7 +667,6 @@ def test_test_runs_the_real_request_and_masks_secrets(
     assert len(listed_objects(sdk, admin, sid)) == 1
 
 
-@NOT_BUILT
 def test_test_reports_an_upstream_timeout_as_408(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -701,7 +697,6 @@ def test_test_reports_an_upstream_timeout_as_408(
             loop.call_soon_threadsafe(released.set)
 
 
-@NOT_BUILT
 def test_test_refuses_params_that_are_not_an_object_with_422_or_404(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -715,7 +710,6 @@ def test_test_refuses_params_that_are_not_an_object_with_422_or_404(
 # --- our own description --------------------------------------------------------------------
 
 
-@NOT_BUILT
 def test_our_openapi_lists_every_reference_operation(served: str) -> None:
     reference = json.loads(REFERENCE.read_text())["paths"]
     ours = httpx.get(f"{served}/openapi.json").json()["paths"]

@@ -128,15 +128,18 @@ def _ok(answer: httpx.Response | requests.Response) -> str:
     return data_source_id
 
 
-def _aim(drawn: tuple[AnyCase, str | None]) -> AnyCase:
-    """Point a generated broker request at a registered source, keeping its other fields."""
-    case, name = drawn
+def _aim(drawn: tuple[AnyCase, str | None, bool]) -> AnyCase:
+    """Point a generated broker request at a registered source, keeping its other fields,
+    or all but the freshness and replay extensions: a negative case spoils any of its
+    fields, and one that spoiled only those would otherwise never reach the upstream."""
+    case, name, extended = drawn
     if name is None or not isinstance(case.body, dict):
         return case
     params = case.body.get("configured_params")
     value = next(iter(params.values())) if isinstance(params, dict) and params else "x"
     aimed = {} if name == "fuzz_plain" else {"id": value}
-    case.body = {**case.body, "data_source_name": name, "configured_params": aimed}
+    kept = {k: v for k, v in case.body.items() if extended or k not in ("max_age", "replay")}
+    case.body = {**kept, "data_source_name": name, "configured_params": aimed}
     return case
 
 
@@ -157,7 +160,7 @@ def _strategy(
     generated = operation.as_strategy(generation_mode=mode)
     if path == BROKER:
         names = st.sampled_from([None, *AIMED])
-        return st.tuples(generated, names).map(_aim)
+        return st.tuples(generated, names, st.booleans()).map(_aim)
     if "{data_source_id}" in path:
         fixed = {"data_source_id": draft_id}
         generated |= operation.as_strategy(generation_mode=mode, path_parameters=fixed)

@@ -18,6 +18,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
+from proxy.client import AsyncClient, ReplayMiss
 from proxy.database import create_engine, migrate
 from proxy.keys import make_cache_key
 from proxy.settings import Settings
@@ -240,3 +241,42 @@ async def test_every_replayed_request_leaves_an_audit_row(
         ("AS_OF", None, "REPLAY_MISS"),
         ("RUN_ID", None, "REPLAY_MISS"),
     ]
+
+
+async def test_the_worker_client_types_replays(backend: Backend, upstream: Upstream) -> None:
+    """The backtest as a worker writes it: ``Answer.replay`` on a hit, ``ReplayMiss`` raised."""
+    sid, path = await bureau(backend, upstream)
+    object_id = await store(backend.engine, sid, "1", b'{"v": 0}', T0)
+    async with AsyncClient(backend.broker.url) as client:
+        answer = await client.request(
+            "bureau", {"ssn": "1"}, uuid.uuid4(), replay={"as_of": T0.isoformat(), "mode": "strict"}
+        )
+        assert (answer.origin, answer.value, answer.data_object_id) == (
+            "CACHE",
+            {"v": 0},
+            object_id,
+        )
+        assert answer.replay == {"data_object_created_at": T0.isoformat()}
+        with pytest.raises(ReplayMiss) as missed:
+            await client.request(
+                "bureau", {"ssn": "2"}, uuid.uuid4(), replay={"as_of": T0.isoformat()}
+            )
+    assert (missed.value.code, missed.value.status) == ("REPLAY_MISS", 404)
+    assert upstream.hits(path) == 0
+
+
+async def test_an_erased_key_replays_as_a_miss_never_another_object(
+    backend: Backend, upstream: Upstream
+) -> None:
+    sid, path = await bureau(backend, upstream)
+    await store(backend.engine, sid, "1", b'{"v": 0}', T0)
+    kept = await store(backend.engine, sid, "2", b'{"v": "kept"}', T0)
+    assert (await replay(backend, "1", as_of=T0.isoformat())).status_code == 200
+    key = make_cache_key(uuid.UUID(sid), {"ssn": "1"})
+    erased = await backend.broker.admin("DELETE", f"/data-sources/{sid}/objects?key={key}")
+    assert erased.status_code == 200, erased.text
+    missed = await replay(backend, "1", as_of=(T0 + HOUR).isoformat())
+    assert missed.json()["error"]["code"] == "REPLAY_MISS"
+    other = (await replay(backend, "2", as_of=T0.isoformat())).json()
+    assert other["data_object_id"] == kept
+    assert upstream.hits(path) == 0

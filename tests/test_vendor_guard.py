@@ -18,7 +18,14 @@ from proxy.errors import (
 )
 from proxy.lifecycle import forbidden_changes
 from proxy.source_spec import DataSourceSpec, HTTPSource
-from proxy.vendor_guard import Admission, Plan, hold_of, is_vendor_failure, period_of
+from proxy.vendor_guard import (
+    Admission,
+    Plan,
+    describe,
+    hold_of,
+    is_vendor_failure,
+    period_of,
+)
 
 COST = {"amount": "0.35", "currency": "USD"}
 BUDGET = {"amount": "1.00", "currency": "USD", "period": "day"}
@@ -182,3 +189,37 @@ def test_a_relayed_refusal_keeps_its_retry_after() -> None:
         {"code": "RATE_LIMITED", "message": "m", "status": 429, "retry_after": 4}
     )
     assert (relayed.code, relayed.status, relayed.retry_after) == ("RATE_LIMITED", 429, 4.0)
+
+
+def test_what_an_operator_sees() -> None:
+    now = _at("2026-11-29T18:00:00")
+    plan = _plan(cost=COST, budget=BUDGET, circuit_breaker=BREAKER)
+    seen = describe(
+        plan,
+        paused=True,
+        held_until=now + 12.5,
+        breaker=(b"o", str(int((now + 2) * 1_000_000)).encode()),
+        spent_micros=700_000,
+        now=now,
+    )
+    assert seen["paused"] is True and seen["held_for_seconds"] == 12.5
+    assert seen["cost"] == COST and seen["rate_limit"] is None
+    assert seen["budget"] == {
+        **BUDGET,
+        "spent": "0.7",
+        "remaining": "0.3",
+        "period_ends_in_seconds": 6 * 3600,
+    }
+    assert seen["circuit_breaker"]["state"] == "open"
+    assert seen["circuit_breaker"]["open_for_seconds"] == pytest.approx(2)
+    quiet = describe(
+        _plan(cost=COST, budget={**BUDGET, "amount": "2"}, circuit_breaker=BREAKER),
+        paused=False,
+        held_until=None,
+        breaker=(None, None),
+        spent_micros=2_100_000,  # a budget lowered below what was spent
+        now=now,
+    )
+    assert quiet["held_for_seconds"] is None and quiet["budget"]["remaining"] == "0"
+    assert quiet["budget"]["spent"] == "2.1"
+    assert quiet["circuit_breaker"]["state"] == "closed"

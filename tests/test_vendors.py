@@ -81,7 +81,9 @@ async def test_a_spent_budget_refuses_calls_but_serves_hits(
     for n in range(1, 5):
         upstream.answer(f"/budgeted/{n}", f'{{"n": {n}}}')
     budget = {"amount": "0.70", "currency": "USD", "period": "day"}
-    await broker.register(_spec("budgeted", f"{upstream.url}/budgeted", cost=COST, budget=budget))
+    source = await broker.register(
+        _spec("budgeted", f"{upstream.url}/budgeted", cost=COST, budget=budget)
+    )
     run_id = uuid.uuid4()
     for n in ("1", "2"):
         assert (await broker.call("budgeted", {"n": n}, run_id=run_id)).status_code == 200
@@ -98,9 +100,17 @@ async def test_a_spent_budget_refuses_calls_but_serves_hits(
     refusal = next(r for r in rows if r["error"] is not None)
     assert refusal["error"]["code"] == "BUDGET_EXHAUSTED" and refusal["cost_amount"] is None
     assert _metric("databroker_budget_remaining", source="budgeted", currency="USD") == 0
+    sid = source["data_source_id"]
+    seen = (await broker.admin("GET", f"/data-sources/{sid}/protection")).json()
+    assert seen["budget"] == {**budget, "spent": "0.7", "remaining": "0", **_ends(seen)}
+    assert seen["paused"] is False and seen["circuit_breaker"] is None
     assert (
         _metric("databroker_vendor_refusals_total", source="budgeted", code="BUDGET_EXHAUSTED") >= 1
     )
+
+
+def _ends(seen: dict[str, Any]) -> dict[str, Any]:
+    return {"period_ends_in_seconds": seen["budget"]["period_ends_in_seconds"]}
 
 
 async def test_pause_and_resume(broker: Broker, upstream: Upstream) -> None:
@@ -111,6 +121,8 @@ async def test_pause_and_resume(broker: Broker, upstream: Upstream) -> None:
     assert (await broker.call("pausable", {"n": "1"})).status_code == 200
     paused = await broker.admin("POST", f"{path}/pause")
     assert paused.status_code == 200 and paused.json()["paused"] is True
+    seen = await broker.admin("GET", f"{path}/protection")
+    assert seen.status_code == 200 and seen.json()["paused"] is True
     refused = await broker.call("pausable", {"n": "2"})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "SOURCE_PAUSED"
     assert refused.headers["retry-after"] == "5"
@@ -172,11 +184,14 @@ async def test_an_open_breaker_answers_stale_where_allowed(
     }
     spec = _spec("breaker", f"{upstream.url}/breaker", circuit_breaker=breaker)
     spec["caching"] = {"enabled": True, "ttl": 1, "stale_if_error": 600}
-    await broker.register(spec)
+    sid = (await broker.register(spec))["data_source_id"]
     assert (await broker.call("breaker", {"n": "1"})).status_code == 200
     healthy["up"] = False
     assert [(await broker.call("breaker", {"n": n})).status_code for n in ("2", "3")] == [502, 502]
     assert _metric("databroker_circuit_state", source="breaker") == 1
+    seen = (await broker.admin("GET", f"/data-sources/{sid}/protection")).json()
+    assert seen["circuit_breaker"]["state"] == "open"
+    assert 0 < seen["circuit_breaker"]["open_for_seconds"] <= 60
     calls = len(upstream.received)
     refused = await broker.call("breaker", {"n": "4"})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "CIRCUIT_OPEN"

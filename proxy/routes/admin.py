@@ -45,7 +45,7 @@ from proxy.messages import loads_strict
 from proxy.routes.bodies import read_json
 from proxy.services import services
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import SourceStore, VariableValue, to_api
+from proxy.source_store import SourceStore, VariableValue, spec_of, to_api
 from proxy.types import Status
 
 logger = logging.getLogger("databroker.admin")
@@ -164,6 +164,12 @@ def _project(request: Request, in_body: uuid.UUID | None = None) -> uuid.UUID | 
     return project
 
 
+_BOOLEANS = {
+    **dict.fromkeys(("true", "1", "yes", "on", "t", "y"), True),
+    **dict.fromkeys(("false", "0", "no", "off", "f", "n"), False),
+}
+
+
 @admin
 async def list_sources(request: Request) -> Response:
     status = request.query_params.get("status")
@@ -173,14 +179,15 @@ async def list_sources(request: Request) -> Response:
             raise ValidationFailed(
                 f"status must be one of {', '.join(get_args(Status))}", loc=("query", "status")
             )
-    include_archived = request.query_params.get("include_archived", "false").lower()
-    if include_archived not in ("true", "false"):
+    # The words FastAPI reads as a boolean, as the engine takes them.
+    include_archived = _BOOLEANS.get(request.query_params.get("include_archived", "false").lower())
+    if include_archived is None:
         raise ValidationFailed(
             "include_archived must be true or false", loc=("query", "include_archived")
         )
     rows = await _store(request).list_sources(
         _project(request),
-        include_archived == "true",
+        include_archived,
         status,  # type: ignore[arg-type]
     )
     return _json([to_api(row) for row in rows])
@@ -252,6 +259,17 @@ async def _set_paused(request: Request, paused: bool) -> Response:
 
 
 @admin
+async def get_protection(request: Request) -> Response:
+    """The source's spend and vendor protection as the fleet holds it now: paused, held by
+    an upstream's 429, spent against its budget, its breaker's state."""
+    row = await _store(request).get(_source_id(request), _project(request))
+    described = await services(request).broker.vendors.describe(
+        row.data_source_id, spec_of(row).source
+    )
+    return _json({"data_source_id": str(row.data_source_id), **described})
+
+
+@admin
 async def pause_source(request: Request) -> Response:
     return await _set_paused(request, True)
 
@@ -273,5 +291,6 @@ routes = [
     Route("/data-sources/{data_source_id}/variables", get_variables, methods=["GET"]),
     Route("/data-sources/{data_source_id}/variables", set_variables, methods=["PUT"]),
     Route("/data-sources/{data_source_id}/pause", pause_source, methods=["POST"]),
+    Route("/data-sources/{data_source_id}/protection", get_protection, methods=["GET"]),
     Route("/data-sources/{data_source_id}/resume", resume_source, methods=["POST"]),
 ]
