@@ -68,7 +68,7 @@ from tests.servers import Upstream, serve_in_thread, upstream_app
 START = datetime(2025, 1, 1, tzinfo=UTC)
 MONTH = timedelta(days=30)
 WRITER_EVERY = 0.005
-BASELINE_SECONDS = 3.0
+BASELINE_SECONDS = 10.0
 HITS_SOURCE = "bench_prune_hits"
 SOURCE = uuid.UUID("6f1c0b8e-2d4a-4c1e-9b7a-3e5d2f4a6b8c")
 
@@ -117,6 +117,7 @@ class HitsResult:
     clients: int
     before: Latencies
     during: Latencies
+    after: Latencies
 
 
 # --- the pure half ---------------------------------------------------------------------------
@@ -141,12 +142,14 @@ def report(results: list[Result]) -> str:
 
 
 def hits_report(result: HitsResult) -> str:
-    before, during = result.before, result.during
+    phases = (("before", result.before), ("during", result.during), ("after", result.after))
     return (
         f"hits while the broker prunes {result.rows_pruned} rows in {result.prune_seconds:.1f} s"
-        f" ({result.clients} clients): p50/p99/max ms {before.p50:.2f}/{before.p99:.2f}/"
-        f"{before.max:.2f} ({before.count} hits) -> {during.p50:.2f}/{during.p99:.2f}/"
-        f"{during.max:.2f} ({during.count} hits)"
+        f" ({result.clients} clients), p50/p99/max ms: "
+        + ", ".join(
+            f"{name} {hits.p50:.2f}/{hits.p99:.2f}/{hits.max:.2f} ({hits.count} hits)"
+            for name, hits in phases
+        )
     )
 
 
@@ -431,7 +434,7 @@ async def _hits_while_pruning(
             await engine.dispose()
         warm = await client.post(BROKER_PATH, json=broker_request(HITS_SOURCE, {"id": "1"}))
         warm.raise_for_status()  # the miss that caches the key (created now: never pruned)
-        deadline = time.perf_counter() + BASELINE_SECONDS
+        deadline = 0.0
 
         async def baseline_done() -> bool:
             return time.perf_counter() >= deadline
@@ -443,6 +446,7 @@ async def _hits_while_pruning(
             gone = counter((await client.get("/metrics")).text, "databroker_rows_pruned")
             return gone >= 2 * rows
 
+        deadline = time.perf_counter() + BASELINE_SECONDS
         before = await _hit_load(client, clients, baseline_done, BASELINE_SECONDS + timeout)
         started = time.perf_counter()
         # Every filled row is older than 30 days: the broker's next prune round takes them all.
@@ -455,7 +459,12 @@ async def _hits_while_pruning(
         answer.raise_for_status()
         during = await _hit_load(client, clients, all_pruned, timeout)
         seconds = time.perf_counter() - started
-    return HitsResult(int(gone), seconds, clients, Latencies.of(before), Latencies.of(during))
+        # And after, as a second reference: the machine's noise, not the prune's.
+        deadline = time.perf_counter() + BASELINE_SECONDS
+        after = await _hit_load(client, clients, baseline_done, BASELINE_SECONDS + timeout)
+    return HitsResult(
+        int(gone), seconds, clients, *(Latencies.of(t) for t in (before, during, after))
+    )
 
 
 def hits_while_pruning(

@@ -35,6 +35,8 @@ UPSTREAM_ERRORS: Final = "upstream_errors"  # upstream calls that failed
 LATENCY: Final = "latency"  # upstream calls; label: the bucket's upper bound in ms
 ERRORS: Final = "errors"  # label: the error's code
 SPEND: Final = "spend"  # upstream calls with a cost; label: currency; total: amount
+# The counters a series charts day by day; the others are read for a window as a whole.
+DAILY: Final = (REQUESTS, HITS, MISSES, UPSTREAM, UPSTREAM_ERRORS)
 # Before a metric's name: the counter of a project's sources together, not of one source.
 PROJECT: Final = "*"
 

@@ -46,7 +46,16 @@ from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import replays_for
 from proxy.request_ids import RequestIds
-from proxy.routes import admin, analytics, credentials, erasure, health, internal, objects
+from proxy.routes import (
+    admin,
+    analytics,
+    credentials,
+    erasure,
+    health,
+    internal,
+    objects,
+    tryout,
+)
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
@@ -81,6 +90,7 @@ def create_app(
             *credentials.routes,
             *erasure.routes,
             *objects.routes,
+            *tryout.routes,
             *health.routes,
             Route("/openapi.json", openapi, methods=["GET"]),
         ],

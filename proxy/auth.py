@@ -58,26 +58,41 @@ def _pair(credentials: Mapping[str, Any], first: str, second: str) -> tuple[str,
     return None
 
 
-def basic_header(credentials: Mapping[str, Any]) -> str:
-    """``Basic …`` from USERNAME/PASSWORD, else CLIENT_ID/CLIENT_SECRET; MissingVariables
-    (naming the credentials) when neither pair is stored."""
-    pair = _pair(credentials, "USERNAME", "PASSWORD") or _pair(
-        credentials, "CLIENT_ID", "CLIENT_SECRET"
-    )
+def check_credentials(auth: AuthConfig | None, credentials: Mapping[str, Any]) -> None:
+    """MissingVariables naming the credentials ``auth`` needs and lacks: checked with the
+    request's own names, before a cache lookup or a paid call, as variables are."""
+    if auth is None:
+        return
+    if auth.method == "basic":
+        _basic_pair(credentials)
+        return
+    needed = ("USERNAME", "PASSWORD") if auth.grant_type == "password" else _CLIENT
+    missing = [name for name in needed if name not in credentials]
+    if missing:
+        raise MissingVariables(missing)
+
+
+_CLIENT = ("CLIENT_ID", "CLIENT_SECRET")
+
+
+def _basic_pair(credentials: Mapping[str, Any]) -> tuple[str, str]:
+    """USERNAME/PASSWORD, else CLIENT_ID/CLIENT_SECRET; MissingVariables if neither."""
+    pair = _pair(credentials, "USERNAME", "PASSWORD") or _pair(credentials, *_CLIENT)
     if pair is None:
         raise MissingVariables(["USERNAME", "PASSWORD"])
-    return "Basic " + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode("ascii")
+    return pair
+
+
+def basic_header(credentials: Mapping[str, Any]) -> str:
+    """``Basic …`` from USERNAME/PASSWORD, else CLIENT_ID/CLIENT_SECRET."""
+    user, password = _basic_pair(credentials)
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 def token_form(auth: AuthConfig, credentials: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The form fields of the token request (RFC 6749 4.3 and 4.4, client credentials in
     the body, 2.3.1); MissingVariables naming the credentials the grant lacks."""
-    needed: list[str] = ["CLIENT_ID", "CLIENT_SECRET"]
-    if auth.grant_type == "password":
-        needed = ["USERNAME", "PASSWORD"]
-    missing = [name for name in needed if name not in credentials]
-    if missing:
-        raise MissingVariables(missing)
+    check_credentials(auth, credentials)
     form: list[tuple[str, str]] = [("grant_type", auth.grant_type or "client_credentials")]
     if auth.grant_type == "password":
         form += [("username", str(credentials["USERNAME"]))]

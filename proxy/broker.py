@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from proxy import messages, tracing
-from proxy.auth import fetch_deadline
+from proxy.auth import check_credentials, fetch_deadline
 from proxy.cache import CacheEntry, CacheUnavailable, RedisCache
 from proxy.errors import (
     AuditBacklogFull,
@@ -171,6 +171,35 @@ class Broker:
         except CacheUnavailable as exc:
             self._redis_outage.failed(str(exc))
 
+    def timeout_of(self, source: Source) -> float:
+        return source.http.timeout or self.limits.default_timeout
+
+    async def send(
+        self, source: Source, rendered: RenderedRequest, applied: list[str] | None = None
+    ) -> Fetched:
+        """One upstream call as every request makes it: the source's concurrency slot, its
+        auth (a new token on a 401), timeout, retries, size cap, redirects and the egress
+        policy (in the transport). Broker requests and ``POST …/test`` both call this;
+        ``applied`` collects the auth credentials sent (``Tokens.send``)."""
+        timeout = self.timeout_of(source)
+        async with self.slot(source):
+            return await self.tokens.send(
+                source, rendered, timeout, partial(self._upstream, source, timeout), applied
+            )
+
+    async def _upstream(self, source: Source, timeout: float, rendered: RenderedRequest) -> Fetched:
+        """One upstream call (its retries included) of an authenticated request."""
+        with tracing.span("upstream"):
+            return await self.upstream.fetch(
+                tracing.propagate(rendered),
+                timeout=timeout,
+                retrying=source.retrying,
+                max_bytes=source.http.max_response_bytes or self.limits.max_response_bytes,
+                follow_redirects=bool(source.http.follow_redirects),
+                source=source.name,
+                throttled=partial(self.vendors.hold, source.data_source_id),
+            )
+
     def slot(self, source: Source) -> AbstractAsyncContextManager[object]:
         """The source's concurrency limit (waits for a free slot), if it declares one."""
         limit = source.http.max_concurrency
@@ -223,9 +252,11 @@ class _Call:
     async def _serve(self) -> bytes:
         source, params = self.source, self.request.configured_params
         check(source.compiled, params, source.values)
+        check_credentials(source.http.auth, source.credentials)
         self.key = key = make_cache_key(source.data_source_id, params)
         if self.request.replay is not None:
-            replayed = await self._replay(self.request.replay)
+            with tracing.span("replay"):
+                replayed = await self._replay(self.request.replay)
             if replayed is not None:
                 return replayed
             # hybrid, nothing stored: a fresh upstream call, as a request of today would make.
@@ -296,7 +327,7 @@ class _Call:
         return entry.value_json
 
     def _timeout(self) -> float:
-        return self.source.http.timeout or self.broker.limits.default_timeout
+        return self.broker.timeout_of(self.source)
 
     async def _fetch(self) -> CacheEntry:
         """Render and call the upstream, journal its raw bytes, format them: the entry."""
@@ -304,13 +335,13 @@ class _Call:
         assert self.key is not None
         rendered = render(source.compiled, self.request.configured_params, source.values)
         # Budget, rate limit, breaker, pause: raises the refusal, or waits for a turn.
-        admission = await broker.vendors.before_call(source, self._timeout())
+        with tracing.span("admission"):
+            admission = await broker.vendors.before_call(source, self._timeout())
         self.cost = source.http.cost
         self.origin = "REQUEST"
         self.start_time = time.time()
         try:
-            async with broker.slot(source):
-                fetched = await broker.tokens.send(source, rendered, self._timeout(), self._call)
+            fetched = await broker.send(source, rendered)
         except BrokerError as exc:
             await broker.vendors.after_call(source, admission, exc)
             raise
@@ -332,20 +363,6 @@ class _Call:
             fetched.content, source.http.response_type, charset_of(fetched.content_type)
         )
         return CacheEntry(self.data_object_id, self.end_time, value_json)
-
-    async def _call(self, rendered: RenderedRequest) -> Fetched:
-        """One upstream call (its retries included) of an authenticated request."""
-        broker, source = self.broker, self.source
-        with tracing.span("upstream"):
-            return await broker.upstream.fetch(
-                tracing.propagate(rendered),
-                timeout=self._timeout(),
-                retrying=source.retrying,
-                max_bytes=source.http.max_response_bytes or broker.limits.max_response_bytes,
-                follow_redirects=bool(source.http.follow_redirects),
-                source=source.name,
-                throttled=partial(broker.vendors.hold, source.data_source_id),
-            )
 
     def _finish(self, outcome: bytes | BrokerError) -> Answer:
         """Journal the audit row, then answer: the row is on disk before the answer leaves."""

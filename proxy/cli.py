@@ -44,6 +44,12 @@ from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
 from proxy.source_store import SourceStore
 
+# How long uvicorn's supervisor (--workers N) waits for a worker's answer to its
+# health check before killing it. Its default, 5 s, ends workers that are still
+# importing on a busy node (a spawned worker answers only once it has imported this
+# module): at a load average of 12 on 2 cores, the workers of `serve --workers 2` were
+# killed and restarted again and again before they served (seen in its log).
+WORKER_HEALTHCHECK_TIMEOUT = 30
 # prometheus-client's; named here so that serve need not import it (see _shared_metrics).
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -170,7 +176,6 @@ def serve(
         )
     if uds is None:
         _check_port(host, port)
-    made = _shared_metrics() if workers > 1 else None
     if tracing.configured():
         try:
             tracing.check()
@@ -191,6 +196,7 @@ def serve(
     # one the process would die of it (exit -15). After a clean drain, exit 0 instead.
     signal.signal(signal.SIGTERM, _exit_after_drain)
     listener = _unix_socket(uds, uds_mode, uds_group) if uds else None
+    made = _shared_metrics() if workers > 1 else None
     try:
         uvicorn.run(
             "proxy.cli:serving_app",
@@ -208,6 +214,7 @@ def serve(
             ),
             log_level=log_level,
             timeout_graceful_shutdown=int(settings.shutdown_grace),
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
         )
     finally:
         if listener is not None and uds is not None:
@@ -222,9 +229,11 @@ def _shared_metrics() -> Path | None:
     multiprocess mode, see proxy.metrics): ``PROMETHEUS_MULTIPROC_DIR`` if set, else a
     temporary directory made here, whose path is returned to be removed at exit.
 
-    Set before anything imports prometheus-client, which picks its value store at
-    import; the workers, spawned, inherit it. A previous run's files are removed: its
-    counts are not this run's (a restarted worker's are kept: they are this run's).
+    Set once this process has imported prometheus-client (which picks its value store
+    at import) and before uvicorn spawns the workers, which inherit it: this process
+    serves no metrics, so its own stay in memory and out of the sum. A previous run's
+    files are removed — its counts are not this run's, nor are this process's if the
+    variable was set from the start (a restarted worker's are kept: they are this run's).
     """
     given = os.environ.get(MULTIPROCESS_VARIABLE)
     directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="databroker-metrics-"))

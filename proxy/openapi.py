@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy import __version__
 from proxy.messages import REQUEST_SCHEMA
+from proxy.objects import MAX_LIMIT
 from proxy.routes.internal import PATH as BROKER_PATH
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import CredentialValue, VariableValue
@@ -68,6 +69,54 @@ VALIDATION_ERROR = {
             },
         },
         "code": {"const": "VALIDATION_ERROR"},
+    },
+}
+
+
+_UUID = {"type": "string", "format": "uuid"}
+# The reference's shapes of the objects and test routes.
+OBJECT_METADATA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data_object_id", "data_source_id", "key", "created_at"],
+    "properties": {
+        "data_object_id": _UUID,
+        "data_source_id": _UUID,
+        "key": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+}
+DATA_OBJECT = {
+    **OBJECT_METADATA,
+    "required": [*OBJECT_METADATA["required"], "value"],
+    "properties": {
+        **OBJECT_METADATA["properties"],
+        "value": {},
+        "error": {"type": "object", "required": ["code", "message"]},
+    },
+}
+_TEXTS = {
+    "anyOf": [{"type": "object", "additionalProperties": {"type": "string"}}, {"type": "null"}]
+}
+TEST_PARAMS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "params": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "env_vars": _TEXTS,
+    },
+}
+TEST_RESPONSE = {
+    "type": "object",
+    "required": ["test_id", "status_code", "response_time_ms"],
+    "properties": {
+        "test_id": _UUID,
+        "request_url": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "request_headers": _TEXTS,
+        "status_code": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        "response_time_ms": {"type": "number"},
+        "response_body": {},
+        "response_headers": _TEXTS,
+        "error": {"anyOf": [{"type": "string"}, {"type": "null"}]},
     },
 }
 
@@ -170,6 +219,19 @@ def document() -> dict[str, Any]:
     erase["parameters"].append(
         {"name": "key", "in": "query", "required": True, "schema": {"pattern": "^[0-9a-f]{32}$"}}
     )
+    objects = _op(
+        "A source's DataObjects, newest first",
+        {"type": "array", "items": OBJECT_METADATA},
+        params=one,
+    )
+    objects["parameters"] += [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (
+            ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            ("before", {"type": "string", "format": "uuid"}),
+            ("project_id", {"type": "string", "format": "uuid"}),
+        )
+    ]
     sources = {
         "get": listing,
         "post": _op("Register a data source (DRAFT)", {"type": "object"}, source),
@@ -246,7 +308,22 @@ def document() -> dict[str, Any]:
                     params=one,
                 ),
             },
-            "/data-sources/{data_source_id}/objects": {"delete": erase},
+            "/data-sources/{data_source_id}/objects": {"get": objects, "delete": erase},
+            "/data-sources/{data_source_id}/objects/{data_object_id}": {
+                "get": _op(
+                    "One DataObject, its value formatted by the source's response_type",
+                    DATA_OBJECT,
+                    params=("data_source_id", "data_object_id"),
+                )
+            },
+            "/data-sources/{data_source_id}/test": {
+                "post": _op(
+                    "Call the source once: no cache, no DataObject, secrets masked",
+                    TEST_RESPONSE,
+                    TEST_PARAMS,
+                    params=one,
+                )
+            },
             "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {
                 "get": {

@@ -3,8 +3,8 @@
 Analytics over ``run_data_request`` itself cost a scan of every row in the window
 (seconds at 10M rows, see the README's analytics bench), so the writer folds each
 batch into ``run_data_request_daily`` in the transaction that inserts it: one
-counter per source, UTC day, metric and label. A window then costs a few rows
-per source and day, however many requests it saw.
+counter per source (and per project), UTC day, metric and label. A window then
+costs a few rows per source and day, however many requests it saw.
 
 Only rows the insert actually wrote are folded (Postgres: the rows its
 ``RETURNING`` gives back; SQLite: the ids not present before), so a segment
@@ -23,11 +23,12 @@ import uuid
 from datetime import date
 from decimal import Decimal
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Date, Select, case, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from proxy.analytics import (
     BOUNDS,
+    DAILY,
     ERRORS,
     HITS,
     LATENCY,
@@ -143,11 +144,15 @@ def rebuild(dialect: str) -> str:
 
 def source_query(
     data_source_id: uuid.UUID, start: date, end: date
-) -> Select[uuid.UUID, date, str, str, int, Decimal]:
-    """A source's counters of the days ``start`` to ``end``, both included."""
+) -> Select[date, str, str, int, Decimal]:
+    """A source's counters of the days ``start`` to ``end``, both included: those a
+    series charts (``DAILY``) per day, the others summed over the window (on ``start``)."""
     t = RunDataRequestDaily
-    return select(t.data_source_id, t.day, t.metric, t.label, t.n, t.total).where(
-        t.data_source_id == data_source_id, t.day >= start, t.day <= end
+    day = case((t.metric.in_(DAILY), t.day), else_=literal(start, Date))
+    return (
+        select(day, t.metric, t.label, func.sum(t.n), func.sum(t.total))
+        .where(t.data_source_id == data_source_id, t.day >= start, t.day <= end)
+        .group_by(day, t.metric, t.label)
     )
 
 
@@ -188,7 +193,9 @@ async def read_source(
     conn: AsyncConnection, data_source_id: uuid.UUID, start: date, end: date
 ) -> list[Counter]:
     rows = await conn.execute(source_query(data_source_id, start, end))
-    return [Counter(sid, day, m, label, int(n), Decimal(t)) for sid, day, m, label, n, t in rows]
+    return [
+        Counter(data_source_id, day, m, label, int(n), Decimal(t)) for day, m, label, n, t in rows
+    ]
 
 
 async def read_project(

@@ -46,10 +46,11 @@ POLL_MAX = 0.05
 
 # Compare-and-act on a lock: only the holder (who knows the token) may change it,
 # so a holder whose lock expired cannot release or overwrite a successor's lock.
-_RELEASE = (
+# Shared with proxy.tokens, whose token-request lock follows the same pattern.
+RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
-_MARK_FAILED = (
+MARK_FAILED = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
 )
@@ -226,14 +227,14 @@ class _Lock:
         return bool(acquired)
 
     async def release(self) -> None:
-        await call(self._redis.eval(_RELEASE, 1, self._name, self._token))
+        await call(self._redis.eval(RELEASE, 1, self._name, self._token))
 
     async def fail(self, error: BrokerError) -> None:
         """Leave the holder's failure on the lock so its waiters share it instead of stampeding."""
         failure = orjson.dumps({**error.to_dict(), "status": error.status})
         marker = b"%s%d %s" % (FAILED_MARK, time.time() * 1_000_000, failure)
         await call(
-            self._redis.eval(_MARK_FAILED, 1, self._name, self._token, marker, FAILURE_HOLD_MS)
+            self._redis.eval(MARK_FAILED, 1, self._name, self._token, marker, FAILURE_HOLD_MS)
         )
 
     async def stored(self) -> CacheEntry | None:

@@ -108,6 +108,16 @@ class Registry:
     def resolve(self, project_id: uuid.UUID | None, name: str) -> Source | None:
         return self._by_name.get((project_id, name))
 
+    async def by_id(self, data_source_id: uuid.UUID, updated_at: float) -> Source:
+        """The source as built from its row of ``updated_at`` (or later): reloads the index
+        once if it holds an older one, or none (a change another sidecar just made).
+        Raises KeyError if the reload does not bring it (deleted meanwhile)."""
+        built = self._built.get(data_source_id)
+        if built is None or built[1].updated_at < updated_at:
+            await self.load()
+            built = self._built[data_source_id]
+        return built[1]
+
     async def resolve_fresh(self, project_id: uuid.UUID | None, name: str) -> Source | None:
         """``resolve``; an unknown name first waits for an index at most a second old."""
         source = self.resolve(project_id, name)

@@ -152,6 +152,9 @@ class RunDataRequestDaily(Base):
     The analytics routes read this, never ``run_data_request``: a 30-day window is
     a few rows per source and day, whatever the audit table holds. One counter per
     ``(metric, label)``: ``n`` counts rows, ``total`` sums a quantity (latency ms, cost).
+    A project's counters (all its sources together) sit under its id (the nil UUID
+    for the global namespace), their metric prefixed with ``*``. No foreign key, as
+    for the audit rows it counts.
     """
 
     __tablename__ = "run_data_request_daily"

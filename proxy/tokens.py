@@ -41,7 +41,22 @@ from proxy.auth import (
 from proxy.cache import CacheUnavailable, RedisClient, call, reply_bytes
 from proxy.errors import AuthError, InternalError, UpstreamHTTPError
 from proxy.keys import KeyLayout
+from proxy.metrics import TOKEN_REQUESTS
 from proxy.secrets import SecretBox, SecretKeyError
+
+# The fetch lock's pattern and timings: a failed request is answered for FAILURE_HOLD_MS
+# (2 s) to those who waited for it or came right after, so a failing endpoint sees one
+# request every 2 s, not one per waiting call or sidecar; a lock outlives its holder's
+# timeout by SLACK at most.
+from proxy.singleflight import (
+    FAILED_MARK,
+    FAILURE_HOLD_MS,
+    MARK_FAILED,
+    POLL_MAX,
+    POLL_START,
+    RELEASE,
+    SLACK,
+)
 from proxy.source_registry import Source
 from proxy.templates import RenderedRequest
 
@@ -51,23 +66,6 @@ logger = logging.getLogger("databroker.tokens")
 
 MAX_TOKEN_BYTES = 64 * 1024
 """The largest token endpoint answer read; a larger one is refused (AUTH_ERROR)."""
-FAILURE_HOLD_MS = 1000
-"""How long a failed token request is answered to those who waited for it or came right
-after: a failing endpoint sees one request a second, not one per waiting sidecar."""
-SLACK = 1.0
-"""Seconds past a token request's timeout before its lock expires by itself."""
-POLL_START = 0.005
-POLL_MAX = 0.05
-FAILED_MARK = b"!"
-
-# Compare-and-act: only the holder (who knows its token) may release or mark its lock.
-_RELEASE = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-)
-_MARK_FAILED = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
-)
 
 
 class Tokens:
@@ -88,24 +86,32 @@ class Tokens:
         request: RenderedRequest,
         timeout: float,
         call_upstream: Callable[[RenderedRequest], Awaitable[T]],
+        applied: list[str] | None = None,
     ) -> T:
         """``call_upstream(request)`` authenticated; a bearer call answered 401 is made
-        once more with a new token (its second 401 is the answer)."""
+        once more with a new token (its second 401 is the answer). ``applied`` collects
+        each credential sent (a basic pair's base64, a token): what an answer that
+        echoes the upstream (``POST …/test``) must mask."""
         auth = source.http.auth
         if auth is None:
             return await call_upstream(request)
+
+        def authorized(scheme: str, credential: str) -> RenderedRequest:
+            if applied is not None:
+                applied.append(credential)
+            return with_authorization(request, f"{scheme} {credential}")
+
         if auth.method == "basic":
-            return await call_upstream(
-                with_authorization(request, basic_header(source.credentials))
-            )
+            basic = basic_header(source.credentials).removeprefix("Basic ")
+            return await call_upstream(authorized("Basic", basic))
         token = await self.token(source, timeout)
         try:
-            return await call_upstream(with_authorization(request, f"Bearer {token}"))
+            return await call_upstream(authorized("Bearer", token))
         except UpstreamHTTPError as exc:
             if exc.upstream_status != 401:
                 raise
         token = await self.token(source, timeout, rejected=token)
-        return await call_upstream(with_authorization(request, f"Bearer {token}"))
+        return await call_upstream(authorized("Bearer", token))
 
     async def token(self, source: Source, timeout: float, rejected: str | None = None) -> str:
         """The source's token: cached, or requested (once across sidecars). ``rejected``:
@@ -186,26 +192,27 @@ class Tokens:
             # between our read and our lock. One more GET costs less than a request.
             cached = await self._cached(sid)
             if cached is not None and cached != rejected:
-                return cached
-            token, expires_in = await self._request(source, timeout)
+                token, keep_ms = cached, 0
+            else:
+                token, expires_in = await self._request(source, timeout)
+                keep_ms = int(cache_seconds(expires_in) * 1000)
         except AuthError as exc:
             # The message names what failed (a status, a timeout), never a value.
             logger.warning("token request for %r failed: %s", source.name, exc.message)
             mark = FAILED_MARK + exc.message.encode()
             with contextlib.suppress(CacheUnavailable):
-                await call(self._redis.eval(_MARK_FAILED, 1, lock, mine, mark, FAILURE_HOLD_MS))
+                await call(self._redis.eval(MARK_FAILED, 1, lock, mine, mark, FAILURE_HOLD_MS))
             raise
         except BaseException:
             with contextlib.suppress(CacheUnavailable):
-                await call(self._redis.eval(_RELEASE, 1, lock, mine))
+                await call(self._redis.eval(RELEASE, 1, lock, mine))
             raise
-        keep_ms = int(cache_seconds(expires_in) * 1000)
         with contextlib.suppress(CacheUnavailable):
             if keep_ms > 0:
                 await call(
                     self._redis.set(self._layout.token(sid), self._box.encrypt(token), px=keep_ms)
                 )
-            await call(self._redis.eval(_RELEASE, 1, lock, mine))
+            await call(self._redis.eval(RELEASE, 1, lock, mine))
         return token
 
     async def _request(self, source: Source, timeout: float) -> tuple[str, float]:
@@ -214,10 +221,22 @@ class Tokens:
         assert auth is not None and auth.token_url is not None
         form = token_form(auth, source.credentials)
         try:
+            answer = await self._post(auth.token_url, form, timeout)
+        except AuthError:
+            TOKEN_REQUESTS.labels(source.name, "AUTH_ERROR").inc()
+            raise
+        TOKEN_REQUESTS.labels(source.name, "OK").inc()
+        return answer
+
+    async def _post(
+        self, token_url: str, form: list[tuple[str, str]], timeout: float
+    ) -> tuple[str, float]:
+        """POST the form; AuthError naming what failed, never what the endpoint sent."""
+        try:
             async with asyncio.timeout(timeout):
                 request = self._client.build_request(
                     "POST",
-                    auth.token_url,
+                    token_url,
                     data=dict(form),
                     headers={"Accept": "application/json", "Accept-Encoding": "identity"},
                     timeout=timeout,

@@ -6,8 +6,8 @@ no-op, and nothing of OpenTelemetry is imported: ``proxy.otel``, which imports i
 (the ``otel`` extra), is loaded by ``install`` only.
 
 The tree: ``databroker.request`` (from the caller's ``traceparent`` when it sent
-one) with ``cache``, ``lock``, ``upstream`` (whose ``traceparent`` goes to the
-upstream), ``cache.store`` and ``outbox`` children. Attributes say the source's
+one) with ``replay``, ``cache``, ``lock``, ``admission``, ``upstream`` (whose
+``traceparent`` goes to the upstream), ``cache.store`` and ``outbox`` children. Attributes say the source's
 name, the origin, the cache entry's age and the error code: never a parameter's
 or a variable's value, never a URL.
 """

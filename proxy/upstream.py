@@ -15,7 +15,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 import httpx
@@ -48,6 +48,22 @@ class Fetched:
     content: bytes
     content_type: str | None
     attempts: int
+    status: int = 200
+    headers: httpx.Headers | None = field(default=None, compare=False)
+    """The answer's headers, for ``POST …/test`` to show (the broker reads none)."""
+
+
+def full_url(request: RenderedRequest) -> httpx.URL:
+    """The URL sent: the rendered one, its query byte for byte, then ``params`` in order.
+
+    Appended, as the seed's requests does: httpx 0.28 drops the URL's own query when
+    ``params=`` is given, and copy_merge_params reorders it and replaces same-named keys.
+    """
+    url = httpx.URL(request.url)
+    if not request.params:
+        return url
+    extra = urlencode(request.params).encode("ascii")
+    return url.copy_with(query=url.query + b"&" + extra if url.query else extra)
 
 
 MAX_REDIRECTS = 5
@@ -167,7 +183,9 @@ class Upstream:
             else:
                 counts.response(str(status))
                 if 200 <= status < 300:
-                    return Fetched(content, headers.get("content-type"), attempt + 1)
+                    return Fetched(
+                        content, headers.get("content-type"), attempt + 1, status, headers
+                    )
                 # An upstream 429 says how long to stay away: the broker holds the source.
                 hold = hold_of(headers, time.time()) if status == 429 else None
                 if hold is not None and throttled is not None:
@@ -188,16 +206,9 @@ class Upstream:
     async def _attempt(
         self, request: RenderedRequest, timeout: float, max_bytes: int, follow_redirects: bool
     ) -> tuple[int, bytes, httpx.Headers]:
-        url = httpx.URL(request.url)
-        if request.params:
-            # Appended, as the seed's requests does: httpx 0.28 drops the URL's own query
-            # when ``params=`` is given, and copy_merge_params reorders it and replaces
-            # same-named keys. The URL's query stays byte for byte, params follow in order.
-            extra = urlencode(request.params).encode("ascii")
-            url = url.copy_with(query=url.query + b"&" + extra if url.query else extra)
         built = self.client.build_request(
             request.method,
-            url,
+            full_url(request),
             headers=list(request.headers),
             content=request.content,
             timeout=timeout,

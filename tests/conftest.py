@@ -73,12 +73,16 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+async def empty_tables(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+
+
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[AsyncEngine]:
     """The test database, emptied before the test."""
     engine = create_async_engine(pg_url)
-    async with engine.begin() as conn:
-        await conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+    await empty_tables(engine)
     yield engine
     await engine.dispose()
 
@@ -142,12 +146,22 @@ def module_server(
     pg_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Settings]]:
     """One broker for a whole module, for tests that each make a few requests (a broker per
-    test would be most of their time). Its tests name their sources uniquely; no table is
-    emptied for them, and its Redis prefix is dropped at the end."""
+    test would be most of their time). Its tests name their sources uniquely; it starts on
+    empty tables (what earlier modules left, under keys of their own, would stop its start),
+    and its Redis prefix is dropped at the end."""
+    asyncio.run(_emptied(pg_url))
     with private_prefix(REDIS_URL) as prefix:
         settings = make_settings(pg_url, prefix, tmp_path_factory.mktemp("module_server"))
         with serve_in_thread(create_app(settings)) as url:
             yield url, settings
+
+
+async def _emptied(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        await empty_tables(engine)
+    finally:
+        await engine.dispose()
 
 
 @dataclass

@@ -197,7 +197,8 @@ class Child(subprocess.Popen[bytes]):
     """A child process whose stdout and stderr go to ``log`` (appended).
 
     Ended by its own pid, never by name: ``stop`` (SIGTERM, then SIGKILL past the
-    deadline) or ``kill``.
+    deadline) or ``kill``. It leads a process group of its own, so that ``kill`` ends
+    the workers it started too.
     """
 
     def __init__(
@@ -217,6 +218,7 @@ class Child(subprocess.Popen[bytes]):
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def output(self) -> str:
@@ -257,9 +259,12 @@ class Child(subprocess.Popen[bytes]):
             return None
 
     def kill(self) -> None:
-        """SIGKILL, and reaped: no drain, no last flush."""
-        if self.poll() is None:
-            super().kill()
+        """SIGKILL to the process and its own children (``serve --workers N``'s, which
+        would live on without their parent), then reaped: no drain, no last flush. By
+        the group this process leads: its id is ours until it is reaped."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
         self.wait(timeout=EXIT_DEADLINE)
 
 

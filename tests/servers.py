@@ -110,6 +110,8 @@ class TokenIssuer:
     expires_in: float = 3600
     failing: int | None = None
     """A status to answer every token request with, instead of a token."""
+    garbage: bytes | None = None
+    """A 200 body to answer every token request with, instead of a token."""
     delay: float = 0.0
     """Seconds each token request takes: a slow endpoint, for callers to contend on."""
     token_prefix: str = "tok"
@@ -132,6 +134,8 @@ class TokenIssuer:
         await asyncio.sleep(self.delay)
         if self.failing is not None:
             return Response(b'{"error": "temporarily_unavailable"}', self.failing)
+        if self.garbage is not None:
+            return Response(self.garbage, media_type="text/html")
         client_ok = (form.get("client_id"), form.get("client_secret")) == (
             self.client_id,
             self.client_secret,

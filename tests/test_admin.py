@@ -210,7 +210,9 @@ async def test_list_hides_archived_and_filters_by_status(broker: Broker) -> None
         return [s["name"] for s in await ok(broker, "GET", f"/data-sources{query}")]
 
     assert await names("") == ["draft", "published"]
-    assert await names("?include_archived=true") == ["draft", "published", "archived"]
+    for yes in ("true", "True", "1", "yes", "on"):
+        assert await names(f"?include_archived={yes}") == ["draft", "published", "archived"]
+    assert await names("?include_archived=0") == ["draft", "published"]
     assert await names("?status=PUBLISHED") == ["published"]
     assert await names("?status=published") == ["published"]
     assert await names("?status=Archived") == ["archived"]

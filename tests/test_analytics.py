@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import analytics
@@ -26,7 +25,6 @@ from proxy.database import create_engine, migrate
 from proxy.errors import ValidationFailed
 from proxy.outbox import RunDataRequestRecord, encode
 from proxy.settings import Settings
-from proxy.tables import DataSource
 from proxy.writer import sink_for
 from tests.harness import ADMIN_TOKEN, admin_headers, register
 from tests.servers import serve_in_thread
@@ -149,17 +147,11 @@ class Served:
         self, name: str, project: uuid.UUID | None, cost: dict[str, str] | None
     ) -> uuid.UUID:
         spec: dict[str, Any] = {"name": name, "source": {"url": "http://127.0.0.1:9/x"}}
+        if cost is not None:
+            spec["source"]["cost"] = cost
         if project is not None:
             spec["project_id"] = str(project)
-        sid = uuid.UUID((await register(self.client, spec, publish=False))["data_source_id"])
-        if cost is not None:
-            # As the vendor guard's `source.cost` is stored; set here, whatever the spec accepts.
-            stored = {"url": "http://127.0.0.1:9/x", "cost": cost}
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(DataSource).where(DataSource.data_source_id == sid).values(source=stored)
-                )
-        return sid
+        return uuid.UUID((await register(self.client, spec, publish=False))["data_source_id"])
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -15,6 +15,7 @@ from proxy.auth import (
     AuthConfig,
     basic_header,
     cache_seconds,
+    check_credentials,
     fetch_deadline,
     parse_token,
     token_form,
@@ -88,6 +89,21 @@ def test_token_form_names_the_missing_credentials(
     with pytest.raises(MissingVariables) as refused:
         token_form(AuthConfig(**BEARER, grant_type=grant), credentials)  # type: ignore[arg-type]
     assert refused.value.extra["variables"] == missing
+
+
+def test_check_credentials_names_what_each_method_lacks() -> None:
+    check_credentials(None, {})
+    check_credentials(AuthConfig(method="basic"), CLIENT)
+    check_credentials(AuthConfig(**BEARER, grant_type="password"), USER)
+    cases = [
+        (AuthConfig(method="basic"), {"USERNAME": "ada"}, ["USERNAME", "PASSWORD"]),
+        (AuthConfig(**BEARER, grant_type="client_credentials"), USER, list(CLIENT)),
+        (AuthConfig(**BEARER, grant_type="password"), {"USERNAME": "ada"}, ["PASSWORD"]),
+    ]
+    for auth, credentials, missing in cases:
+        with pytest.raises(MissingVariables) as refused:
+            check_credentials(auth, credentials)
+        assert refused.value.extra["variables"] == missing
 
 
 @pytest.mark.parametrize(

@@ -641,7 +641,6 @@ def test_analytics_refuse_a_bad_date_with_422_or_404(
 # --- test a source -------------------------------------------------------------------------
 
 
-@NOT_BUILT
 def test_test_runs_the_real_request_and_masks_secrets(
     sdk: SimpleNamespace, admin: Any, worker: Any, upstream: Upstream
 ) -> None:
@@ -668,7 +667,6 @@ def test_test_runs_the_real_request_and_masks_secrets(
     assert len(listed_objects(sdk, admin, sid)) == 1
 
 
-@NOT_BUILT
 def test_test_reports_an_upstream_timeout_as_408(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -699,7 +697,6 @@ def test_test_reports_an_upstream_timeout_as_408(
             loop.call_soon_threadsafe(released.set)
 
 
-@NOT_BUILT
 def test_test_refuses_params_that_are_not_an_object_with_422_or_404(
     sdk: SimpleNamespace, admin: Any, upstream: Upstream
 ) -> None:
@@ -713,7 +710,6 @@ def test_test_refuses_params_that_are_not_an_object_with_422_or_404(
 # --- our own description --------------------------------------------------------------------
 
 
-@NOT_BUILT
 def test_our_openapi_lists_every_reference_operation(served: str) -> None:
     reference = json.loads(REFERENCE.read_text())["paths"]
     ours = httpx.get(f"{served}/openapi.json").json()["paths"]

@@ -210,7 +210,7 @@ async def test_two_workers_write_json_lines_with_request_id_and_run_id(
             async def both_workers_served() -> bool:
                 return len({line["pid"] for line in await call() if "run_id" in line}) >= 2
 
-            await async_wait_for(both_workers_served, timeout=30)
+            await async_wait_for(both_workers_served, timeout=60)
             # Redis gone: the request that finds out says so, inside the request.
             private_redis.kill()
 

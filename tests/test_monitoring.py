@@ -68,6 +68,7 @@ def test_the_alert_rules_are_well_formed() -> None:
         "DatabrokerOutboxBehind",
         "DatabrokerHighErrorRate",
         "DatabrokerDependencyDown",
+        "DatabrokerCircuitOpen",
     }
     for rule in rules:
         assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
@@ -95,6 +96,7 @@ async def test_every_queried_metric_and_label_is_exposed(
         "databroker_upstream_retries_total",
         "databroker_outbox_write_failures_total",
         "databroker_build_info",
+        "databroker_circuit_state",
     } <= queried
     assert queried - exposed.keys() == set()
     known = SCRAPE_LABELS.union(*exposed.values())

@@ -2,8 +2,9 @@
 state (the outbox full) makes it unready, never a shared dependency.
 
 The end-to-end test hangs Redis and PostgreSQL behind TCP proxies that stop passing
-bytes: both probes still answer within 1 s (the client's timeout), 200, with each
-dependency shown "degraded" in the body and in ``databroker_dependency_up``.
+bytes: both probes still answer, 200, with each dependency shown "degraded" in the body
+and in ``databroker_dependency_up``, and without waiting on either (the client's
+deadline is shorter than one bounded check of each dependency in turn).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from tests.harness import async_wait_for
 from tests.servers import serve_in_thread
 from tests.tcp import HangingProxy
 
-PROBE_DEADLINE = 1.0  # what the Kubernetes probes allow (timeoutSeconds: 1)
+# A deadline, not a measurement: a probe that checked Redis then PostgreSQL itself, each
+# bounded to CHECK_TIMEOUT, would take twice that with both hanging and miss it; one
+# answered from the last state has the whole of it, even on a loaded machine.
+PROBE_DEADLINE = 1.5 * CHECK_TIMEOUT
 
 
 async def _answers() -> None:
@@ -89,7 +93,7 @@ def _dependency_up(metrics: str) -> dict[str, float]:
     raise AssertionError("no databroker_dependency_up in /metrics")
 
 
-async def test_probes_answer_within_a_second_while_redis_and_postgres_hang(
+async def test_probes_answer_at_once_while_redis_and_postgres_hang(
     settings: Settings, db: AsyncEngine
 ) -> None:
     database, redis = make_url(settings.database_url or ""), make_url(settings.redis_url or "")

@@ -89,6 +89,14 @@ async def echo_500(request: Request) -> Response:
     return Response(body, 500, media_type="application/json")
 
 
+async def headers_echo(request: Request) -> Response:
+    """A 2xx reflecting every request header (httpbin's /headers): for ``POST …/test``
+    only, which stores nothing; the broker route never calls it."""
+    sent = dict(request.headers)
+    body = orjson.dumps({"headers": sent, "url": str(request.url)})
+    return Response(body, headers={"X-Echo": sent.get("authorization", "")})
+
+
 async def redirect_echo(request: Request) -> Response:
     location = f"http://127.0.0.1:1/login?key={request.query_params['key']}"
     return Response(location.encode(), 302, headers={"Location": location})
@@ -393,6 +401,39 @@ async def drive(client: httpx.AsyncClient, upstream: Upstream, hole: int) -> Dri
         ({"source": good, "project_id": secret}, 422),
     ):
         await admin("POST", "/data-sources", {"name": "bad", **bad}, expect=refused)
+    # Testing a source shows what it sent and got: every secret masked, auth included.
+    upstream.on("/headers", headers_echo)
+    for name, auth, kinds in (
+        (
+            "oauth_echo",
+            {"method": "bearer", "token_url": token_url, "grant_type": "client_credentials"},
+            ("CLIENT_ID", "CLIENT_SECRET"),
+        ),
+        ("basic_echo", {"method": "basic"}, ("USERNAME", "PASSWORD")),
+    ):
+        echoing = {
+            "name": name,
+            "source": {
+                "url": f"{base}/headers?q={{{{ env.QUERY_SECRET }}}}",
+                "headers": {"X-Api-Key": "{{ env.HEADER_SECRET }}"},
+                "response_type": "JSON",
+                "auth": auth,
+            },
+        }
+        echo_id: str = (await admin("POST", "/data-sources", echoing))["data_source_id"]
+        await admin(
+            "PUT",
+            f"/data-sources/{echo_id}/variables",
+            [{"name": k, "value": v} for k, v in pick("QUERY_SECRET", "HEADER_SECRET").items()],
+        )
+        items = [{"credential_type": k, "value": CREDENTIALS[k]} for k in kinds]
+        await admin("PUT", f"/data-sources/{echo_id}/credentials", items)
+        tested = await admin("POST", f"/data-sources/{echo_id}/test", {"params": {}})
+        assert tested["status_code"] == 200, tested
+        assert tested["response_body"]["headers"]["x-api-key"] == "***"
+    tested = await admin("POST", f"/data-sources/{sid}/test", {"params": {"id": "42"}})
+    assert tested["status_code"] == 200, tested
+
     wrong = await client.get("/data-sources", headers={"Authorization": f"Bearer {secret}"})
     assert wrong.status_code == 401
 

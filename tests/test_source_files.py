@@ -259,5 +259,11 @@ source: {{url: "{upstream.url}/draft"}}
         code, out = apply(files, url, **given)
         assert code == 0, out
         assert (await listed())["score"]["caching"]["ttl"] == 60
-        for printed in (out, again, diff):
+        # A change a published source may not take: the broker's refusal ends the run.
+        moved = (files / "scoring.yaml").read_text().replace("/score/", "/scores/")
+        (files / "scoring.yaml").write_text(moved)
+        code, refused = apply(files, url, **given)
+        assert code == 1 and f"PUT /data-sources/{sources['score']['data_source_id']}" in refused
+        assert (await listed())["score"]["source"]["url"].endswith("/score/{{ id }}")
+        for printed in (out, again, diff, refused):
             assert SECRET not in printed

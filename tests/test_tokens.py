@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, Secrets
@@ -26,14 +30,16 @@ from proxy.tokens import Tokens
 from proxy.upstream import create_client
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import (
+    ADMIN_TOKEN,
     admin_headers,
     async_wait_for,
     broker_request,
+    clean_env,
     free_port,
     private_prefix,
     sidecar_env,
 )
-from tests.instances import sidecar
+from tests.instances import serving, sidecar, terminate
 from tests.servers import TokenIssuer, Upstream
 
 CLIENT = {"CLIENT_ID": "issuer-client", "CLIENT_SECRET": "issuer-secret"}
@@ -90,6 +96,20 @@ async def failed(broker: Broker, name: str, status: int, code: str) -> dict[str,
     return error
 
 
+async def token_requests(broker: Broker, source: str, outcome: str) -> float:
+    """``databroker_token_requests_total`` for one source and outcome (0 if none yet)."""
+    metrics = (await broker.client.get("/metrics")).text
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "databroker_token_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels == {
+                    "source": source,
+                    "outcome": outcome,
+                }:
+                    return float(sample.value)
+    return 0.0
+
+
 def token_key(broker: Broker, sid: str) -> str:
     return KeyLayout(broker.settings.redis_prefix).token(sid)
 
@@ -109,10 +129,12 @@ def issuer(upstream: Upstream) -> TokenIssuer:
 async def test_one_token_serves_every_call_and_is_kept_encrypted(
     broker: Broker, upstream: Upstream, issuer: TokenIssuer, redis: Any
 ) -> None:
-    sid = await register(broker.client, bearer("api", *issuer.install(upstream)), CLIENT)
+    name = f"api_{uuid.uuid4().hex[:8]}"  # the metric outlives this test's broker
+    sid = await register(broker.client, bearer(name, *issuer.install(upstream)), CLIENT)
     for i in range(5):
-        await ok(broker, "api", str(i))
+        await ok(broker, name, str(i))
     assert len(issuer.forms) == 1
+    assert await token_requests(broker, name, "OK") == 1
     assert issuer.forms[0] == {
         "grant_type": "client_credentials",
         "client_id": "issuer-client",
@@ -189,24 +211,29 @@ async def test_a_401_replaces_the_token_once_and_retries_once(
 @pytest.mark.parametrize(
     ("break_it", "message"),
     [
-        (lambda issuer, upstream: setattr(issuer, "failing", 503), "HTTP 503"),
-        (lambda issuer, upstream: setattr(issuer, "client_secret", "rotated"), "HTTP 401"),
-        (lambda issuer, upstream: upstream.answer("/oauth/token", b"<html>"), "not JSON"),
+        (lambda issuer: setattr(issuer, "failing", 503), "HTTP 503"),
+        (lambda issuer: setattr(issuer, "client_secret", "rotated"), "HTTP 401"),
+        (lambda issuer: setattr(issuer, "garbage", b"<html>"), "not JSON"),
     ],
     ids=["down", "refused", "not-json"],
 )
 async def test_a_failing_token_endpoint_answers_auth_error_and_calls_no_api(
     broker: Broker, upstream: Upstream, issuer: TokenIssuer, break_it: Any, message: str
 ) -> None:
-    await register(broker.client, bearer("api", *issuer.install(upstream)), CLIENT)
-    break_it(issuer, upstream)
-    answers = await asyncio.gather(*(broker.call("api", {"id": str(i)}) for i in range(50)))
+    name = f"api_{uuid.uuid4().hex[:8]}"
+    await register(broker.client, bearer(name, *issuer.install(upstream)), CLIENT)
+    break_it(issuer)
+    # A slow failure: the calls meet it in flight or on the lock for its 2 s hold, even
+    # on a busy machine that sends them over a second or two.
+    issuer.delay = 1.0
+    answers = await asyncio.gather(*(broker.call(name, {"id": str(i)}) for i in range(50)))
     for answer in answers:
         assert answer.status_code == 502, answer.text
         assert answer.json()["error"]["code"] == "AUTH_ERROR"
         assert message in answer.json()["error"]["message"]
     # One request for the 50 calls: its failure is shared with those who waited for it.
     assert upstream.hits("/oauth/token") == 1
+    assert await token_requests(broker, name, "AUTH_ERROR") == 1
     assert issuer.api_calls == []
 
 
@@ -287,12 +314,9 @@ async def test_basic_auth_without_credentials_is_missing_variables(
     assert upstream.received == []
 
 
-async def test_without_redis_a_process_still_requests_one_token_at_a_time(
-    upstream: Upstream, issuer: TokenIssuer
-) -> None:
-    token_url, api = issuer.install(upstream)
-    spec = DataSourceSpec.model_validate(bearer("api", token_url, api))
-    now = datetime.now(UTC)
+def served(issuer: TokenIssuer, upstream: Upstream) -> Source:
+    """A bearer source as the registry serves it, built without a broker."""
+    spec = DataSourceSpec.model_validate(bearer("api", *issuer.install(upstream)))
     row = DataSource(
         data_source_id=uuid.uuid4(),
         name=spec.name,
@@ -301,18 +325,74 @@ async def test_without_redis_a_process_still_requests_one_token_at_a_time(
         runtime_params=["id"],
         variables=[],
         status="PUBLISHED",
-        last_updated_at=now,
+        last_updated_at=datetime.now(UTC),
     )
-    source = Source.from_row(row, Secrets(), Secrets(CLIENT))
+    return Source.from_row(row, Secrets(), Secrets(CLIENT))
+
+
+def box() -> SecretBox:
+    return SecretBox([Fernet.generate_key().decode()])
+
+
+async def test_without_redis_a_process_still_requests_one_token_at_a_time(
+    upstream: Upstream, issuer: TokenIssuer
+) -> None:
+    source = served(issuer, upstream)
     unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")
-    box = SecretBox([Fernet.generate_key().decode()])
     async with create_client() as client:
-        tokens = Tokens(unreachable, KeyLayout("nowhere:"), box, client)
+        tokens = Tokens(unreachable, KeyLayout("nowhere:"), box(), client)
         first = await asyncio.gather(*(tokens.token(source, 5) for _ in range(20)))
         again = await tokens.token(source, 5)
     await unreachable.aclose()
     assert len(set(first)) == 1 and again != first[0]  # nothing kept without Redis
     assert len(issuer.forms) == 2
+
+
+async def test_a_holder_that_finds_a_token_stored_meanwhile_uses_it_and_lets_go(
+    upstream: Upstream, issuer: TokenIssuer, redis: Any, redis_prefix: str
+) -> None:
+    """The race window: another sidecar stored a token and released between this
+    caller's read and its lock. The stored token is used, and the lock released at once,
+    so the next refresh need not wait for it to expire."""
+    source = served(issuer, upstream)
+    layout, secrets = KeyLayout(redis_prefix), box()
+    lock = layout.token_lock(source.data_source_id)
+    async with create_client() as client:
+        tokens = Tokens(redis, layout, secrets, client)
+        await redis.set(layout.token(source.data_source_id), secrets.encrypt("stored-meanwhile"))
+        await redis.set(lock, "mine")
+        assert await tokens._request_holding(source, 5, lock, "mine", None) == "stored-meanwhile"
+        assert not await redis.exists(lock)
+        # A refresh of that very token requests a new one, kept for the next callers.
+        fresh = await tokens.token(source, 5, rejected="stored-meanwhile")
+    assert fresh in issuer.issued and len(issuer.forms) == 1
+    assert secrets.decrypt((await redis.get(layout.token(source.data_source_id))).decode()) == fresh
+
+
+async def reflect(request: Request) -> Response:
+    """An upstream that echoes the Authorization it got (as httpbin's /headers does)."""
+    sent = request.headers.get("authorization", "")
+    return JSONResponse({"you_sent": sent}, headers={"X-Echo": sent})
+
+
+@pytest.mark.parametrize("method", ["bearer", "basic"])
+async def test_testing_a_source_masks_the_auth_it_sent(
+    broker: Broker, upstream: Upstream, issuer: TokenIssuer, method: str
+) -> None:
+    token_url, _ = issuer.install(upstream)
+    url = upstream.on("/reflect", reflect)
+    spec = bearer("reflecting", token_url, url)
+    if method == "basic":
+        spec["source"]["auth"] = {"method": "basic"}
+    sid = await register(broker.client, spec, {**CLIENT, **USER})
+    answer = await broker.admin("POST", f"/data-sources/{sid}/test", {"params": {"id": "1"}})
+    assert answer.status_code == 200, answer.text
+    tested = answer.json()
+    assert tested["status_code"] == 200, tested
+    sent = upstream.received[-1]["headers"]["authorization"]
+    assert sent.startswith("Bearer " if method == "bearer" else "Basic ")
+    assert tested["response_body"]["you_sent"] == sent.split(" ")[0] + " ***"
+    assert sent.split(" ")[1] not in answer.text
 
 
 @pytest.mark.slow
@@ -347,3 +427,26 @@ async def test_200_calls_across_3_sidecars_fetch_one_token(
     assert {a.json()["origin"] for a in answers} == {"REQUEST"}
     assert len(issuer.forms) == 1
     assert len(issuer.api_calls) == 200 and len(set(issuer.api_calls)) == 1
+
+
+@pytest.mark.slow
+async def test_the_embedded_default_authenticates_too(
+    upstream: Upstream, issuer: TokenIssuer, tmp_path: Path
+) -> None:
+    """SQLite and the in-process Redis: the same path, credentials and token kept encrypted."""
+    async with serving(clean_env(admin_token=ADMIN_TOKEN), tmp_path) as (process, client):
+        await register(client, bearer("api", *issuer.install(upstream)), CLIENT)
+        for i in range(3):
+            answer = await client.post(
+                "/internal/data-broker", json=broker_request("api", {"id": str(i)})
+            )
+            assert answer.status_code == 200, answer.text
+        terminate(process)
+    assert len(issuer.forms) == 1 and len(issuer.api_calls) == 3
+    with sqlite3.connect(tmp_path / ".databroker" / "databroker.db") as conn:
+        stored = conn.execute(
+            "SELECT credential_type, value FROM data_source_credential"
+        ).fetchall()
+    conn.close()
+    assert sorted(kind for kind, _ in stored) == sorted(CLIENT)
+    assert not any(CLIENT["CLIENT_SECRET"] in value for _, value in stored)

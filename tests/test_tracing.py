@@ -65,6 +65,7 @@ async def test_a_miss_then_a_hit_make_their_trees(
     assert miss.json()["origin"] == "REQUEST", miss.text
     root, children = request_tree(spans.get_finished_spans())
     assert sorted((name, len(found)) for name, found in children.items()) == [
+        ("admission", 1),  # budget, rate limit, breaker
         ("cache", 1),
         ("cache.store", 1),
         ("lock", 1),
@@ -120,6 +121,16 @@ async def test_failures_carry_their_error_code(
     assert root.status.status_code is StatusCode.ERROR
     assert children["upstream"][0].status.status_code is StatusCode.ERROR
     no_value_in(spans.get_finished_spans())
+
+    spans.clear()
+    replay = {"as_of": "2000-01-01T00:00:00Z"}  # nothing stored then: strict, a miss
+    missed = await broker.client.post(
+        BROKER_PATH, json=broker_request("down", {"x": PARAM}, replay=replay)
+    )
+    assert missed.json()["error"]["code"] == "REPLAY_MISS", missed.text
+    root, children = request_tree(spans.get_finished_spans())
+    assert sorted(children) == ["outbox", "replay"]
+    assert dict(root.attributes or {})["databroker.error_code"] == "REPLAY_MISS"
 
     spans.clear()
     await broker.client.post(BROKER_PATH, json=broker_request("nobody", {"x": PARAM}))

@@ -85,7 +85,7 @@ async def test_every_2xx_is_success(
     body = b"" if status == 204 else b'{"n":1}'
     url = upstream.answer("/ok", body, status)
     fetched = await fetch(fetcher, url, retrying=RETRY_3)
-    assert fetched == Fetched(body, "application/json", 1)
+    assert fetched == Fetched(body, "application/json", 1, status)
     assert upstream.hits("/ok") == 1
 
 

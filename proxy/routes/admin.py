@@ -164,6 +164,12 @@ def _project(request: Request, in_body: uuid.UUID | None = None) -> uuid.UUID | 
     return project
 
 
+_BOOLEANS = {
+    **dict.fromkeys(("true", "1", "yes", "on", "t", "y"), True),
+    **dict.fromkeys(("false", "0", "no", "off", "f", "n"), False),
+}
+
+
 @admin
 async def list_sources(request: Request) -> Response:
     status = request.query_params.get("status")
@@ -173,14 +179,15 @@ async def list_sources(request: Request) -> Response:
             raise ValidationFailed(
                 f"status must be one of {', '.join(get_args(Status))}", loc=("query", "status")
             )
-    include_archived = request.query_params.get("include_archived", "false").lower()
-    if include_archived not in ("true", "false"):
+    # The words FastAPI reads as a boolean, as the engine takes them.
+    include_archived = _BOOLEANS.get(request.query_params.get("include_archived", "false").lower())
+    if include_archived is None:
         raise ValidationFailed(
             "include_archived must be true or false", loc=("query", "include_archived")
         )
     rows = await _store(request).list_sources(
         _project(request),
-        include_archived == "true",
+        include_archived,
         status,  # type: ignore[arg-type]
     )
     return _json([to_api(row) for row in rows])

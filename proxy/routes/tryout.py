@@ -1,0 +1,32 @@
+"""``POST /data-sources/{id}/test`` (proxy.tryout): an admin route — the bearer token, the
+project's sources only, errors in the admin shapes."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy import tryout
+from proxy.errors import NotFound
+
+# The admin routes' own helpers: one way to authorize, parse, scope and answer.
+from proxy.routes.admin import _json, _parse, _project, _source_id, admin
+from proxy.services import services
+
+
+@admin
+async def test_source(request: Request) -> Response:
+    given: tryout.TestParams = await _parse(request, tryout.TestParams.model_validate)
+    found = services(request)
+    # NotFound for a source of another project, as every admin route.
+    row = await found.sources.get(_source_id(request), _project(request))
+    try:
+        source = await found.registry.by_id(row.data_source_id, row.last_updated_at.timestamp())
+    except KeyError as exc:  # deleted since it was read
+        raise NotFound(f"no data source {row.data_source_id} in this project") from exc
+    source = tryout.with_overrides(source, given.env_vars or {})
+    return _json(await tryout.run(found.broker, source, given.params or {}))
+
+
+routes = [Route("/data-sources/{data_source_id}/test", test_source, methods=["POST"])]
