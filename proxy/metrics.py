@@ -57,6 +57,12 @@ UPSTREAM_RETRIES = Counter(
     "Upstream attempts made again after a failed one, by data source name.",
     ["source"],
 )
+TOKEN_REQUESTS = Counter(
+    "databroker_token_requests_total",
+    "OAuth2 token requests a bearer source made, by data source name and outcome (OK, "
+    "or AUTH_ERROR when its token endpoint failed or refused).",
+    ["source", "outcome"],
+)
 OUTBOX_BACKLOG_BYTES = Gauge(
     "databroker_outbox_backlog_bytes",
     "Bytes journaled in the outbox and not yet in the database.",

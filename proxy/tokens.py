@@ -41,6 +41,7 @@ from proxy.auth import (
 from proxy.cache import CacheUnavailable, RedisClient, call, reply_bytes
 from proxy.errors import AuthError, InternalError, UpstreamHTTPError
 from proxy.keys import KeyLayout
+from proxy.metrics import TOKEN_REQUESTS
 from proxy.secrets import SecretBox, SecretKeyError
 
 # The fetch lock's pattern and timings: a failed request is answered for FAILURE_HOLD_MS
@@ -220,10 +221,22 @@ class Tokens:
         assert auth is not None and auth.token_url is not None
         form = token_form(auth, source.credentials)
         try:
+            answer = await self._post(auth.token_url, form, timeout)
+        except AuthError:
+            TOKEN_REQUESTS.labels(source.name, "AUTH_ERROR").inc()
+            raise
+        TOKEN_REQUESTS.labels(source.name, "OK").inc()
+        return answer
+
+    async def _post(
+        self, token_url: str, form: list[tuple[str, str]], timeout: float
+    ) -> tuple[str, float]:
+        """POST the form; AuthError naming what failed, never what the endpoint sent."""
+        try:
             async with asyncio.timeout(timeout):
                 request = self._client.build_request(
                     "POST",
-                    auth.token_url,
+                    token_url,
                     data=dict(form),
                     headers={"Accept": "application/json", "Accept-Encoding": "identity"},
                     timeout=timeout,

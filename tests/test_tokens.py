@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -95,6 +96,20 @@ async def failed(broker: Broker, name: str, status: int, code: str) -> dict[str,
     return error
 
 
+async def token_requests(broker: Broker, source: str, outcome: str) -> float:
+    """``databroker_token_requests_total`` for one source and outcome (0 if none yet)."""
+    metrics = (await broker.client.get("/metrics")).text
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "databroker_token_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels == {
+                    "source": source,
+                    "outcome": outcome,
+                }:
+                    return float(sample.value)
+    return 0.0
+
+
 def token_key(broker: Broker, sid: str) -> str:
     return KeyLayout(broker.settings.redis_prefix).token(sid)
 
@@ -114,10 +129,12 @@ def issuer(upstream: Upstream) -> TokenIssuer:
 async def test_one_token_serves_every_call_and_is_kept_encrypted(
     broker: Broker, upstream: Upstream, issuer: TokenIssuer, redis: Any
 ) -> None:
-    sid = await register(broker.client, bearer("api", *issuer.install(upstream)), CLIENT)
+    name = f"api_{uuid.uuid4().hex[:8]}"  # the metric outlives this test's broker
+    sid = await register(broker.client, bearer(name, *issuer.install(upstream)), CLIENT)
     for i in range(5):
-        await ok(broker, "api", str(i))
+        await ok(broker, name, str(i))
     assert len(issuer.forms) == 1
+    assert await token_requests(broker, name, "OK") == 1
     assert issuer.forms[0] == {
         "grant_type": "client_credentials",
         "client_id": "issuer-client",
@@ -203,18 +220,20 @@ async def test_a_401_replaces_the_token_once_and_retries_once(
 async def test_a_failing_token_endpoint_answers_auth_error_and_calls_no_api(
     broker: Broker, upstream: Upstream, issuer: TokenIssuer, break_it: Any, message: str
 ) -> None:
-    await register(broker.client, bearer("api", *issuer.install(upstream)), CLIENT)
+    name = f"api_{uuid.uuid4().hex[:8]}"
+    await register(broker.client, bearer(name, *issuer.install(upstream)), CLIENT)
     break_it(issuer)
     # A slow failure: the calls meet it in flight or on the lock for its 2 s hold, even
     # on a busy machine that sends them over a second or two.
     issuer.delay = 1.0
-    answers = await asyncio.gather(*(broker.call("api", {"id": str(i)}) for i in range(50)))
+    answers = await asyncio.gather(*(broker.call(name, {"id": str(i)}) for i in range(50)))
     for answer in answers:
         assert answer.status_code == 502, answer.text
         assert answer.json()["error"]["code"] == "AUTH_ERROR"
         assert message in answer.json()["error"]["message"]
     # One request for the 50 calls: its failure is shared with those who waited for it.
     assert upstream.hits("/oauth/token") == 1
+    assert await token_requests(broker, name, "AUTH_ERROR") == 1
     assert issuer.api_calls == []
 
 
