@@ -3,6 +3,7 @@ wrote through the outbox's sink, checked against figures computed here from thos
 
 from __future__ import annotations
 
+import asyncio
 import math
 import statistics
 import uuid
@@ -18,13 +19,14 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy import analytics
+from proxy import analytics, rollup
 from proxy.app import create_app
 from proxy.cli import main
 from proxy.database import create_engine, migrate
 from proxy.errors import ValidationFailed
 from proxy.outbox import RunDataRequestRecord, encode
 from proxy.settings import Settings
+from proxy.tables import DataSource
 from proxy.writer import sink_for
 from tests.harness import ADMIN_TOKEN, admin_headers, register
 from tests.servers import serve_in_thread
@@ -404,3 +406,45 @@ async def test_stats_prints_the_four_figures_of_a_running_broker(served: Served)
     refused = stats("--project-id", str(PROJECT), "--start-date", "yesterday")
     assert refused.exit_code == 1 and "start_date" in refused.output
     assert stats(token="wrong").exit_code == 1
+
+
+async def test_concurrent_writers_count_every_row_once(db: AsyncEngine) -> None:
+    """Sidecars flush at once into the same counters (a source's and its project's, today):
+    the upserts queue on those rows in one order, and no row is lost or counted twice."""
+    source, today = uuid.uuid4(), datetime.now(UTC).date()
+    async with db.begin() as conn:
+        await conn.execute(
+            DataSource.__table__.insert().values(
+                data_source_id=source,
+                name=f"w_{source.hex[:8]}",
+                source={},
+                runtime_params=[],
+                variables=[],
+                status="DRAFT",
+                created_at=datetime.now(UTC),
+                last_updated_at=datetime.now(UTC),
+            )
+        )
+    segments = [
+        b"".join(
+            encode(row(source, at(today, hour), origin, ms=ms))
+            for hour in range(24)
+            for origin, ms in (("CACHE", None), ("REQUEST", 20.0 + hour))
+        )
+        for _ in range(8)
+    ]
+    sink = sink_for(db, batch_size=100)
+    await asyncio.gather(*(sink.write(segment) for segment in segments))
+    written = 8 * 24 * 2
+    usage = analytics.usage(await _read(db, source, today), analytics.Window(today, today), None)
+    assert usage["total_requests"] == written
+    async with db.connect() as conn:
+        whole, ranked = await rollup.read_project(conn, None, today, today)
+    requests = analytics.REQUESTS
+    assert [c.n for c in whole if c.metric == requests] == [written]  # the tables start empty
+    assert [(c.data_source_id, c.n) for c in ranked if c.metric == requests] == [(source, written)]
+
+
+async def _read(db: AsyncEngine, source: uuid.UUID, day: date) -> list[analytics.Counter]:
+    async with db.connect() as conn:
+        return await rollup.read_source(conn, source, day, day)
