@@ -40,7 +40,7 @@ pytest = $(1) -q $(2); status=$$?; \
 
 # The whole suite, then the subset that covers the key dependencies on their floors.
 test: install services lint $(LOWEST)/.installed
-	$(call pytest,$(BIN)/pytest)
+	$(call pytest,$(BIN)/pytest,-n 2 --dist loadfile)
 	$(call pytest,$(LOWEST)/bin/pytest,$(LOWEST_TESTS))
 
 # The image's locks (Dockerfile): the runtime dependencies and the build backend, pinned with

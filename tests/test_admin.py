@@ -23,7 +23,7 @@ from tests.tcp import HangingProxy
 from tests.test_redis_acl import ACL_LINE
 
 CANARY = "s3cr3t-canary"
-SOME_ID = str(uuid.uuid4())
+SOME_ID = "5a1e0000-0000-4000-8000-00000000abcd"  # fixed: test ids must match across workers
 URL = "https://api.example.com/users"
 
 # (method, path, body): every admin route, with a body valid enough to pass parsing.
