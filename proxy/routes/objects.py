@@ -16,9 +16,8 @@ from starlette.routing import Route
 from proxy import objects
 from proxy.errors import NotFound, ValidationFailed
 from proxy.export import Row, exported
-
-# The admin routes' own helpers: one way to authorize, scope and answer.
-from proxy.routes.admin import _json, _project, _source_id, admin
+from proxy.routes import params
+from proxy.routes.admin import admin
 from proxy.services import services
 from proxy.source_store import spec_of
 from proxy.timestamps import iso_utc
@@ -58,7 +57,7 @@ def _metadata(data_source_id: uuid.UUID, meta: objects.Metadata) -> dict[str, An
 async def list_objects(request: Request) -> Response:
     found = services(request)
     # NotFound for a source of another project, as every admin read.
-    row = await found.sources.get(_source_id(request), _project(request))
+    row = await found.sources.get(params.source_id(request), params.project(request))
     limit, before = _limit(request), _before(request)
     try:
         async with found.engine.connect() as conn:
@@ -67,13 +66,13 @@ async def list_objects(request: Request) -> Response:
         raise ValidationFailed(
             "before names no data object of this source", loc=("query", "before")
         ) from exc
-    return _json([_metadata(row.data_source_id, meta) for meta in page])
+    return params.json_answer([_metadata(row.data_source_id, meta) for meta in page])
 
 
 @admin
 async def get_object(request: Request) -> Response:
     found = services(request)
-    row = await found.sources.get(_source_id(request), _project(request))
+    row = await found.sources.get(params.source_id(request), params.project(request))
     try:
         data_object_id = uuid.UUID(request.path_params["data_object_id"])
     except ValueError as exc:
@@ -93,7 +92,7 @@ async def get_object(request: Request) -> Response:
     answer["value"] = None if item.value_json is None else orjson.Fragment(item.value_json)
     if item.error is not None:
         answer["error"] = item.error
-    return _json(answer)
+    return params.json_answer(answer)
 
 
 routes = [
