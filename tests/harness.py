@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ import httpx
 import redis as sync_redis
 from cryptography.fernet import Fernet
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from proxy.database import migrate
+from proxy.tables import DataSource
 
 LOOPBACK = "127.0.0.1"
 DATABROKER = Path(sys.executable).with_name("databroker")
@@ -306,6 +308,35 @@ def _ok(answer: httpx.Response) -> dict[str, Any]:
         )
     body: dict[str, Any] = answer.json()
     return body
+
+
+async def insert_source(
+    engine: AsyncEngine,
+    name: str,
+    created_at: datetime,
+    source: Mapping[str, Any] | None = None,
+    runtime_params: Sequence[str] = (),
+    retention_days: int | None = None,
+) -> uuid.UUID:
+    """A published source row written straight to its table, for tests of what reads the
+    tables (export, prune) with no broker running; its id."""
+    data_source_id = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(DataSource).values(
+                data_source_id=data_source_id,
+                name=name,
+                source=dict(source or {"url": "http://127.0.0.1/"}),
+                caching_enabled=False,
+                runtime_params=list(runtime_params),
+                variables=[],
+                status="PUBLISHED",
+                retention_days=retention_days,
+                created_at=created_at,
+                last_updated_at=created_at,
+            )
+        )
+    return data_source_id
 
 
 async def register(

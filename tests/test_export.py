@@ -20,9 +20,9 @@ from proxy import export
 from proxy.cli import main
 from proxy.database import create_engine, migrate
 from proxy.keys import make_cache_key
-from proxy.tables import DataObject, DataSource
+from proxy.tables import DataObject
 from tests.conftest import REDIS_URL
-from tests.harness import clean_env
+from tests.harness import clean_env, insert_source
 
 DAY = datetime(2026, 1, 5, tzinfo=UTC)
 MICRO = timedelta(microseconds=1)
@@ -43,23 +43,9 @@ async def database(
     await engine.dispose()
 
 
-async def add_source(engine: AsyncEngine, name: str, response_type: str = "JSON") -> uuid.UUID:
-    data_source_id = uuid.uuid4()
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(DataSource).values(
-                data_source_id=data_source_id,
-                name=name,
-                source={"url": "http://127.0.0.1/", "response_type": response_type},
-                caching_enabled=False,
-                runtime_params=["n"],
-                variables=[],
-                status="PUBLISHED",
-                created_at=DAY,
-                last_updated_at=DAY,
-            )
-        )
-    return data_source_id
+async def add_source(engine: AsyncEngine, name: str) -> uuid.UUID:
+    source = {"url": "http://127.0.0.1/", "response_type": "JSON"}
+    return await insert_source(engine, name, DAY, source, runtime_params=["n"])
 
 
 async def add_objects(
