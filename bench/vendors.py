@@ -27,7 +27,7 @@ from proxy.source_registry import Source
 from proxy.source_spec import CachingOptions, HTTPSource
 from proxy.templates import compile_source
 from proxy.vendor_state import VendorState
-from tests.harness import drop_prefix
+from tests.harness import REDIS_SERVER, drop_prefix
 
 GUARDED: dict[str, Any] = {
     "cost": {"amount": "0.35", "currency": "USD"},
@@ -115,8 +115,8 @@ async def _run(redis_url: str, calls: int) -> None:
 @click.option("--calls", default=5000, show_default=True, type=click.IntRange(min=10))
 @click.option(
     "--redis-url",
-    default=lambda: os.environ.get("DATABROKER_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    show_default="DATABROKER_REDIS_URL or redis://127.0.0.1:6379/0",
+    default=lambda: os.environ.get("DATABROKER_REDIS_URL", REDIS_SERVER),
+    show_default=f"DATABROKER_REDIS_URL or {REDIS_SERVER}",
 )
 def main(calls: int, redis_url: str) -> None:
     """Time vendor protection's hook on a miss."""

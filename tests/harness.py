@@ -9,6 +9,7 @@ imports it as it is.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import inspect
@@ -43,6 +44,10 @@ START_DEADLINE = 30.0
 EXIT_DEADLINE = 60.0
 ADMIN_TOKEN = "test-admin-token-0123456789"
 BROKER_PATH = "/internal/data-broker"
+# The local servers the benches default to: an admin connection that creates and drops
+# private databases, and the Redis private prefixes live in.
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_SERVER = "redis://127.0.0.1:6379/0"
 
 
 # --- ports and waits ---------------------------------------------------------------------
@@ -118,6 +123,12 @@ async def create_database(
 
 async def drop_database(server_url: str, name: str) -> None:
     await _administer(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """A bench's ``--postgres`` and ``--redis``, for ``private_database``/``private_prefix``."""
+    parser.add_argument("--postgres", default=POSTGRES_SERVER)
+    parser.add_argument("--redis", default=REDIS_SERVER)
 
 
 @contextlib.contextmanager
