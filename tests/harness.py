@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from proxy.database import migrate
-from proxy.tables import DataSource
+from proxy.keys import make_cache_key
+from proxy.tables import DataObject, DataSource
 
 LOOPBACK = "127.0.0.1"
 DATABROKER = Path(sys.executable).with_name("databroker")
@@ -348,6 +349,31 @@ async def insert_source(
             )
         )
     return data_source_id
+
+
+async def insert_objects(
+    engine: AsyncEngine,
+    data_source_id: uuid.UUID,
+    objects: Sequence[tuple[Mapping[str, Any], bytes, datetime]],
+) -> list[uuid.UUID]:
+    """DataObjects written straight to their table, each ``(params, value, created_at)``
+    under the key the broker would give ``params``; their ids, in order."""
+    ids = [uuid.uuid4() for _ in objects]
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(DataObject),
+            [
+                {
+                    "data_object_id": object_id,
+                    "data_source_id": data_source_id,
+                    "key": make_cache_key(data_source_id, dict(params)),
+                    "value": value,
+                    "created_at": at,
+                }
+                for object_id, (params, value, at) in zip(ids, objects, strict=True)
+            ],
+        )
+    return ids
 
 
 async def register(
