@@ -73,10 +73,7 @@ async def list_objects(request: Request) -> Response:
 async def get_object(request: Request) -> Response:
     found = services(request)
     row = await found.sources.get(params.source_id(request), params.project(request))
-    try:
-        data_object_id = uuid.UUID(request.path_params["data_object_id"])
-    except ValueError as exc:
-        raise NotFound("data_object_id is not a UUID") from exc
+    data_object_id = params.path_id(request, "data_object_id")
     async with found.engine.connect() as conn:
         stored = await objects.one(conn, row.data_source_id, data_object_id)
     if stored is None:

@@ -49,11 +49,16 @@ async def parse_body(request: Request, validate: Callable[[Any], Any]) -> Any:
         ) from exc
 
 
-def source_id(request: Request) -> uuid.UUID:
+def path_id(request: Request, name: str) -> uuid.UUID:
+    """An id in the route's path: one that is not a UUID names nothing (404)."""
     try:
-        return uuid.UUID(request.path_params["data_source_id"])
+        return uuid.UUID(request.path_params[name])
     except ValueError as exc:
-        raise NotFound("data_source_id is not a UUID") from exc
+        raise NotFound(f"{name} is not a UUID") from exc
+
+
+def source_id(request: Request) -> uuid.UUID:
+    return path_id(request, "data_source_id")
 
 
 def store(request: Request) -> SourceStore:
