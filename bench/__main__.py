@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from bench.run import Options, run
+from tests.harness import POSTGRES_SERVER, REDIS_SERVER
 
 
 @click.command()
@@ -41,13 +42,13 @@ from bench.run import Options, run
 )
 @click.option(
     "--postgres",
-    default="postgresql://postgres@127.0.0.1:5432/postgres",
+    default=POSTGRES_SERVER,
     show_default=True,
     help="Admin connection that creates and drops the bench database.",
 )
 @click.option(
     "--redis",
-    default="redis://127.0.0.1:6379/0",
+    default=REDIS_SERVER,
     show_default=True,
     help="Redis; the bench uses a private key prefix and removes it.",
 )

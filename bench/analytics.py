@@ -43,6 +43,8 @@ from proxy.database import create_engine
 from tests.harness import (
     ADMIN_TOKEN,
     LOOPBACK,
+    POSTGRES_SERVER,
+    REDIS_SERVER,
     Child,
     admin_headers,
     free_port,
@@ -50,6 +52,7 @@ from tests.harness import (
     private_prefix,
     register,
     serve_argv,
+    server_arguments,
     sidecar_env,
 )
 
@@ -92,8 +95,8 @@ class Options:
     sources: int = 100
     days: int = 60
     repeat: int = 20
-    postgres: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    redis: str = "redis://127.0.0.1:6379/0"
+    postgres: str = POSTGRES_SERVER
+    redis: str = REDIS_SERVER
 
 
 @dataclass
@@ -333,8 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=defaults.sources)
     parser.add_argument("--days", type=int, default=defaults.days)
     parser.add_argument("--repeat", type=int, default=defaults.repeat)
-    parser.add_argument("--postgres", default=defaults.postgres)
-    parser.add_argument("--redis", default=defaults.redis)
+    server_arguments(parser)
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args(argv)
     options = Options(args.rows, args.sources, args.days, args.repeat, args.postgres, args.redis)

@@ -61,6 +61,7 @@ from tests.harness import (
     free_port,
     private_database,
     private_prefix,
+    server_arguments,
 )
 
 SLOW_SECONDS = 0.2
@@ -529,8 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--databroker", help="the databroker executable to measure (default: this one's)"
     )
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    server_arguments(parser)
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench.misses: wrk not found (apt-get install wrk)", file=sys.stderr)

@@ -61,6 +61,7 @@ from tests.harness import (
     private_prefix,
     register,
     serve_argv,
+    server_arguments,
     sidecar_env,
 )
 from tests.servers import Upstream, serve_in_thread, upstream_app
@@ -512,10 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--value-bytes", type=int, default=200, help="bytes of each DataObject")
     parser.add_argument("--batch", type=int, default=1000, help="rows per batched delete")
-    parser.add_argument(
-        "--postgres", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-    )
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    server_arguments(parser)
     parser.add_argument("--hits", action="store_true", help="also: hits while the broker prunes")
     parser.add_argument("--hits-only", action="store_true", help="only the --hits case")
     parser.add_argument("--clients", type=int, default=4, help="callers of the --hits case")

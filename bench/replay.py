@@ -51,6 +51,7 @@ from tests.harness import (
     private_prefix,
     register,
     serve_argv,
+    server_arguments,
     sidecar_env,
 )
 
@@ -281,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--export-days", type=int, default=30)
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    server_arguments(parser)
     return run(parser.parse_args(argv))
 
 

@@ -58,6 +58,8 @@ from tests.harness import (
     BROKER_PATH,
     DATABROKER,
     LOOPBACK,
+    POSTGRES_SERVER,
+    REDIS_SERVER,
     Child,
     broker_request,
     counter,
@@ -81,8 +83,8 @@ class Options:
     rounds: int = 2
     threads: int = 1
     out: Path = Path("bench-results")
-    postgres: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    redis: str = "redis://127.0.0.1:6379/0"
+    postgres: str = POSTGRES_SERVER
+    redis: str = REDIS_SERVER
     writer_records: int = 200_000
     memory: bool = False
     memory_requests: int = 1_000_000

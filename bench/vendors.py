@@ -11,10 +11,12 @@ hook.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -27,7 +29,7 @@ from proxy.source_registry import Source
 from proxy.source_spec import CachingOptions, HTTPSource
 from proxy.templates import compile_source
 from proxy.vendor_state import VendorState
-from tests.harness import drop_prefix
+from tests.harness import REDIS_SERVER, drop_prefix
 
 GUARDED: dict[str, Any] = {
     "cost": {"amount": "0.35", "currency": "USD"},
@@ -59,27 +61,25 @@ def _source(name: str, **protection: Any) -> Source:
     )
 
 
-async def _time(state: VendorState, source: Source, calls: int) -> tuple[list[float], float]:
+async def _timed(call: Callable[[], Awaitable[object]], calls: int) -> tuple[list[float], float]:
     """Each call's wall time, and the CPU time per call (all calls)."""
     took = []
     cpu = time.process_time()
     for _ in range(calls):
         start = time.perf_counter()
+        await call()
+        took.append(time.perf_counter() - start)
+    return took, (time.process_time() - cpu) / calls
+
+
+def _guarded(state: VendorState, source: Source) -> Callable[[], Awaitable[None]]:
+    """One miss's vendor protection: the check before the upstream call and the report after."""
+
+    async def call() -> None:
         admission = await state.before_call(source, 10.0)
         await state.after_call(source, admission, None)
-        took.append(time.perf_counter() - start)
-    return took, (time.process_time() - cpu) / calls
 
-
-async def _time_get(redis: Redis, calls: int) -> tuple[list[float], float]:
-    """One Redis GET the same way: the floor of any check that asks Redis."""
-    took = []
-    cpu = time.process_time()
-    for _ in range(calls):
-        start = time.perf_counter()
-        await redis.get("bench-vendors:absent")
-        took.append(time.perf_counter() - start)
-    return took, (time.process_time() - cpu) / calls
+    return call
 
 
 def _line(label: str, took: list[float], cpu: float) -> str:
@@ -96,16 +96,18 @@ async def _run(redis_url: str, calls: int) -> None:
         breaker_only = {"circuit_breaker": GUARDED["circuit_breaker"]}
         without_breaker = {k: v for k, v in GUARDED.items() if k != "circuit_breaker"}
         print(f"{calls} calls each, one at a time")
-        await _time_get(redis, min(calls, 200))  # warm: the pool open
-        print(_line("one Redis GET (for scale)", *await _time_get(redis, calls)))
+        # One Redis GET: the floor of any check that asks Redis.
+        absent = functools.partial(redis.get, "bench-vendors:absent")
+        await _timed(absent, min(calls, 200))  # warm: the pool open
+        print(_line("one Redis GET (for scale)", *await _timed(absent, calls)))
         for label, source in (
             ("no protection", _source("plain")),
             ("budget + rate limit", _source("budgeted", **without_breaker)),
             ("breaker only", _source("breaker", **breaker_only)),
             ("budget + rate limit + breaker", _source("guarded", **GUARDED)),
         ):
-            await _time(state, source, min(calls, 200))  # warm: scripts loaded
-            print(_line(label, *await _time(state, source, calls)))
+            await _timed(_guarded(state, source), min(calls, 200))  # warm: scripts loaded
+            print(_line(label, *await _timed(_guarded(state, source), calls)))
     finally:
         await redis.aclose()
         drop_prefix(redis_url, prefix)
@@ -115,8 +117,8 @@ async def _run(redis_url: str, calls: int) -> None:
 @click.option("--calls", default=5000, show_default=True, type=click.IntRange(min=10))
 @click.option(
     "--redis-url",
-    default=lambda: os.environ.get("DATABROKER_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    show_default="DATABROKER_REDIS_URL or redis://127.0.0.1:6379/0",
+    default=lambda: os.environ.get("DATABROKER_REDIS_URL", REDIS_SERVER),
+    show_default=f"DATABROKER_REDIS_URL or {REDIS_SERVER}",
 )
 def main(calls: int, redis_url: str) -> None:
     """Time vendor protection's hook on a miss."""

@@ -589,6 +589,12 @@ def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> 
     raise click.ClickException(f"{method} {path}: {reason}")
 
 
+# The admin commands' broker: one default for all of them, serve's own.
+_broker_url = click.option(
+    "--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker."
+)
+
+
 @main.command("erase")
 @click.option("--source", "name", required=True, help="The data source's name.")
 @click.option(
@@ -598,7 +604,7 @@ def _admin_call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> 
     help="The configured_params whose DataObjects go, as JSON.",
 )
 @click.option("--project-id", type=click.UUID, help="The source's project (default: the broker's).")
-@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+@_broker_url
 def erase_command(
     name: str, params: dict[str, Any], project_id: uuid.UUID | None, url: str
 ) -> None:
@@ -631,7 +637,7 @@ def erase_command(
 
 
 @main.command("stats")
-@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+@_broker_url
 @click.option("--project-id", type=click.UUID, help="The project (default: the broker's).")
 @click.option("--start-date", help="First UTC day, YYYY-MM-DD (default: 29 days before the end).")
 @click.option("--end-date", help="Last UTC day, YYYY-MM-DD (default: today).")
@@ -658,7 +664,7 @@ def sources_group() -> None:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @click.option("--project-id", type=click.UUID, help="The sources' project (default: the broker's).")
-@click.option("--url", default="http://127.0.0.1:8787", show_default=True, help="A running broker.")
+@_broker_url
 def sources_apply_command(
     directory: Path, dry_run: bool, project_id: uuid.UUID | None, url: str
 ) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from proxy.errors import ParseError
 from proxy.formats import format_body
+from proxy.objects import Metadata
 from proxy.source_store import spec_of
 from proxy.tables import DataObject, DataSource
 from proxy.types import ResponseType
@@ -34,10 +35,9 @@ BATCH = 2000
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    data_object_id: uuid.UUID
-    key: str
-    created_at: datetime
+class Row(Metadata):
+    """A stored object with its raw body: the admin API's metadata plus the bytes."""
+
     value: bytes
 
 

@@ -144,6 +144,15 @@ async def _stored_variables(
     return {v.name: v for v in await session.scalars(query)}
 
 
+async def _stored_credentials(
+    session: AsyncSession, data_source_id: uuid.UUID
+) -> dict[str, DataSourceCredential]:
+    query = select(DataSourceCredential).where(
+        DataSourceCredential.data_source_id == data_source_id
+    )
+    return {c.credential_type: c for c in await session.scalars(query)}
+
+
 class SourceStore:
     """Every method that names a source takes the project the request works in: a source
     of another project (the global namespace being ``None``) is NotFound, as if absent."""
@@ -360,10 +369,7 @@ class SourceStore:
         """The stored credentials, each value masked: values never leave the store."""
         async with self._sessions() as session:
             row = await self._get(session, data_source_id, project_id)
-            query = select(DataSourceCredential).where(
-                DataSourceCredential.data_source_id == row.data_source_id
-            )
-            stored = sorted(await session.scalars(query), key=lambda c: c.credential_type)
+            stored = await _stored_credentials(session, row.data_source_id)
         return [
             {
                 "credential_type": c.credential_type,
@@ -373,7 +379,7 @@ class SourceStore:
                 "created_at": iso_utc(c.created_at),
                 "last_updated_at": iso_utc(c.last_updated_at),
             }
-            for c in stored
+            for _, c in sorted(stored.items())
         ]
 
     async def set_credentials(
@@ -393,10 +399,7 @@ class SourceStore:
         now = datetime.now(UTC)
         async with self._sessions() as session:
             row = await self._get(session, data_source_id, project_id)
-            query = select(DataSourceCredential).where(
-                DataSourceCredential.data_source_id == row.data_source_id
-            )
-            stored = {c.credential_type: c for c in await session.scalars(query)}
+            stored = await _stored_credentials(session, row.data_source_id)
             for item in given:
                 token = self._box.encrypt(item.value)
                 credential = stored.get(item.credential_type)

@@ -27,6 +27,7 @@ from proxy.settings import Settings
 from tests.harness import (
     ADMIN_TOKEN,
     BROKER_PATH,
+    REDIS_SERVER,
     admin_headers,
     broker_request,
     private_database,
@@ -40,7 +41,7 @@ pytest_plugins = ("tests.instances",)
 
 PG_HOST = os.environ.get("DATABROKER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DATABROKER_TEST_PG_PORT", "5432"))
-REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("DATABROKER_TEST_REDIS_URL", REDIS_SERVER)
 TABLES = (
     "run_data_request",
     "run_data_request_daily",

@@ -9,6 +9,7 @@ imports it as it is.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import inspect
@@ -20,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,14 @@ import httpx
 import redis as sync_redis
 from cryptography.fernet import Fernet
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from proxy.database import migrate
+from proxy.keys import make_cache_key
+from proxy.tables import DataObject, DataSource
 
 LOOPBACK = "127.0.0.1"
 DATABROKER = Path(sys.executable).with_name("databroker")
@@ -41,6 +45,10 @@ START_DEADLINE = 30.0
 EXIT_DEADLINE = 60.0
 ADMIN_TOKEN = "test-admin-token-0123456789"
 BROKER_PATH = "/internal/data-broker"
+# The local servers the benches default to: an admin connection that creates and drops
+# private databases, and the Redis private prefixes live in.
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_SERVER = "redis://127.0.0.1:6379/0"
 
 
 # --- ports and waits ---------------------------------------------------------------------
@@ -116,6 +124,12 @@ async def create_database(
 
 async def drop_database(server_url: str, name: str) -> None:
     await _administer(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """A bench's ``--postgres`` and ``--redis``, for ``private_database``/``private_prefix``."""
+    parser.add_argument("--postgres", default=POSTGRES_SERVER)
+    parser.add_argument("--redis", default=REDIS_SERVER)
 
 
 @contextlib.contextmanager
@@ -306,6 +320,60 @@ def _ok(answer: httpx.Response) -> dict[str, Any]:
         )
     body: dict[str, Any] = answer.json()
     return body
+
+
+async def insert_source(
+    engine: AsyncEngine,
+    name: str,
+    created_at: datetime,
+    source: Mapping[str, Any] | None = None,
+    runtime_params: Sequence[str] = (),
+    retention_days: int | None = None,
+) -> uuid.UUID:
+    """A published source row written straight to its table, for tests of what reads the
+    tables (export, prune) with no broker running; its id."""
+    data_source_id = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(DataSource).values(
+                data_source_id=data_source_id,
+                name=name,
+                source=dict(source or {"url": "http://127.0.0.1/"}),
+                caching_enabled=False,
+                runtime_params=list(runtime_params),
+                variables=[],
+                status="PUBLISHED",
+                retention_days=retention_days,
+                created_at=created_at,
+                last_updated_at=created_at,
+            )
+        )
+    return data_source_id
+
+
+async def insert_objects(
+    engine: AsyncEngine,
+    data_source_id: uuid.UUID,
+    objects: Sequence[tuple[Mapping[str, Any], bytes, datetime]],
+) -> list[uuid.UUID]:
+    """DataObjects written straight to their table, each ``(params, value, created_at)``
+    under the key the broker would give ``params``; their ids, in order."""
+    ids = [uuid.uuid4() for _ in objects]
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(DataObject),
+            [
+                {
+                    "data_object_id": object_id,
+                    "data_source_id": data_source_id,
+                    "key": make_cache_key(data_source_id, dict(params)),
+                    "value": value,
+                    "created_at": at,
+                }
+                for object_id, (params, value, at) in zip(ids, objects, strict=True)
+            ],
+        )
+    return ids
 
 
 async def register(

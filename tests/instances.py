@@ -330,19 +330,28 @@ async def sidecar(
     cwd: Path,
     port: int | None = None,
     log_name: str | None = None,
+    workers: int = 1,
     **limits: Any,
 ) -> AsyncIterator[Sidecar]:
     """``databroker serve`` on ``port`` (a free one by default), started, with a client.
 
-    ``limits`` go to the client's ``httpx.Limits`` (to send many requests at once).
+    ``limits`` go to the client's ``httpx.Limits`` (to send many requests at once;
+    ``max_keepalive_connections=0`` for a new connection a request, so that each may
+    reach any of several ``workers``).
     """
     port = port or free_port()
     log_name = log_name or f"sidecar-{port}.log"
-    with databroker(["serve", "--port", str(port)], env, cwd, log_name) as process:
-        await asyncio.to_thread(process.wait_listening, port)
+    argv = ["serve", "--port", str(port)]
+    deadline = START_DEADLINE
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+        # Workers importing at once on a loaded machine: more than the usual deadline.
+        deadline = 4 * START_DEADLINE
+    with databroker(argv, env, cwd, log_name) as process:
+        await asyncio.to_thread(process.wait_listening, port, deadline)
         async with httpx.AsyncClient(
             base_url=f"http://{LOOPBACK}:{port}",
-            timeout=30,
+            timeout=deadline,
             limits=httpx.Limits(**limits) if limits else httpx.Limits(),
         ) as client:
             yield Sidecar(process, port, client)

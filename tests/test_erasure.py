@@ -20,7 +20,7 @@ import pytest
 import redis as sync_redis
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -33,9 +33,9 @@ from proxy.outbox import complete_lines, decode
 from proxy.pruner import Pruner
 from proxy.services import Services
 from proxy.settings import Settings
-from proxy.tables import Base, DataObject, DataSource, RunDataRequest
+from proxy.tables import Base, DataSource, RunDataRequest
 from tests.conftest import REDIS_URL, Broker, make_settings
-from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env
+from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, insert_objects
 from tests.servers import Upstream, serve_in_thread
 
 T = TypeVar("T")
@@ -348,22 +348,12 @@ async def test_a_pruned_object_is_a_replay_miss(
     side, engine = erasing
     source = await register_subject(side.broker, upstream, "not a canary")
     sid = uuid.UUID(source["data_source_id"])
-    key = make_cache_key(sid, {"id": "1"})
     now = datetime.now(UTC)
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(DataObject),
-            [
-                {
-                    "data_object_id": uuid.uuid4(),
-                    "data_source_id": sid,
-                    "key": key,
-                    "value": f'{{"age": {days}}}'.encode(),
-                    "created_at": now - timedelta(days=days),
-                }
-                for days in (40, 35, 20)
-            ],
-        )
+    aged = [
+        ({"id": "1"}, f'{{"age": {days}}}'.encode(), now - timedelta(days=days))
+        for days in (40, 35, 20)
+    ]
+    await insert_objects(engine, sid, aged)
     at = {days: {"as_of": (now - timedelta(days=days - 1)).isoformat()} for days in (40, 35, 20)}
 
     async def replayed(days: int) -> Any:

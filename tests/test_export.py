@@ -13,16 +13,14 @@ from pathlib import Path
 import orjson
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import export
 from proxy.cli import main
 from proxy.database import create_engine, migrate
 from proxy.keys import make_cache_key
-from proxy.tables import DataObject, DataSource
 from tests.conftest import REDIS_URL
-from tests.harness import clean_env
+from tests.harness import clean_env, insert_objects, insert_source
 
 DAY = datetime(2026, 1, 5, tzinfo=UTC)
 MICRO = timedelta(microseconds=1)
@@ -43,44 +41,16 @@ async def database(
     await engine.dispose()
 
 
-async def add_source(engine: AsyncEngine, name: str, response_type: str = "JSON") -> uuid.UUID:
-    data_source_id = uuid.uuid4()
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(DataSource).values(
-                data_source_id=data_source_id,
-                name=name,
-                source={"url": "http://127.0.0.1/", "response_type": response_type},
-                caching_enabled=False,
-                runtime_params=["n"],
-                variables=[],
-                status="PUBLISHED",
-                created_at=DAY,
-                last_updated_at=DAY,
-            )
-        )
-    return data_source_id
+async def add_source(engine: AsyncEngine, name: str) -> uuid.UUID:
+    source = {"url": "http://127.0.0.1/", "response_type": "JSON"}
+    return await insert_source(engine, name, DAY, source, runtime_params=["n"])
 
 
 async def add_objects(
     engine: AsyncEngine, data_source_id: uuid.UUID, objects: list[tuple[datetime, bytes]]
 ) -> list[uuid.UUID]:
-    ids = [uuid.uuid4() for _ in objects]
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(DataObject),
-            [
-                {
-                    "data_object_id": object_id,
-                    "data_source_id": data_source_id,
-                    "key": make_cache_key(data_source_id, {"n": str(n)}),
-                    "value": value,
-                    "created_at": at,
-                }
-                for n, (object_id, (at, value)) in enumerate(zip(ids, objects, strict=True))
-            ],
-        )
-    return ids
+    given = [({"n": str(n)}, value, at) for n, (at, value) in enumerate(objects)]
+    return await insert_objects(engine, data_source_id, given)
 
 
 def run_export(url: str, tmp_path: Path, *args: str) -> tuple[int, bytes, str]:

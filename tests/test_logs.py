@@ -3,7 +3,6 @@ JSON lines in every process, each line about a request with its request id and r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -11,7 +10,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from proxy.logs import (
@@ -27,15 +25,12 @@ from proxy.request_ids import request_id
 from tests.conftest import Broker
 from tests.harness import (
     BROKER_PATH,
-    LOOPBACK,
     async_wait_for,
     broker_request,
-    free_port,
     register,
-    serve_argv,
     sidecar_env,
 )
-from tests.instances import RedisInstance, databroker, terminate
+from tests.instances import RedisInstance, sidecar, terminate
 from tests.servers import Upstream
 
 RUN_ID = uuid.UUID("5f0c7a52-2b1c-4f55-9d0e-8d6f2b7c1a11")
@@ -177,49 +172,41 @@ async def test_two_workers_write_json_lines_with_request_id_and_run_id(
     upstream.answer("/ok", b'{"ok": true}')
     env = sidecar_env(pg_url, private_redis.url, tmp_path / "outbox", access_log="1")
     # No DATABROKER_LOG_FORMAT: JSON because a database URL is set.
-    port = free_port()
-    with databroker(serve_argv(port, "--workers", "2")[1:], env, tmp_path) as process:
-        await asyncio.to_thread(process.wait_listening, port)
-        # A fresh connection per request, so that both workers' accepts get some.
-        async with httpx.AsyncClient(
-            base_url=f"http://{LOOPBACK}:{port}",
-            timeout=30,
-            limits=httpx.Limits(max_keepalive_connections=0),
-        ) as client:
-            spec = {
-                "name": "ok",
-                "source": {"url": f"{upstream.url}/ok?n={{{{ n }}}}"},
-                "caching": {"enabled": True, "ttl": 60},
-            }
-            await register(client, spec)
-            runs: dict[str, str] = {}
+    # A fresh connection per request, so that both workers' accepts get some.
+    async with sidecar(env, tmp_path, workers=2, max_keepalive_connections=0) as running:
+        process, client = running.process, running.client
+        spec = {
+            "name": "ok",
+            "source": {"url": f"{upstream.url}/ok?n={{{{ n }}}}"},
+            "caching": {"enabled": True, "ttl": 60},
+        }
+        await register(client, spec)
+        runs: dict[str, str] = {}
 
-            async def call() -> list[dict[str, Any]]:
-                """A miss (a new key each time); every line written so far."""
-                rid, run_id = f"test-{len(runs)}", str(uuid.uuid4())
-                runs[rid] = run_id
-                answer = await client.post(
-                    BROKER_PATH,
-                    json=broker_request("ok", {"n": len(runs)}, run_id=run_id),
-                    headers={"X-Request-ID": rid},
-                )
-                assert answer.status_code == 200, answer.text
-                assert answer.headers["x-request-id"] == rid
-                return json_lines(process.output())
+        async def call() -> list[dict[str, Any]]:
+            """A miss (a new key each time); every line written so far."""
+            rid, run_id = f"test-{len(runs)}", str(uuid.uuid4())
+            runs[rid] = run_id
+            answer = await client.post(
+                BROKER_PATH,
+                json=broker_request("ok", {"n": len(runs)}, run_id=run_id),
+                headers={"X-Request-ID": rid},
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-request-id"] == rid
+            return json_lines(process.output())
 
-            async def both_workers_served() -> bool:
-                return len({line["pid"] for line in await call() if "run_id" in line}) >= 2
+        async def both_workers_served() -> bool:
+            return len({line["pid"] for line in await call() if "run_id" in line}) >= 2
 
-            await async_wait_for(both_workers_served, timeout=60)
-            # Redis gone: the request that finds out says so, inside the request.
-            private_redis.kill()
+        await async_wait_for(both_workers_served, timeout=60)
+        # Redis gone: the request that finds out says so, inside the request.
+        private_redis.kill()
 
-            async def outage_seen() -> bool:
-                return any(
-                    line["level"] == "WARNING" and "request_id" in line for line in await call()
-                )
+        async def outage_seen() -> bool:
+            return any(line["level"] == "WARNING" and "request_id" in line for line in await call())
 
-            await async_wait_for(outage_seen, timeout=30)
+        await async_wait_for(outage_seen, timeout=30)
         terminate(process)
     lines = json_lines(process.output())
     worker_pids = {line["pid"] for line in lines if line["message"].startswith("Started server")}

@@ -24,14 +24,12 @@ from proxy.outbox import Outbox, RunDataRequestRecord
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import (
     BROKER_PATH,
-    LOOPBACK,
     async_wait_for,
     broker_request,
-    free_port,
     register,
     sidecar_env,
 )
-from tests.instances import databroker
+from tests.instances import sidecar
 from tests.servers import Upstream
 from tests.test_shutdown import slow_json
 
@@ -175,58 +173,53 @@ async def test_two_workers_scrape_as_one_counters_never_go_backwards(
         redis_prefix=redis_prefix,
     )
     env["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
-    port = free_port()
     url = slow_json(upstream, "/workers")
-    with databroker(["serve", "--port", str(port), "--workers", "2"], env, tmp_path) as process:
-        # Two workers importing at once on a loaded machine: more than the usual deadline.
-        await asyncio.to_thread(process.wait_listening, port, 120)
-        base = f"http://{LOOPBACK}:{port}"
-        # A new connection for every call: each may reach either worker.
-        fresh = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=base, timeout=120, limits=fresh) as client:
-            name = f"workers_{uuid.uuid4().hex[:8]}"  # the session's tables are shared
-            await register(client, _spec(name, url))
-            # Until both workers know the source: one that had a registry reload in flight
-            # when it was created may answer 404 until its next one. A 404 is counted
-            # under source="" (an unknown name is never a label), so only 200s count here.
-            made = await _warm(client, name)
-            seen: list[float] = []
-            for scrape in range(20):
-                # Misses in flight together (the upstream takes 20 ms), and hits of them.
-                params = [{"n": str(scrape * 4 + i % 4)} for i in range(8)]
-                answers = await asyncio.gather(
-                    *(client.post(BROKER_PATH, json=broker_request(name, p)) for p in params)
-                )
-                assert [a.status_code for a in answers] == [200] * len(params)
-                made += len(params)
-                families = _families((await client.get("/metrics")).text)
-                counted = sum(
-                    v for labels, v in families["databroker_requests"] if labels["source"] == name
-                )
-                timed = sum(v for _, v in families["databroker_request_duration_seconds"])
-                assert counted == made == timed, (scrape, counted, made, timed)
-                assert not seen or counted >= seen[-1]
-                seen.append(counted)
-            upstream_calls = sum(v for _, v in families["databroker_upstream_responses"])
-            assert upstream_calls == 20 * 4 + 1 == upstream.hits("/workers")
+    # A new connection for every call: each may reach either worker.
+    async with sidecar(env, tmp_path, workers=2, max_keepalive_connections=0) as running:
+        process, client = running.process, running.client
+        name = f"workers_{uuid.uuid4().hex[:8]}"  # the session's tables are shared
+        await register(client, _spec(name, url))
+        # Until both workers know the source: one that had a registry reload in flight
+        # when it was created may answer 404 until its next one. A 404 is counted
+        # under source="" (an unknown name is never a label), so only 200s count here.
+        made = await _warm(client, name)
+        seen: list[float] = []
+        for scrape in range(20):
+            # Misses in flight together (the upstream takes 20 ms), and hits of them.
+            params = [{"n": str(scrape * 4 + i % 4)} for i in range(8)]
+            answers = await asyncio.gather(
+                *(client.post(BROKER_PATH, json=broker_request(name, p)) for p in params)
+            )
+            assert [a.status_code for a in answers] == [200] * len(params)
+            made += len(params)
+            families = _families((await client.get("/metrics")).text)
+            counted = sum(
+                v for labels, v in families["databroker_requests"] if labels["source"] == name
+            )
+            timed = sum(v for _, v in families["databroker_request_duration_seconds"])
+            assert counted == made == timed, (scrape, counted, made, timed)
+            assert not seen or counted >= seen[-1]
+            seen.append(counted)
+        upstream_calls = sum(v for _, v in families["databroker_upstream_responses"])
+        assert upstream_calls == 20 * 4 + 1 == upstream.hits("/workers")
 
-            async def gauges() -> dict[str, float]:
-                text = (await client.get("/metrics")).text
-                return {
-                    f.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
-                    for f in text_string_to_metric_families(text)
-                    if f.type == "gauge"
-                    for s in f.samples
-                }
-
-            # Live gauges combine the workers' values (min, max, sum), nobody else's.
-            want = {
-                "databroker_hot_live": 1.0,
-                "databroker_dependency_up{redis}": 1.0,
-                "databroker_dependency_up{database}": 1.0,
-                f"databroker_build_info{{{__version__}}}": 1.0,
+        async def gauges() -> dict[str, float]:
+            text = (await client.get("/metrics")).text
+            return {
+                f.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+                for f in text_string_to_metric_families(text)
+                if f.type == "gauge"
+                for s in f.samples
             }
-            await async_wait_for(lambda: _includes(gauges(), want), timeout=10)
+
+        # Live gauges combine the workers' values (min, max, sum), nobody else's.
+        want = {
+            "databroker_hot_live": 1.0,
+            "databroker_dependency_up{redis}": 1.0,
+            "databroker_dependency_up{database}": 1.0,
+            f"databroker_build_info{{{__version__}}}": 1.0,
+        }
+        await async_wait_for(lambda: _includes(gauges(), want), timeout=10)
         # The workers' files only: not the parent's (it serves no metrics), nor the stale one.
         pids = {path.stem.split("_")[-1] for path in shared.glob("*.db")}
         assert str(process.pid) not in pids and "1" not in pids

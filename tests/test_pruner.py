@@ -19,9 +19,9 @@ from proxy.cache import CacheEntry, RedisCache
 from proxy.cli import main
 from proxy.keys import KeyLayout
 from proxy.pruner import DELETED_SOURCE, Pruner, prune_round
-from proxy.tables import DataObject, DataSource, RunDataRequest
+from proxy.tables import DataObject, RunDataRequest
 from tests.conftest import REDIS_URL
-from tests.harness import clean_env
+from tests.harness import clean_env, insert_source
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 # Ages in days of the rows each source gets: some inside every retention, some outside.
@@ -29,23 +29,9 @@ AGES = (0.5, 6.9, 7.1, 29.9, 30.1, 45, 400)
 
 
 async def add_source(engine: AsyncEngine, name: str, retention_days: int | None) -> uuid.UUID:
-    data_source_id = uuid.uuid4()
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(DataSource).values(
-                data_source_id=data_source_id,
-                name=name,
-                source={"url": "http://127.0.0.1/"},
-                caching_enabled=False,
-                runtime_params=[],
-                variables=[],
-                status="PUBLISHED",
-                retention_days=retention_days,
-                created_at=NOW - timedelta(days=500),
-                last_updated_at=NOW - timedelta(days=500),
-            )
-        )
-    return data_source_id
+    return await insert_source(
+        engine, name, NOW - timedelta(days=500), retention_days=retention_days
+    )
 
 
 async def add_rows(engine: AsyncEngine, data_source_id: uuid.UUID, now: datetime = NOW) -> None:

@@ -22,9 +22,9 @@ from proxy.client import AsyncClient, ReplayMiss
 from proxy.database import create_engine, migrate
 from proxy.keys import make_cache_key
 from proxy.settings import Settings
-from proxy.tables import DataObject, RunDataRequest
+from proxy.tables import RunDataRequest
 from tests.conftest import Broker
-from tests.harness import async_wait_for
+from tests.harness import async_wait_for, insert_objects
 from tests.servers import Upstream, serve_in_thread
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -75,20 +75,7 @@ async def bureau(backend: Backend, upstream: Upstream, name: str = "bureau") -> 
 
 async def store(engine: AsyncEngine, source_id: str, ssn: str, value: bytes, at: datetime) -> str:
     """A DataObject of ``ssn``'s key, created at ``at``; its id."""
-    object_id = uuid.uuid4()
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(DataObject),
-            [
-                {
-                    "data_object_id": object_id,
-                    "data_source_id": uuid.UUID(source_id),
-                    "key": make_cache_key(uuid.UUID(source_id), {"ssn": ssn}),
-                    "value": value,
-                    "created_at": at,
-                }
-            ],
-        )
+    [object_id] = await insert_objects(engine, uuid.UUID(source_id), [({"ssn": ssn}, value, at)])
     return str(object_id)
 
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 import hmac
 import logging
 import traceback
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, get_args
+from collections.abc import Awaitable, Callable
+from typing import get_args
 
-import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -32,20 +30,16 @@ from starlette.routing import Route
 from proxy.database import describe, is_unavailable
 from proxy.errors import (
     AdminDisabled,
-    BodyTooLarge,
     BrokerError,
     DatabaseUnavailable,
     InternalError,
-    NotFound,
-    Refused,
     Unauthorized,
     ValidationFailed,
 )
-from proxy.messages import loads_strict
-from proxy.routes.bodies import read_json
+from proxy.routes import params
 from proxy.services import services
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import SourceStore, VariableValue, spec_of, to_api
+from proxy.source_store import VariableValue, spec_of, to_api
 from proxy.types import Status
 
 logger = logging.getLogger("databroker.admin")
@@ -54,13 +48,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 _VARIABLES = TypeAdapter(list[VariableValue])
 
 
-def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
-
-
 def error_answer(exc: BrokerError) -> Response:
     detail = exc.errors if isinstance(exc, ValidationFailed) else exc.message
-    return _json({"detail": detail, "code": exc.code, **exc.extra}, exc.status)
+    return params.json_answer({"detail": detail, "code": exc.code, **exc.extra}, exc.status)
 
 
 def _authorize(request: Request) -> None:
@@ -106,7 +96,7 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     """Starlette's own refusals (no such route, method not allowed) in the same shape."""
     assert isinstance(exc, HTTPException)
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-    return _json({"detail": exc.detail, "code": code}, exc.status_code, exc.headers)
+    return params.json_answer({"detail": exc.detail, "code": code}, exc.status_code, exc.headers)
 
 
 async def _internal_error(_: Request, exc: Exception) -> Response:
@@ -115,53 +105,6 @@ async def _internal_error(_: Request, exc: Exception) -> Response:
 
 # For the whole application: every route outside the hot path answers JSON errors.
 exception_handlers = {HTTPException: _http_error, Exception: _internal_error}
-
-
-async def _parse(request: Request, validate: Callable[[Any], Any]) -> Any:
-    """Read and validate a body: the same strict JSON as the broker route, then the model."""
-    body = await read_json(request.scope, request.receive, ValidationFailed, BodyTooLarge)
-    try:
-        data = loads_strict(body)
-    except ValueError as exc:
-        message = str(exc)
-        raise ValidationFailed(
-            message, errors=[{"loc": ["body"], "msg": message, "type": "json_invalid"}]
-        ) from exc
-    try:
-        return validate(data)
-    except ValidationError as exc:
-        errors = exc.errors(include_input=False, include_url=False, include_context=False)
-        raise ValidationFailed(
-            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors),
-            errors=[
-                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors
-            ],
-        ) from exc
-
-
-def _source_id(request: Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.path_params["data_source_id"])
-    except ValueError as exc:
-        raise NotFound("data_source_id is not a UUID") from exc
-
-
-def _store(request: Request) -> SourceStore:
-    return services(request).sources
-
-
-def _project(request: Request, in_body: uuid.UUID | None = None) -> uuid.UUID | None:
-    """The project the request works in (see the module's docstring)."""
-    given = request.query_params.get("project_id")
-    if given is None:
-        return in_body or services(request).settings.project_id
-    try:
-        project = uuid.UUID(given)
-    except ValueError as exc:
-        raise ValidationFailed("project_id is not a UUID", loc=("query", "project_id")) from exc
-    if in_body is not None and in_body != project:
-        raise Refused("project_id in the body differs from ?project_id=")
-    return project
 
 
 _BOOLEANS = {
@@ -185,32 +128,34 @@ async def list_sources(request: Request) -> Response:
         raise ValidationFailed(
             "include_archived must be true or false", loc=("query", "include_archived")
         )
-    rows = await _store(request).list_sources(
-        _project(request),
+    rows = await params.store(request).list_sources(
+        params.project(request),
         include_archived,
         status,  # type: ignore[arg-type]
     )
-    return _json([to_api(row) for row in rows])
+    return params.json_answer([to_api(row) for row in rows])
 
 
 @admin
 async def create_source(request: Request) -> Response:
-    spec = await _parse(request, DataSourceSpec.model_validate)
-    row = await _store(request).create(spec, _project(request, spec.project_id))
+    spec = await params.parse_body(request, DataSourceSpec.model_validate)
+    row = await params.store(request).create(spec, params.project(request, spec.project_id))
     await services(request).registry.changed(row.data_source_id)
-    return _json(to_api(row))
+    return params.json_answer(to_api(row))
 
 
 @admin
 async def get_source(request: Request) -> Response:
-    return _json(to_api(await _store(request).get(_source_id(request), _project(request))))
+    return params.json_answer(
+        to_api(await params.store(request).get(params.source_id(request), params.project(request)))
+    )
 
 
 @admin
 async def replace_source(request: Request) -> Response:
-    spec = await _parse(request, DataSourceSpec.model_validate)
-    row = await _store(request).replace(
-        _source_id(request), spec, _project(request, spec.project_id)
+    spec = await params.parse_body(request, DataSourceSpec.model_validate)
+    row = await params.store(request).replace(
+        params.source_id(request), spec, params.project(request, spec.project_id)
     )
     # Committed: from here on nothing may answer as if it were not.
     if row.status == "DRAFT":
@@ -218,55 +163,59 @@ async def replace_source(request: Request) -> Response:
         # Never raises: a flush Redis refuses is retried in the background (proxy.flushes).
         await services(request).flushes.flush_source(row.data_source_id)
     await services(request).registry.changed(row.data_source_id)
-    return _json(to_api(row))
+    return params.json_answer(to_api(row))
 
 
 @admin
 async def delete_source(request: Request) -> Response:
-    data_source_id = _source_id(request)
-    await _store(request).delete(data_source_id, _project(request))
+    data_source_id = params.source_id(request)
+    await params.store(request).delete(data_source_id, params.project(request))
     await services(request).registry.changed(data_source_id)
-    return _json({"data_source_id": str(data_source_id)})
+    return params.json_answer({"data_source_id": str(data_source_id)})
 
 
 @admin
 async def publish_source(request: Request) -> Response:
-    row = await _store(request).publish(_source_id(request), _project(request))
+    row = await params.store(request).publish(params.source_id(request), params.project(request))
     await services(request).registry.changed(row.data_source_id)
-    return _json(to_api(row))
+    return params.json_answer(to_api(row))
 
 
 @admin
 async def get_variables(request: Request) -> Response:
-    return _json(await _store(request).get_variables(_source_id(request), _project(request)))
+    return params.json_answer(
+        await params.store(request).get_variables(
+            params.source_id(request), params.project(request)
+        )
+    )
 
 
 @admin
 async def set_variables(request: Request) -> Response:
-    desired = await _parse(request, _VARIABLES.validate_python)
-    data_source_id, project = _source_id(request), _project(request)
-    await _store(request).set_variables(data_source_id, desired, project)
+    desired = await params.parse_body(request, _VARIABLES.validate_python)
+    data_source_id, project = params.source_id(request), params.project(request)
+    await params.store(request).set_variables(data_source_id, desired, project)
     await services(request).registry.changed(data_source_id)
-    return _json(await _store(request).get_variables(data_source_id, project))
+    return params.json_answer(await params.store(request).get_variables(data_source_id, project))
 
 
 async def _set_paused(request: Request, paused: bool) -> Response:
     """Pause or resume a source on every sidecar (``proxy.vendor_state``): its upstream calls
     answer 503 SOURCE_PAUSED within a second fleet-wide; its cache hits are still served."""
-    row = await _store(request).get(_source_id(request), _project(request))
+    row = await params.store(request).get(params.source_id(request), params.project(request))
     await services(request).broker.vendors.set_paused(row.data_source_id, paused)
-    return _json({**to_api(row), "paused": paused})
+    return params.json_answer({**to_api(row), "paused": paused})
 
 
 @admin
 async def get_protection(request: Request) -> Response:
     """The source's spend and vendor protection as the fleet holds it now: paused, held by
     an upstream's 429, spent against its budget, its breaker's state."""
-    row = await _store(request).get(_source_id(request), _project(request))
+    row = await params.store(request).get(params.source_id(request), params.project(request))
     described = await services(request).broker.vendors.describe(
         row.data_source_id, spec_of(row).source
     )
-    return _json({"data_source_id": str(row.data_source_id), **described})
+    return params.json_answer({"data_source_id": str(row.data_source_id), **described})
 
 
 @admin

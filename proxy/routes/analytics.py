@@ -17,7 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import analytics, rollup
-from proxy.routes.admin import _json, _project, _source_id, admin
+from proxy.routes import params
+from proxy.routes.admin import admin
 from proxy.services import services
 
 Figures = Callable[[list[analytics.Counter], analytics.Window, analytics.Cost | None], Any]
@@ -33,19 +34,19 @@ def _per_source(figures: Figures) -> Callable[[Request], Any]:
     @admin
     async def route(request: Request) -> Response:
         found = services(request)
-        data_source_id, window = _source_id(request), _window(request)
+        data_source_id, window = params.source_id(request), _window(request)
         # 404 for a source of another project, as every admin read.
-        row = await found.sources.get(data_source_id, _project(request))
+        row = await found.sources.get(data_source_id, params.project(request))
         async with found.engine.connect() as conn:
             counters = await rollup.read_source(conn, data_source_id, window.start, window.end)
-        return _json(figures(counters, window, analytics.cost_of(row.source)))
+        return params.json_answer(figures(counters, window, analytics.cost_of(row.source)))
 
     return route
 
 
 @admin
 async def summary(request: Request) -> Response:
-    found, window, project = services(request), _window(request), _project(request)
+    found, window, project = services(request), _window(request), params.project(request)
     rows = await found.sources.list_sources(project, True, None)
     sources = {
         row.data_source_id: analytics.SourceInfo(row.name, analytics.cost_of(row.source))
@@ -53,7 +54,7 @@ async def summary(request: Request) -> Response:
     }
     async with found.engine.connect() as conn:
         whole, ranked = await rollup.read_project(conn, project, window.start, window.end)
-    return _json(analytics.summary(whole, ranked, window, project, sources))
+    return params.json_answer(analytics.summary(whole, ranked, window, project, sources))
 
 
 routes = [

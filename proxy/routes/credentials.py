@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.routes.admin import _json, _parse, _project, _source_id, _store, admin
+from proxy.routes import params
+from proxy.routes.admin import admin
 from proxy.services import services
 from proxy.source_store import CredentialValue
 
@@ -21,19 +22,23 @@ _CREDENTIALS = TypeAdapter(list[CredentialValue])
 
 @admin
 async def get_credentials(request: Request) -> Response:
-    return _json(await _store(request).get_credentials(_source_id(request), _project(request)))
+    return params.json_answer(
+        await params.store(request).get_credentials(
+            params.source_id(request), params.project(request)
+        )
+    )
 
 
 @admin
 async def set_credentials(request: Request) -> Response:
-    given = await _parse(request, _CREDENTIALS.validate_python)
-    data_source_id, project = _source_id(request), _project(request)
-    await _store(request).set_credentials(data_source_id, given, project)
+    given = await params.parse_body(request, _CREDENTIALS.validate_python)
+    data_source_id, project = params.source_id(request), params.project(request)
+    await params.store(request).set_credentials(data_source_id, given, project)
     await services(request).registry.changed(data_source_id)
     # The cached token was issued for the old credentials. (Another sidecar that has not
     # reloaded yet may still request one with them: it lasts until it expires.)
     await services(request).broker.tokens.forget(data_source_id)
-    return _json(await _store(request).get_credentials(data_source_id, project))
+    return params.json_answer(await params.store(request).get_credentials(data_source_id, project))
 
 
 routes = [

@@ -1,6 +1,6 @@
 """``DELETE /data-sources/{id}/objects?key=KEY``: erase one key's DataObjects and cache entry
 (proxy.erasure). An admin route: the bearer token, the project's sources only, errors in
-the admin shape, through the admin module's own helpers."""
+the admin shape, read and answered through proxy.routes.params."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.errors import ValidationFailed
-
-# The admin routes' own helpers: one way to authorize, scope and answer.
-from proxy.routes.admin import _json, _project, _source_id, admin
+from proxy.routes import params
+from proxy.routes.admin import admin
 from proxy.services import services
 
 # make_cache_key's md5, as hex: anything else names no object.
@@ -27,9 +26,9 @@ async def erase_objects(request: Request) -> Response:
         raise ValidationFailed("key must be a cache key: 32 lowercase hexadecimal digits")
     found = services(request)
     # NotFound for a source of another project, as every admin route.
-    row = await found.sources.get(_source_id(request), _project(request))
+    row = await found.sources.get(params.source_id(request), params.project(request))
     erased = await found.eraser.erase(row.data_source_id, key)
-    return _json(
+    return params.json_answer(
         {
             "data_source_id": str(row.data_source_id),
             "key": key,

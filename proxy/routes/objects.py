@@ -16,9 +16,8 @@ from starlette.routing import Route
 from proxy import objects
 from proxy.errors import NotFound, ValidationFailed
 from proxy.export import Row, exported
-
-# The admin routes' own helpers: one way to authorize, scope and answer.
-from proxy.routes.admin import _json, _project, _source_id, admin
+from proxy.routes import params
+from proxy.routes.admin import admin
 from proxy.services import services
 from proxy.source_store import spec_of
 from proxy.timestamps import iso_utc
@@ -58,7 +57,7 @@ def _metadata(data_source_id: uuid.UUID, meta: objects.Metadata) -> dict[str, An
 async def list_objects(request: Request) -> Response:
     found = services(request)
     # NotFound for a source of another project, as every admin read.
-    row = await found.sources.get(_source_id(request), _project(request))
+    row = await found.sources.get(params.source_id(request), params.project(request))
     limit, before = _limit(request), _before(request)
     try:
         async with found.engine.connect() as conn:
@@ -67,17 +66,14 @@ async def list_objects(request: Request) -> Response:
         raise ValidationFailed(
             "before names no data object of this source", loc=("query", "before")
         ) from exc
-    return _json([_metadata(row.data_source_id, meta) for meta in page])
+    return params.json_answer([_metadata(row.data_source_id, meta) for meta in page])
 
 
 @admin
 async def get_object(request: Request) -> Response:
     found = services(request)
-    row = await found.sources.get(_source_id(request), _project(request))
-    try:
-        data_object_id = uuid.UUID(request.path_params["data_object_id"])
-    except ValueError as exc:
-        raise NotFound("data_object_id is not a UUID") from exc
+    row = await found.sources.get(params.source_id(request), params.project(request))
+    data_object_id = params.path_id(request, "data_object_id")
     async with found.engine.connect() as conn:
         stored = await objects.one(conn, row.data_source_id, data_object_id)
     if stored is None:
@@ -93,7 +89,7 @@ async def get_object(request: Request) -> Response:
     answer["value"] = None if item.value_json is None else orjson.Fragment(item.value_json)
     if item.error is not None:
         answer["error"] = item.error
-    return _json(answer)
+    return params.json_answer(answer)
 
 
 routes = [

@@ -9,24 +9,23 @@ from starlette.routing import Route
 
 from proxy import tryout
 from proxy.errors import NotFound
-
-# The admin routes' own helpers: one way to authorize, parse, scope and answer.
-from proxy.routes.admin import _json, _parse, _project, _source_id, admin
+from proxy.routes import params
+from proxy.routes.admin import admin
 from proxy.services import services
 
 
 @admin
 async def test_source(request: Request) -> Response:
-    given: tryout.TestParams = await _parse(request, tryout.TestParams.model_validate)
+    given: tryout.TestParams = await params.parse_body(request, tryout.TestParams.model_validate)
     found = services(request)
     # NotFound for a source of another project, as every admin route.
-    row = await found.sources.get(_source_id(request), _project(request))
+    row = await found.sources.get(params.source_id(request), params.project(request))
     try:
         source = await found.registry.by_id(row.data_source_id, row.last_updated_at.timestamp())
     except KeyError as exc:  # deleted since it was read
         raise NotFound(f"no data source {row.data_source_id} in this project") from exc
     source = tryout.with_overrides(source, given.env_vars or {})
-    return _json(await tryout.run(found.broker, source, given.params or {}))
+    return params.json_answer(await tryout.run(found.broker, source, given.params or {}))
 
 
 routes = [Route("/data-sources/{data_source_id}/test", test_source, methods=["POST"])]
