@@ -88,6 +88,19 @@ async def db(pg_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_starts_on_empty_tables(request: pytest.FixtureRequest) -> None:
+    """Each test module that uses the test database starts on empty tables: what another
+    module left (variables under a key of its own, rows of specs it wrote by hand) would stop
+    the brokers it starts, and which module ran before depends on the order and the worker."""
+    module = request.module
+    if any(
+        getattr(item, "module", None) is module and "pg_url" in getattr(item, "fixturenames", ())
+        for item in request.session.items
+    ):
+        asyncio.run(_emptied(request.getfixturevalue("pg_url")))
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def database(
     request: pytest.FixtureRequest, db: AsyncEngine, tmp_path: Path
@@ -147,10 +160,8 @@ def module_server(
     pg_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Settings]]:
     """One broker for a whole module, for tests that each make a few requests (a broker per
-    test would be most of their time). Its tests name their sources uniquely; it starts on
-    empty tables (what earlier modules left, under keys of their own, would stop its start),
-    and its Redis prefix is dropped at the end."""
-    asyncio.run(_emptied(pg_url))
+    test would be most of their time). Its tests name their sources uniquely; no table is
+    emptied for them, and its Redis prefix is dropped at the end."""
     with private_prefix(REDIS_URL) as prefix:
         settings = make_settings(pg_url, prefix, tmp_path_factory.mktemp("module_server"))
         with serve_in_thread(create_app(settings)) as url:
