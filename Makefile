@@ -16,8 +16,9 @@ $(BIN)/databroker: pyproject.toml
 
 install: $(BIN)/databroker
 
+# make serve SERVE_ARGS='--port 8788' (any option of databroker serve).
 serve: install
-	$(BIN)/databroker serve
+	$(BIN)/databroker serve $(SERVE_ARGS)
 
 services:
 	bash .ci/services
