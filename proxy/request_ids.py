@@ -8,6 +8,7 @@ bench.request_ids``); the access line is built only when its logger is enabled.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -25,14 +26,34 @@ _ACCEPTED = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 access = logging.getLogger(ACCESS_LOGGER)
 
 
+class _Ids:
+    """New ids: a random prefix per process and a counter, 32 hex digits. Unique, which is
+    all an id must be, at a fraction of ``os.urandom``'s system call per request (5 µs of
+    a hit's 82 µs of CPU, ``python -m bench --profile``)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._count = itertools.count()
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_ids = _Ids()
+
+
 def request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The caller's ``X-Request-ID`` if it is an acceptable id, else a new random one."""
+    """The caller's ``X-Request-ID`` if it is an acceptable id, else a new one."""
     for name, value in headers:
         if name == HEADER:
             if _ACCEPTED.fullmatch(value):
                 return value.decode("ascii")
             break
-    return os.urandom(16).hex()
+    return _ids.new()
 
 
 class RequestIds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -136,7 +137,21 @@ def test_an_acceptable_request_id_is_kept_anything_else_replaced(sent: bytes, ke
 
 
 def test_a_missing_request_id_is_made_new_each_time() -> None:
-    assert request_id([]) != request_id([])
+    made = {request_id([]) for _ in range(1000)}
+    assert len(made) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+
+
+def test_a_forked_process_makes_ids_of_its_own() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then leave without pytest's cleanup
+        os.write(write, request_id([]).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    childs = os.read(read, 64).decode()
+    os.close(read)
+    assert childs[:16] != request_id([])[:16]
 
 
 # --- the door, in-thread -------------------------------------------------------------------
