@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.app import create_app
+from proxy.keys import KeyLayout
 from proxy.openapi import BROKER_RESPONSE
 from proxy.routes.internal import PATH, FrontDoor
 from proxy.secrets import SecretBox
@@ -293,7 +294,16 @@ async def test_an_undecryptable_variable_is_internal_and_says_nothing_of_it(
     await foreign.set_variables(
         row.data_source_id, [VariableValue(name="KEY", value="hush-42")], None
     )
-    body = internal(await past_the_index(broker, "foreign"))
+    # As that sidecar would: announce the change. A reload between its two writes may
+    # have served "foreign" without its variable (400 MISSING_VARIABLES) until this one.
+    with sync_redis.Redis.from_url(REDIS_URL) as redis:
+        redis.publish(KeyLayout(broker.settings.redis_prefix).registry_channel, "foreign")
+
+    async def failing() -> httpx.Response | None:
+        answer = await broker.call("foreign")
+        return answer if answer.status_code == 500 else None
+
+    body = internal(await async_wait_for(failing, interval=0.2))
     assert "hush-42" not in body["error"]["message"]
     assert (await broker.call("known")).status_code == 200
 
