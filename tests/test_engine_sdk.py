@@ -14,8 +14,6 @@ Every one of the reference's 17 operations has its success path and the error pa
 reference declares: 404 with a ``{"detail"}`` body, and 422 parsed by the generated
 ``HTTPValidationError`` (FastAPI's ``detail`` list). The broker route keeps DESIGN.md's own
 codes (400 ``INVALID_REQUEST``, 404 ``DATA_SOURCE_NOT_FOUND``), which win over the reference.
-What is not built yet is marked ``xfail(strict=True)``: once built, its tests XPASS and fail,
-and the builder removes the mark.
 """
 
 from __future__ import annotations
@@ -62,7 +60,6 @@ CACHED = {"caching": {"enabled": True, "ttl": 600}}
 
 # Starts `databroker serve` (and the generator).
 pytestmark = pytest.mark.slow
-NOT_BUILT = pytest.mark.xfail(strict=True, reason="issue 9: not built yet")
 
 
 # --- the generated client ---------------------------------------------------------------
