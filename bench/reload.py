@@ -1,9 +1,9 @@
 """CPU of a registry reload at N sources: the first (every source compiled, as every reload
 was before sources were reused) against the next ones (nothing changed, nothing compiled).
 
-    .venv/bin/python -m tests.measure_reload [N]    # default 1000; needs the test Postgres
+    .venv/bin/python -m bench.reload [N]    # default 1000; the local Postgres and Redis
 
-Not a test (pytest does not collect it): a measurement, printed, asserting nothing.
+A measurement, printed, asserting nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from proxy.secrets import SecretBox
 from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
-from tests.conftest import REDIS_URL, pg_server
-from tests.harness import create_database, drop_database
+from tests.harness import POSTGRES_SERVER, REDIS_SERVER, create_database, drop_database
 
 SPEC = {
     "source": {
@@ -60,7 +59,7 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
         row = await store.create(DataSourceSpec.model_validate({"name": f"s{i}", **SPEC}), None)
         values = [VariableValue(name="KEY", value="k"), VariableValue(name="TOKEN", value="t")]
         await store.set_variables(row.data_source_id, values, None)
-    redis = Redis.from_url(REDIS_URL)
+    redis = Redis.from_url(REDIS_SERVER)
     try:
         first = []
         for _ in range(3):
@@ -74,7 +73,7 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
 
 
 async def main(count: int) -> None:
-    server = await pg_server()
+    server = POSTGRES_SERVER
     name = f"databroker_measure_{uuid.uuid4().hex[:10]}"
     engine = create_async_engine(await create_database(server, name))
     try:
