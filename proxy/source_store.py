@@ -418,7 +418,7 @@ class SourceStore:
                     credential.value = token
                     credential.last_updated_at = now
             # Race window: two PUTs adding the same type at once both insert; the unique
-            # constraint rejects the second commit, which answers 409: send it again.
+            # constraint rejects the second commit, which answers 400 CONFLICT: send it again.
             try:
                 await session.commit()
             except IntegrityError as exc:
