@@ -222,7 +222,10 @@ async def test_two_workers_scrape_as_one_counters_never_go_backwards(
             "databroker_dependency_up{database}": 1.0,
             f"databroker_build_info{{{__version__}}}": 1.0,
         }
-        await async_wait_for(lambda: _includes(gauges(), want), timeout=10)
+        try:
+            await async_wait_for(lambda: _includes(gauges(), want), timeout=10)
+        except AssertionError as exc:  # say which gauge never came: it failed once in four
+            raise AssertionError(f"{exc}: wanted {want}, last scrape {await gauges()}") from exc
         # The workers' files only: not the parent's (it serves no metrics), nor the stale one.
         pids = {path.stem.split("_")[-1] for path in shared.glob("*.db")}
         assert str(process.pid) not in pids and "1" not in pids
