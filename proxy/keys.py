@@ -7,6 +7,7 @@ family                            value                       expiry            
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
 ``{prefix}events:erasure``        (pub/sub channel)           —                      proxy.erasure
+``{prefix}events:vendor``         (pub/sub channel)           —                      proxy.vendor_state
 ``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
 ``{prefix}spend:{sid}:{period}``  micro-units spent (INCRBY)  the period's end + 1 d  proxy.vendor_state
 ``{prefix}vendor:{sid}``          rate-limit TAT, breaker     2 days after last use   proxy.vendor_state
@@ -59,6 +60,7 @@ class KeyLayout:
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
         self.erasure_channel = f"{prefix}events:erasure"
+        self.vendor_channel = f"{prefix}events:vendor"
         self.cache_family = f"{prefix}cache:"
         self.prune_lock = f"{prefix}prune"
         self.paused = f"{prefix}vendor:paused"
