@@ -340,10 +340,9 @@ class Upstream:
         try:
             if not 200 <= response.status_code < 300:
                 return response.status_code, b"", response.headers
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            declared, encoding = _framing(response.headers)
+            if declared.isdigit() and int(declared) > max_bytes:
                 raise ResponseTooLarge(max_bytes)
-            encoding = response.headers.get("content-encoding")
             stream = response.stream
             if encoding is None and isinstance(stream, Body):
                 # Nothing to decode: the body in one piece, from the transport itself.
@@ -362,3 +361,17 @@ class Upstream:
             return response.status_code, b"".join(chunks), response.headers
         finally:
             await response.aclose()
+
+
+def _framing(headers: httpx.Headers) -> tuple[bytes, str | None]:
+    """The declared length (b"" if none) and the content codings (None if none), in one
+    pass over the raw headers; repeated headers joined as httpx joins them."""
+    length: list[bytes] = []
+    codings: list[bytes] = []
+    for name, value in headers.raw:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            length.append(value)
+        elif lowered == b"content-encoding":
+            codings.append(value)
+    return b", ".join(length), b", ".join(codings).decode("latin-1") if codings else None
