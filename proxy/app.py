@@ -28,6 +28,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy import vendor_state
+from proxy.announcements import Follower, listen
 from proxy.broker import Broker, Limits
 from proxy.cache import CacheEntry, RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
@@ -229,7 +231,6 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         timeout=settings.shutdown_grace + CLOSE_TIMEOUT,
     )
     _background(stack, writer.run(), "outbox writer")
-    _background(stack, registry.follow(settings.registry_refresh_interval), "registry follower")
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
     pruner = Pruner(
@@ -250,7 +251,18 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     )
     stack.push_async_callback(_bounded, "closing the replay pool", replays.close)
     vendors = VendorState(redis, layout)
-    _background(stack, vendors.follow(), "vendor state follower")
+    followers = [
+        Follower(
+            "registry",
+            layout.registry_channel,
+            registry.reload_logged,
+            settings.registry_refresh_interval,
+        ),
+        Follower(
+            "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL
+        ),
+    ]
+    _background(stack, listen(redis, followers), "announcements")
     broker = Broker(
         registry,
         cache,

@@ -4,7 +4,8 @@ built from ``source_store`` and compiled once.
 The hot path reads only this index (and Redis). It is rebuilt from the
 database and swapped in one assignment, so a reader never sees half an update:
 at start, after an admin change in this process, when another process
-announces a change on the registry channel, periodically as a safety net, and
+announces a change on the registry channel (``proxy.announcements``), periodically
+as a safety net, and
 — at most once a second — when a name is not found.
 
 Callers share reloads: one runs at a time, and a caller whose need a reload in
@@ -195,30 +196,9 @@ class Registry:
         except RedisError:
             logger.warning("could not announce a registry change; others reload on their timer")
 
-    async def follow(self, interval: float) -> None:
-        """Reload on announcements and every ``interval`` seconds; runs until cancelled."""
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._layout.registry_channel)
-                    deadline = time.monotonic() + interval
-                    while True:
-                        timeout = max(deadline - time.monotonic(), 0.0)
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=timeout
-                        )
-                        if message is not None or time.monotonic() >= deadline:
-                            await self._reload_logged()
-                            deadline = time.monotonic() + interval
-            except Exception as exc:
-                # Redis is down (or the subscription broke): keep the periodic reload
-                # going without it; this task must outlive anything Redis does.
-                if not isinstance(exc, RedisError | OSError):
-                    logger.warning("registry subscription failed: %s", type(exc).__name__)
-                await asyncio.sleep(interval)
-                await self._reload_logged()
-
-    async def _reload_logged(self) -> None:
+    async def reload_logged(self) -> None:
+        """Reload, logging a failure instead of raising: what an announcement, a
+        resubscription or the safety timer runs (``proxy.announcements``)."""
         try:
             await self.load()
         except Exception:

@@ -3,11 +3,13 @@
 Two kinds of state, read two ways:
 
 - Pauses (an operator's) and holds (an upstream 429's ``Retry-After``) are two
-  small hashes, ``{prefix}vendor:paused`` and ``{prefix}vendor:holds``. Every
-  sidecar reads both every ``interval`` (0.1 s) into memory, so checking them
-  costs a miss nothing and a hit is never asked. Race window: another sidecar
-  learns of a pause or hold up to one interval (plus a round trip) late; the
-  sidecar that set it knows at once.
+  small hashes, ``{prefix}vendor:paused`` and ``{prefix}vendor:holds``, kept in
+  memory by every sidecar, so checking them costs a miss nothing and a hit is
+  never asked. The sidecar that sets one knows at once and announces it on
+  ``{prefix}events:vendor``; every sidecar reads both hashes again when it hears
+  that (``proxy.announcements``): a round trip later. A sidecar that missed the
+  message reads them on resubscribing, or within ``SAFETY_INTERVAL`` (the only
+  polling left: an idle sidecar asks Redis nothing else for them).
 - Budgets, rate limits and breakers are decided at each upstream call by one
   Lua script (``ADMIT``) over the source's hash ``{prefix}vendor:{sid}`` and
   its spend counter ``{prefix}spend:{sid}:{period}``: one round trip, atomic,
@@ -55,6 +57,9 @@ PROBE_LEASE_SLACK = 1.0
 """Seconds past a probe's longest fetch before its slot goes to another probe."""
 PAUSED_RETRY_AFTER = 5.0
 """Retry-After of a paused source: an operator resumes it, nobody knows when."""
+SAFETY_INTERVAL = 5.0
+"""Seconds between two reads of the pauses and holds when no announcement came: how late
+a sidecar sees a change whose announcement it lost without losing its subscription."""
 
 # KEYS: the source's hash, its spend counter. ARGV: cost µ-units (0 = not counted),
 # budget µ-units (-1 = none), the counter's TTL (s), rate-limit interval (µs, 0 = none),
@@ -276,6 +281,8 @@ class VendorState:
             await self._redis.hset(self._layout.holds, str(data_source_id), repr(until))
         except (RedisError, OSError) as exc:
             self._outage.failed(type(exc).__name__)
+            return
+        await self._announce(data_source_id)
 
     async def set_paused(self, data_source_id: uuid.UUID, paused: bool) -> None:
         """Pause or resume the source fleet-wide; RedisUnavailable if Redis did not take it."""
@@ -287,6 +294,15 @@ class VendorState:
         except (RedisError, OSError) as exc:
             raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry") from exc
         self.paused = self.paused | {data_source_id} if paused else self.paused - {data_source_id}
+        await self._announce(data_source_id)
+
+    async def _announce(self, data_source_id: uuid.UUID) -> None:
+        """Tell every sidecar to read the pauses and holds again. Never raises: the change
+        is in Redis, and a sidecar that does not hear of it reads it within SAFETY_INTERVAL."""
+        try:
+            await self._redis.publish(self._layout.vendor_channel, str(data_source_id))
+        except (RedisError, OSError) as exc:
+            logger.warning("could not announce a vendor state change (%s)", type(exc).__name__)
 
     async def describe(self, data_source_id: uuid.UUID, http: HTTPSource) -> dict[str, Any]:
         """The source's protection as the fleet holds it now (``vendor_guard.describe``)."""
@@ -326,15 +342,15 @@ class VendorState:
             # it locally, and the upstream's next 429 sets it again.
             await self._redis.hdel(self._layout.holds, *ended)
 
-    async def follow(self, interval: float = 0.1) -> None:
-        """Refresh every ``interval`` seconds; runs until cancelled, through any Redis outage."""
-        while True:
-            try:
-                await self.refresh()
-                self._outage.recovered()
-            except (RedisError, OSError, ValueError) as exc:
-                self._outage.failed(type(exc).__name__)
-            await asyncio.sleep(interval)
+    async def resync(self) -> None:
+        """``refresh``, through any Redis outage (logged once): what an announcement, a
+        resubscription or the safety timer runs (``proxy.announcements``)."""
+        try:
+            await self.refresh()
+        except (RedisError, OSError, ValueError) as exc:
+            self._outage.failed(type(exc).__name__)
+        else:
+            self._outage.recovered()
 
 
 def _counted(name: str, refusal: VendorRefusal) -> VendorRefusal:

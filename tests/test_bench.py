@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from setuptools import find_packages
 
+from bench.idle import CommandCounter, cpu_seconds
 from bench.stats import (
     MARK,
     STOPPED,
@@ -176,3 +177,19 @@ def test_the_benchmark_is_not_shipped() -> None:
     assert [p for p in packages if not p.startswith("proxy")] == []
     assert "bench" not in main.commands
     assert "bench" not in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_the_idle_bench_counts_commands_however_the_socket_splits_them() -> None:
+    stream = (
+        b"*1\r\n$4\r\nPING\r\n*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$6\r\na\r\nb\r\n" + b"PING\r\n"
+    )
+    for size in (1, 2, 5, len(stream)):
+        counter = CommandCounter()
+        for start in range(0, len(stream), size):
+            counter.feed(stream[start : start + size])
+        assert counter.commands == 3
+
+
+def test_the_idle_bench_reads_cpu_seconds_past_a_name_with_spaces() -> None:
+    stat = "42 (data broker) S 1 42 42 0 -1 4194560 0 0 0 0 150 50 7 7 20 0 3 0"
+    assert cpu_seconds(stat, 100) == 2.0

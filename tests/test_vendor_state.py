@@ -4,16 +4,18 @@ stand for several sidecars (the subprocess fleet is ``test_vendors_fleet.py``)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from proxy.announcements import Follower, listen
 from proxy.errors import BudgetExhausted, CircuitOpen, RateLimited, SourcePaused, VendorRefusal
 from proxy.keys import KeyLayout
 from proxy.source_spec import HTTPSource
@@ -34,14 +36,19 @@ BREAKER = {
 
 
 @pytest.fixture
-async def fleet(redis_prefix: str) -> AsyncIterator[list[VendorState]]:
+async def sidecars(redis_prefix: str) -> AsyncIterator[list[tuple[Redis, VendorState]]]:
     """Three sidecars' views of one Redis prefix, each with its own connection pool."""
     clients = [Redis.from_url(REDIS_URL) for _ in range(3)]
     try:
-        yield [VendorState(client, KeyLayout(redis_prefix)) for client in clients]
+        yield [(client, VendorState(client, KeyLayout(redis_prefix))) for client in clients]
     finally:
         for client in clients:
             await client.aclose()
+
+
+@pytest.fixture
+def fleet(sidecars: list[tuple[Redis, VendorState]]) -> list[VendorState]:
+    return [state for _, state in sidecars]
 
 
 def _plan(**source: Any) -> Plan:
@@ -203,3 +210,85 @@ async def test_the_scripts_run_on_a_redis_cluster(redis_cluster: RedisCluster) -
         assert sid in state.paused and sid in state.holds
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _listening(
+    sidecars: list[tuple[Redis, VendorState]], layout: KeyLayout, safety_interval: float
+) -> AsyncIterator[list[VendorState]]:
+    """Each sidecar following the vendor channel as ``serve`` does; entered once every one
+    has subscribed and read the state (a pause nobody announced, which only that first
+    read can bring), so that from then on only announcements and timers bring news."""
+    fleet = [state for _, state in sidecars]
+    marker = uuid.uuid4()
+    await sidecars[0][0].hset(layout.paused, str(marker), "0")
+    tasks = [
+        asyncio.create_task(
+            listen(
+                client,
+                [Follower("vendor", layout.vendor_channel, state.resync, safety_interval)],
+                retry_interval=0.05,
+            )
+        )
+        for client, state in sidecars
+    ]
+    try:
+        await async_wait_for(_sees(fleet, marker, True), timeout=5)
+        yield fleet
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sees(states: list[VendorState], sid: uuid.UUID, paused: bool) -> Callable[[], bool]:
+    return lambda: all((sid in state.paused) == paused for state in states)
+
+
+async def test_a_pause_is_announced_and_heard_at_once(
+    sidecars: list[tuple[Redis, VendorState]], redis_prefix: str
+) -> None:
+    """No polling: the safety timer is an hour, so only the announcement can bring it."""
+    sid = uuid.uuid4()
+    async with _listening(sidecars, KeyLayout(redis_prefix), safety_interval=3600) as fleet:
+        one, *others = fleet
+        await one.set_paused(sid, True)
+        await async_wait_for(_sees(others, sid, True), timeout=1.0)
+        await others[0].set_paused(sid, False)
+        await async_wait_for(_sees(fleet, sid, False), timeout=1.0)
+        await one.hold(sid, 30)
+        await async_wait_for(lambda: all(sid in state.holds for state in others), timeout=1.0)
+
+
+async def test_a_lost_announcement_is_read_within_the_safety_interval(
+    sidecars: list[tuple[Redis, VendorState]], redis_prefix: str
+) -> None:
+    """A pause written without its announcement (the publisher lost Redis in between)."""
+    sid = uuid.uuid4()
+    async with _listening(sidecars, KeyLayout(redis_prefix), safety_interval=0.5) as fleet:
+        await sidecars[0][0].hset(KeyLayout(redis_prefix).paused, str(sid), "0")
+        await async_wait_for(_sees(fleet, sid, True), timeout=0.5 + 1.0)
+
+
+async def test_a_sidecar_that_lost_its_subscription_reads_what_it_missed(
+    redis_prefix: str,
+) -> None:
+    """The pause is written while nobody hears (no announcement), then the subscriptions
+    drop: redis-py subscribes again by itself, and that alone brings the pause."""
+    names = [f"vendor-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    clients = [Redis.from_url(REDIS_URL, client_name=name) for name in names]
+    sid = uuid.uuid4()
+    try:
+        sidecars = [(client, VendorState(client, KeyLayout(redis_prefix))) for client in clients]
+        async with _listening(sidecars, KeyLayout(redis_prefix), safety_interval=3600) as fleet:
+            await clients[0].hset(KeyLayout(redis_prefix).paused, str(sid), "0")
+            assert not any(sid in state.paused for state in fleet)
+            admin = Redis.from_url(REDIS_URL)
+            for entry in await admin.client_list(_type="pubsub"):
+                if entry["name"] in names:
+                    await admin.client_kill_filter(_id=entry["id"])
+            await admin.aclose()
+            await async_wait_for(_sees(fleet, sid, True), timeout=5)
+    finally:
+        for client in clients:
+            await client.aclose()

@@ -14,9 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.keys import KeyLayout
+from proxy.vendor_state import SAFETY_INTERVAL
 from tests.conftest import REDIS_URL
 from tests.harness import (
     BROKER_PATH,
@@ -38,10 +41,19 @@ _keys = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def fleet_ports(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+def fleet_prefix() -> Iterator[str]:
+    with private_prefix(REDIS_URL) as prefix:
+        yield prefix
+
+
+@pytest.fixture(scope="module")
+def fleet_ports(
+    pg_url: str, tmp_path_factory: pytest.TempPathFactory, fleet_prefix: str
+) -> Iterator[list[int]]:
     """Three sidecars for the whole module (each start is seconds); tests name sources uniquely."""
     root = tmp_path_factory.mktemp("fleet")
-    with private_prefix(REDIS_URL) as prefix, ExitStack() as stack:
+    prefix = fleet_prefix
+    with ExitStack() as stack:
         env = sidecar_env(pg_url, REDIS_URL, root / "o0", redis_prefix=prefix)
         ports = [free_port() for _ in range(3)]
         processes = [
@@ -276,6 +288,31 @@ async def test_a_pause_reaches_every_sidecar_within_a_second(
         return [_code(await _call(client, name)) for client in fleet] == ["OK"] * 3
 
     await async_wait_for(resumed_everywhere, timeout=1.0)
+
+
+async def test_a_pause_whose_announcement_was_lost_reaches_every_sidecar_in_the_safety_interval(
+    fleet: list[httpx.AsyncClient], upstream: Upstream, fleet_prefix: str
+) -> None:
+    """The pause written as a sidecar writes it, never announced (the publisher lost Redis in
+    between): the sidecars' slow reread brings it, within its interval."""
+    name, _, source = await _counted_source(fleet, upstream, "lost")
+    layout, sid = KeyLayout(fleet_prefix), source["data_source_id"]
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await redis.hset(layout.paused, sid, repr(time.time()))
+
+        async def paused_everywhere() -> bool:
+            return [_code(await _call(client, name)) for client in fleet] == ["SOURCE_PAUSED"] * 3
+
+        await async_wait_for(paused_everywhere, timeout=SAFETY_INTERVAL + 1.0)
+        await redis.hdel(layout.paused, sid)
+
+        async def resumed_everywhere() -> bool:
+            return [_code(await _call(client, name)) for client in fleet] == ["OK"] * 3
+
+        await async_wait_for(resumed_everywhere, timeout=SAFETY_INTERVAL + 1.0)
+    finally:
+        await redis.aclose()
 
 
 async def test_an_upstream_retry_after_is_honoured_by_every_sidecar(
