@@ -91,9 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="databroker-fetches-") as tmp:
         with fast_upstream(Path(tmp)) as base:
             for c in args.concurrency:
-                runs = [
-                    uvloop.run(cpu_per_call(base, args.calls, c)) for _ in range(args.rounds)
-                ]
+                runs = [uvloop.run(cpu_per_call(base, args.calls, c)) for _ in range(args.rounds)]
                 cpu = statistics.median(r[0] for r in runs)
                 wall = statistics.median(r[1] for r in runs)
                 print(
