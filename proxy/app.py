@@ -40,7 +40,7 @@ from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from proxy.metrics import HOT_BYTES, HOT_LIVE, sample
+from proxy.metrics import HOT_BYTES, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
@@ -313,7 +313,7 @@ def _hot_entries(
         return None
     assert isinstance(redis, Redis)
     hot: HotEntries[CacheEntry] = HotEntries(settings.hot_cache_max_bytes)
-    gauges = [(HOT_BYTES, lambda: float(hot.bytes)), (HOT_LIVE, lambda: float(hot.live))]
+    gauges = [(HOT_BYTES, lambda: float(hot.bytes))]
     _background(stack, sample(HOT_SAMPLE_INTERVAL, gauges), "hot entry gauges")
     _background(stack, follow_invalidations(redis, layout.cache_family, hot), "invalidation link")
     return hot
