@@ -21,7 +21,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -44,7 +43,7 @@ from proxy.metrics import HOT_BYTES, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
-from proxy.readiness import Dependencies
+from proxy.readiness import Dependencies, database_answers
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import replays_for
 from proxy.request_ids import RequestIds
@@ -251,18 +250,6 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     )
     stack.push_async_callback(_bounded, "closing the replay pool", replays.close)
     vendors = VendorState(redis, layout)
-    followers = [
-        Follower(
-            "registry",
-            layout.registry_channel,
-            registry.reload_logged,
-            settings.registry_refresh_interval,
-        ),
-        Follower(
-            "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL
-        ),
-    ]
-    _background(stack, listen(redis, followers), "announcements")
     broker = Broker(
         registry,
         cache,
@@ -276,12 +263,24 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         tokens=Tokens(redis, layout, box, client),
     )
     dependencies = Dependencies(
-        {"redis": redis.ping, "database": lambda: _database_answers(engine)},
+        {"redis": redis.ping, "database": lambda: database_answers(engine)},
         settings.dependency_check_interval,
     )
     _background(stack, dependencies.run(), "dependency checks")
     eraser = Eraser(engine, cache, writer, layout.erasure_channel)
-    _background(stack, eraser.follow(redis), "erasure follower")
+    followers = [
+        Follower(
+            "registry",
+            layout.registry_channel,
+            registry.reload_logged,
+            settings.registry_refresh_interval,
+        ),
+        Follower(
+            "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL
+        ),
+        Follower("erasures", layout.erasure_channel, on_message=eraser.repeat),
+    ]
+    _background(stack, listen(redis, followers), "announcements")
     return Services(
         settings,
         engine,
@@ -295,11 +294,6 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         dependencies,
         eraser,
     )
-
-
-async def _database_answers(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
 
 
 def _hot_entries(
