@@ -31,8 +31,7 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
-from proxy import export, tracing
-from proxy.analytics import render
+from proxy import tracing
 from proxy.cache import RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
@@ -207,6 +206,7 @@ def serve(
             workers=workers,
             loop="uvloop",
             http="httptools",
+            ws="none",  # no WebSocket route: "auto" would import the websockets package
             lifespan="on",
             access_log=False,  # ours (proxy.request_ids) replaces uvicorn's
             log_config=log_config(
@@ -500,6 +500,8 @@ def export_command(
     project_id: uuid.UUID | None,
 ) -> None:
     """Write a source's DataObjects created FROM..TO (UTC days, inclusive), for backtests."""
+    from proxy import export  # here: the serving process never exports
+
     start, end = export.day_range(first.date(), last.date())
     if end <= start:
         raise click.UsageError("--to is before --from")
@@ -648,6 +650,8 @@ def stats_command(
 
     Reads GET /analytics/summary of its admin API (token: DATABROKER_ADMIN_TOKEN).
     """
+    from proxy.analytics import render  # here: the serving process renders no table
+
     given = {"project_id": project_id, "start_date": start_date, "end_date": end_date}
     params = {name: str(value) for name, value in given.items() if value is not None}
     with _admin_client(url, "stats") as client:
