@@ -399,12 +399,23 @@ async def _has(db: AsyncEngine, table: str, n: int) -> bool:
     return await count(db, table) >= n
 
 
+class Switchable:
+    """A sink that refuses while ``down``, and otherwise counts the lines it is given."""
+
+    down = False
+
+    async def write(self, segment: bytes) -> int:
+        if self.down:
+            raise OSError("the database is away")
+        return segment.count(b"\n")
+
+
 async def test_an_idle_writer_neither_seals_nor_scans_until_something_is_journaled(
-    db: AsyncEngine, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    outbox = Outbox(tmp_path)
+    sink, outbox = Switchable(), Outbox(tmp_path)
+    writer = OutboxWriter(outbox, sink, interval=0.02)
     outbox.open()
-    writer = OutboxWriter(outbox, BreaksOnce(db), interval=0.02)
     assert writer.due(time.monotonic())  # never flushed: the directory may hold a past run's
     assert await writer.flush() is True
     now = time.monotonic()
@@ -413,8 +424,10 @@ async def test_an_idle_writer_neither_seals_nor_scans_until_something_is_journal
 
     outbox.append(*batch(1))
     assert writer.due(now)
-    assert await writer.flush() is False  # the database refused: the segment is pending
-    assert writer.due(time.monotonic())  # pending: retried every interval
+    sink.down = True
+    assert await writer.flush() is False  # refused: the segment is pending
+    assert writer.due(time.monotonic())  # and retried every interval
+    sink.down = False
     assert await writer.flush() is True
     assert not writer.due(time.monotonic())
     outbox.close()
