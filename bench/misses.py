@@ -194,9 +194,10 @@ def report(table: dict[tuple[str, str, int], Row], targets: Sequence[str]) -> st
             )
     # What a cached source adds to a miss: its Redis round trips (lookup, lock, store).
     cached = [
-        f"c={c} {row.cpu_us - plain.cpu_us:+.0f} µs"
+        f"c={c} {on_cache.cpu_us - plain.cpu_us:+.0f} µs"
         for c in FAST_CONCURRENCY
-        if (row := table.get(("b", BROKER_CACHED, c))) and (plain := table.get(("b", BROKER, c)))
+        if (on_cache := table.get(("b", BROKER_CACHED, c)))
+        and (plain := table.get(("b", BROKER, c)))
     ]
     if cached:
         lines.append("b: broker_cached CPU/req - broker CPU/req: " + "  ".join(cached))
