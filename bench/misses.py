@@ -484,7 +484,10 @@ class Misses:
             try:
                 time.sleep(1)
                 spy_argv = [spy, "record", "-p", str(self.pids[target]), "-d", str(duration)]
-                spy_argv += ["-r", str(rate), "-f", "raw", "-o", str(raw)]
+                # --gil: only the thread running Python. Without it py-spy counted the
+                # default executor's idle worker (blocked in its queue's get) as busy: a
+                # fifth of the samples, though /proc gave that thread no CPU at all.
+                spy_argv += ["--gil", "-r", str(rate), "-f", "raw", "-o", str(raw)]
                 subprocess.run(spy_argv, check=True, capture_output=True, timeout=duration + 60)
                 stdout, _ = load.communicate(timeout=duration + 60)
             finally:
