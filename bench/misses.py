@@ -4,7 +4,8 @@
 httptools, one worker, no access log, as the broker runs): two upstreams, one
 answering after 200 ms (a paying vendor) and one at once; the broker
 (``databroker serve`` on the local Postgres and Redis, a private database and
-key prefix, removed afterwards) with two uncached sources, one per upstream;
+key prefix, removed afterwards) with an uncached and a cached source per upstream
+(targets ``broker`` and ``broker_cached``);
 and one *client app* per HTTP client option, each calling the same upstreams
 the way a miss does (read the broker's request body, GET the upstream, answer
 its body):
@@ -24,7 +25,7 @@ throughput against 0.9 x 128 / 0.2 s and p99 against 260 ms. Case b: the fast
 upstream at c=1, 16, 64; the broker's p50 against the direct call's + 1 ms.
 Case c: CPU per request of each target's server process (``/proc/PID/stat``
 before and after each run), and with ``--profile`` py-spy profiles of the
-broker (fast upstream at c=16, and case a). Medians over ``--rounds``.
+broker (fast upstream at c=16 on both sources, and case a). Medians over ``--rounds``.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ P99_TARGET_MS = 260.0
 P50_OVER_DIRECT_TARGET_MS = 1.0
 OPTIONS = ("direct", "httpx_default", "httpx_tuned", "httpx_aiohttp", "aiohttp")
 BROKER = "broker"
+BROKER_CACHED = "broker_cached"
+"""The same broker on cached sources: each unique key a GET that misses, the lock, the
+fetch, the store (a decision engine's usual miss); its CPU is the broker process's too."""
 RUN_ID = "3f1c5a3e-8f2a-4b7e-9a55-0d1c2b3a4f5e"
 SOURCES = {"slow": "bench_misses_slow", "fast": "bench_misses_fast"}
+CACHED_SOURCES = {"slow": "bench_misses_slow_cached", "fast": "bench_misses_fast_cached"}
 
 
 # --- the pure half ---------------------------------------------------------------------------
@@ -187,6 +192,15 @@ def report(table: dict[tuple[str, str, int], Row], targets: Sequence[str]) -> st
                 f"a: broker / direct req/s {slow.rps / direct.rps:.2f}, "
                 f"p99 {slow.p99_ms - direct.p99_ms:+.1f} ms"
             )
+    # What a cached source adds to a miss: its Redis round trips (lookup, lock, store).
+    cached = [
+        f"c={c} {on_cache.cpu_us - plain.cpu_us:+.0f} µs"
+        for c in FAST_CONCURRENCY
+        if (on_cache := table.get(("b", BROKER_CACHED, c)))
+        and (plain := table.get(("b", BROKER, c)))
+    ]
+    if cached:
+        lines.append("b: broker_cached CPU/req - broker CPU/req: " + "  ".join(cached))
     # Against our client in a bare app (the broker's own cost), and against the bare httpx
     # client the hit bench calls "direct" (what the issue's target was first measured on).
     for reference, label in (("direct", "direct"), ("httpx_tuned", "httpx_tuned (bare httpx)")):
@@ -350,7 +364,7 @@ class Misses:
         chosen = [o for o in OPTIONS if o in args.targets]
         self.options = [o for o in chosen if _installed(o)]
         self.skipped = [o for o in chosen if o not in self.options]
-        self.targets = [BROKER, *self.options]
+        self.targets = [BROKER, BROKER_CACHED, *self.options]
         # The broker's own start-up (settings, processes, registration) is bench.run's.
         self.bench = Bench(
             Options(postgres=args.postgres, redis=args.redis), work, database_url, prefix
@@ -403,13 +417,17 @@ class Misses:
             )
         else:
             self.pids[BROKER] = self.bench.start_broker().pid
+        self.pids[BROKER_CACHED] = self.pids[BROKER]
         self._register()
 
     def _register(self) -> None:
         headers = admin_headers(ADMIN_TOKEN)
         base = self.bench.url("broker", "")
         with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
-            for upstream, name in SOURCES.items():
+            for (upstream, name), cached in [
+                *((item, False) for item in SOURCES.items()),
+                *((item, True) for item in CACHED_SOURCES.items()),
+            ]:
                 spec = {
                     "name": name,
                     "source": {
@@ -417,7 +435,7 @@ class Misses:
                         "response_type": "JSON",
                         "timeout": 10,
                     },
-                    "caching": {"enabled": False, "ttl": None},
+                    "caching": {"enabled": cached, "ttl": 3600 if cached else None},
                 }
                 created = client.post("/data-sources", json=spec, headers=headers)
                 created.raise_for_status()
@@ -426,14 +444,15 @@ class Misses:
                 self.bench._check("broker", self.bench.body(name, "check"), "REQUEST")
 
     def target_url(self, target: str, upstream: str) -> str:
-        if target == BROKER:
+        if target in (BROKER, BROKER_CACHED):
             return self.bench.url("broker")
         return self.url(target, f"/{upstream}")
 
     def script(self, target: str, upstream: str, run: int) -> Path:
         path = self.work / f"{target}-{upstream}-{run}.lua"
         prefix = f"{self.key_prefix}{run}"
-        path.write_text(unique_keys_script(SOURCES[upstream], prefix))
+        sources = CACHED_SOURCES if target == BROKER_CACHED else SOURCES
+        path.write_text(unique_keys_script(sources[upstream], prefix))
         return path
 
     def wrk(self, target: str, upstream: str, concurrency: int, duration: int, run: int) -> Run:
@@ -484,7 +503,10 @@ class Misses:
             try:
                 time.sleep(1)
                 spy_argv = [spy, "record", "-p", str(self.pids[target]), "-d", str(duration)]
-                spy_argv += ["-r", str(rate), "-f", "raw", "-o", str(raw)]
+                # --gil: only the thread running Python. Without it py-spy counted the
+                # default executor's idle worker (blocked in its queue's get) as busy: a
+                # fifth of the samples, though /proc gave that thread no CPU at all.
+                spy_argv += ["--gil", "-r", str(rate), "-f", "raw", "-o", str(raw)]
                 subprocess.run(spy_argv, check=True, capture_output=True, timeout=duration + 60)
                 stdout, _ = load.communicate(timeout=duration + 60)
             finally:
@@ -519,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy on the broker in case b at c=16 and in case a",
+        help="py-spy on the broker in case b at c=16 (both sources) and in case a",
     )
     parser.add_argument(
         "--targets",
@@ -547,7 +569,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         misses.start()
         table = summarize(misses.load())
         profiles = (
-            [misses.profile(BROKER, "fast", 16), misses.profile(BROKER, "slow", SLOW_CONCURRENCY)]
+            [
+                misses.profile(BROKER, "fast", 16),
+                misses.profile(BROKER_CACHED, "fast", 16),
+                misses.profile(BROKER, "slow", SLOW_CONCURRENCY),
+            ]
             if args.profile
             else []
         )

@@ -19,14 +19,18 @@ full, run
 
 A follower's handling never runs twice at once, and messages that arrive meanwhile are
 folded into one more run after it: each run rereads the state, so the last one sees
-every change announced before it started, in whatever order the messages came.
+every change announced before it started, in whatever order the messages came. A
+follower whose messages carry the work itself (an erasure to repeat here) takes each in
+turn instead, and has nothing to reread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,43 +44,71 @@ logger = logging.getLogger("databroker.announcements")
 
 RETRY_INTERVAL = 1.0
 """Seconds between attempts to subscribe while Redis is away."""
+QUIET_WAIT = 60.0
+"""The longest one wait for a message lasts when no timer is due sooner."""
 
 
 @dataclass(frozen=True, slots=True)
 class Follower:
-    """One kind of fleet-wide state kept in memory: its channel and how to reread it."""
+    """One kind of announcement: its channel, and what a sidecar does on hearing it."""
 
     name: str
     channel: str
-    resync: Callable[[], Awaitable[object]]
-    """Rereads the state in full; run on a message, on (re)subscribing, and on the timer."""
-    safety_interval: float
+    resync: Callable[[], Awaitable[object]] | None = None
+    """Rereads the state in full; run on a message (unless ``on_message`` takes it), on
+    (re)subscribing, and every ``safety_interval``."""
+    safety_interval: float = math.inf
+    on_message: Callable[[bytes], Awaitable[object]] | None = None
+    """Takes each message itself, in order: an announcement that carries what to do
+    (an erasure), not merely that something changed."""
 
 
 class _Runner:
-    """Runs one follower's resync, one at a time, folding requests that arrive meanwhile."""
+    """Runs one follower's work, one piece at a time: its messages in order, and resyncs
+    folded into one when several are asked for meanwhile."""
 
     def __init__(self, follower: Follower) -> None:
         self.follower = follower
-        self.due = time.monotonic() + follower.safety_interval
+        self.due = math.inf
         self._wanted = False
+        self._messages: deque[bytes] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._postpone()
 
-    def request(self) -> None:
-        self.due = time.monotonic() + self.follower.safety_interval
-        self._wanted = True
+    def _postpone(self) -> None:
+        if self.follower.resync is not None:
+            self.due = time.monotonic() + self.follower.safety_interval
+
+    def resync(self) -> None:
+        if self.follower.resync is not None:
+            self._postpone()
+            self._wanted = True
+            self._start()
+
+    def hear(self, data: bytes) -> None:
+        if self.follower.on_message is None:
+            self.resync()
+        else:
+            self._messages.append(data)
+            self._start()
+
+    def _start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"{self.follower.name} resync")
+            self._task = asyncio.create_task(self._run(), name=self.follower.name)
 
     async def _run(self) -> None:
+        follower = self.follower
         try:
-            while self._wanted:
-                self._wanted = False
+            while self._messages or self._wanted:
                 try:
-                    await self.follower.resync()
+                    if self._messages and follower.on_message is not None:
+                        await follower.on_message(self._messages.popleft())
+                    elif follower.resync is not None:
+                        self._wanted = False
+                        await follower.resync()
                 except Exception:
-                    # The next message or the timer tries again: the state stays as it was.
-                    logger.exception("%s could not be read again", self.follower.name)
+                    # The state stays as it was; the next message or the timer tries again.
+                    logger.exception("%s: an announcement could not be followed", follower.name)
         finally:
             self._task = None
 
@@ -102,6 +134,7 @@ async def listen(
             try:
                 async with redis.pubsub() as pubsub:
                     await pubsub.subscribe(*runners)
+                    outage.recovered()
                     await _hear(pubsub, runners)
             except Exception as exc:
                 # This task must outlive anything Redis does; the timers cover the gap.
@@ -118,15 +151,18 @@ async def _hear(pubsub: Any, runners: dict[bytes, _Runner]) -> None:
 
     ``pubsub``: redis-py's, of a server or of a cluster (typed apart, used alike)."""
     while True:
-        timeout = max(min(r.due for r in runners.values()) - time.monotonic(), 0.0)
+        due = min(r.due for r in runners.values())
         # A finite timeout: redis-py before 6 reads a blocking get_message under the
         # socket timeout, and would fail every second on a quiet channel.
+        timeout = min(max(due - time.monotonic(), 0.0), QUIET_WAIT)
         message = await pubsub.get_message(timeout=timeout)
-        if message is not None:
-            runner = runners.get(message["channel"])
-            if runner is not None and message["type"] in ("message", "subscribe"):
-                runner.request()
-        _request_due(runners.values())
+        runner = None if message is None else runners.get(message["channel"])
+        if runner is not None and message is not None:
+            if message["type"] == "message":
+                runner.hear(message["data"])
+            elif message["type"] == "subscribe":
+                runner.resync()  # whatever was announced before this is read now
+        _resync_due(runners.values())
 
 
 async def _wait_resyncing(runners: Iterable[_Runner], seconds: float) -> None:
@@ -135,11 +171,11 @@ async def _wait_resyncing(runners: Iterable[_Runner], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while (now := time.monotonic()) < deadline:
         await asyncio.sleep(min(deadline, min(r.due for r in pending)) - now)
-        _request_due(pending)
+        _resync_due(pending)
 
 
-def _request_due(runners: Iterable[_Runner]) -> None:
+def _resync_due(runners: Iterable[_Runner]) -> None:
     now = time.monotonic()
     for runner in runners:
         if runner.due <= now:
-            runner.request()
+            runner.resync()

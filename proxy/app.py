@@ -21,7 +21,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -40,11 +39,11 @@ from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from proxy.metrics import HOT_BYTES, HOT_LIVE, sample
+from proxy.metrics import HOT_BYTES, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
-from proxy.readiness import Dependencies
+from proxy.readiness import Dependencies, database_answers
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import replays_for
 from proxy.request_ids import RequestIds
@@ -251,18 +250,6 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     )
     stack.push_async_callback(_bounded, "closing the replay pool", replays.close)
     vendors = VendorState(redis, layout)
-    followers = [
-        Follower(
-            "registry",
-            layout.registry_channel,
-            registry.reload_logged,
-            settings.registry_refresh_interval,
-        ),
-        Follower(
-            "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL
-        ),
-    ]
-    _background(stack, listen(redis, followers), "announcements")
     broker = Broker(
         registry,
         cache,
@@ -276,12 +263,24 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         tokens=Tokens(redis, layout, box, client),
     )
     dependencies = Dependencies(
-        {"redis": redis.ping, "database": lambda: _database_answers(engine)},
+        {"redis": redis.ping, "database": lambda: database_answers(engine)},
         settings.dependency_check_interval,
     )
     _background(stack, dependencies.run(), "dependency checks")
     eraser = Eraser(engine, cache, writer, layout.erasure_channel)
-    _background(stack, eraser.follow(redis), "erasure follower")
+    followers = [
+        Follower(
+            "registry",
+            layout.registry_channel,
+            registry.reload_logged,
+            settings.registry_refresh_interval,
+        ),
+        Follower(
+            "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL
+        ),
+        Follower("erasures", layout.erasure_channel, on_message=eraser.repeat),
+    ]
+    _background(stack, listen(redis, followers), "announcements")
     return Services(
         settings,
         engine,
@@ -297,11 +296,6 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     )
 
 
-async def _database_answers(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
-
-
 def _hot_entries(
     settings: Settings,
     redis: Redis | RedisCluster,
@@ -313,7 +307,7 @@ def _hot_entries(
         return None
     assert isinstance(redis, Redis)
     hot: HotEntries[CacheEntry] = HotEntries(settings.hot_cache_max_bytes)
-    gauges = [(HOT_BYTES, lambda: float(hot.bytes)), (HOT_LIVE, lambda: float(hot.live))]
+    gauges = [(HOT_BYTES, lambda: float(hot.bytes))]
     _background(stack, sample(HOT_SAMPLE_INTERVAL, gauges), "hot entry gauges")
     _background(stack, follow_invalidations(redis, layout.cache_family, hot), "invalidation link")
     return hot

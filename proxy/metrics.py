@@ -149,12 +149,18 @@ def upstream_counts(source: str) -> UpstreamCounts:
 
 
 async def sample(interval: float, gauges: Iterable[tuple[Gauge, Callable[[], float]]]) -> None:
-    """Set each gauge from its function every ``interval`` s, until cancelled.
+    """Keep each gauge at its function's value.
 
-    In place of ``Gauge.set_function``, which multiprocess mode cannot serve: a
-    scrape reads the files, not the functions of the worker it reaches.
+    With one process, ``Gauge.set_function``: read when scraped, and nothing wakes up
+    meanwhile (returns at once). Multiprocess mode cannot serve that — a scrape reads the
+    files, not the functions of the worker it reaches — so there each gauge is set every
+    ``interval`` s, until cancelled.
     """
     gauges = list(gauges)
+    if multiprocess_dir() is None:
+        for gauge, value in gauges:
+            gauge.set_function(value)
+        return
     while True:
         for gauge, value in gauges:
             gauge.set(value())

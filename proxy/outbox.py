@@ -33,7 +33,8 @@ SEALED_SUFFIX = ".sealed"
 
 @dataclass(frozen=True, slots=True)
 class DataObjectRecord:
-    data_object_id: uuid.UUID
+    # Text or UUID, as the audit row's ids: a miss makes its id as text (``new_id``).
+    data_object_id: uuid.UUID | str
     data_source_id: uuid.UUID
     key: str
     value: bytes

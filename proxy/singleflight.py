@@ -5,8 +5,8 @@ A caller takes its turn at a key, and either leads or receives::
     async with flights.turn(data_source_id, key, deadline, is_fresh) as turn:
         if turn.received is not None:
             ...  # another caller fetched it: answer from turn.received
-        entry = ...  # this caller leads: fetch, store the entry,
-        turn.share(entry)  # and hand it to those who waited
+        entry = ...  # this caller leads: fetch,
+        await turn.keep(entry, ttl, stale_for)  # store it, hand it to those who waited
 
 A failure of the leader's block is raised to every caller that waited for it.
 
@@ -18,6 +18,10 @@ fetches and stores the entry; the others poll entry and lock in one round trip
 until the entry appears, the holder leaves its failure, or their deadline
 passes. When Redis is unreachable the cross-process step is skipped: each
 process still makes at most one call per key.
+
+A leader's miss costs two round trips past its first GET: one script looks for
+the entry (another sidecar may have stored it since that GET) and takes the lock
+if there is none; one stores the entry and lets go of the lock.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from enum import Enum
 
 import orjson
 
-from proxy.cache import CacheEntry, CacheUnavailable, RedisCache, call, reply_bytes
+from proxy.cache import CacheEntry, CacheUnavailable, RedisCache, Release, call, reply_bytes
 from proxy.errors import BrokerError, InternalError, RelayedError, UpstreamTimeout
+from proxy.outbox import new_id
 
 FAILURE_HOLD_MS = 2000
 """How long a holder's failure is shown to waiters: long enough for them to see
@@ -54,33 +59,48 @@ MARK_FAILED = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0"
 )
-# Take a free lock, or one whose failure mark is older than the caller: a failure
-# is shared with those who waited for it, never with those who came after it.
-_ACQUIRE = """
+# One turn of contending, one round trip: {taken, entry, failure}. With ARGV[4] = '1' an
+# entry answers by itself (the lock is left alone). Otherwise take a free lock, or one
+# whose failure mark is older than the caller (a failure is shared with those who waited
+# for it, never with those who came after it); a lock not taken shows its failure, if any.
+_CONTEND = """
+local entry = redis.call('get', KEYS[2])
+if entry and ARGV[4] == '1' then return {0, entry} end
 local v = redis.call('get', KEYS[1])
 if v then
-  if string.sub(v, 1, 1) ~= '!' then return 0 end
+  if string.sub(v, 1, 1) ~= '!' then return {0, entry} end
   local at = tonumber(string.match(v, '^!(%d+) '))
-  if at == nil or at >= tonumber(ARGV[3]) then return 0 end
+  if at == nil or at >= tonumber(ARGV[3]) then return {0, entry, v} end
 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+return {1, entry}
 """
 FAILED_MARK = b"!"
 
 
+Store = Callable[[CacheEntry, int | None, int], Awaitable[None]]
+"""Stores an entry with a TTL (None: none) and a stale_if_error; raises CacheUnavailable."""
+
+
 class Turn:
     """One caller's turn at a key: ``received`` is another caller's entry, or None
-    when this caller leads and must ``share`` the entry it fetched and stored."""
+    when this caller leads and must ``keep`` the entry it fetched."""
 
-    __slots__ = ("received", "shared")
+    __slots__ = ("_store", "received", "shared")
 
-    def __init__(self, received: CacheEntry | None = None) -> None:
+    def __init__(self, received: CacheEntry | None = None, store: Store | None = None) -> None:
         self.received = received
         self.shared: CacheEntry | None = None
+        self._store = store
 
-    def share(self, entry: CacheEntry) -> None:
+    async def keep(self, entry: CacheEntry, ttl: int | None, stale_for: int = 0) -> None:
+        """Hand the fetched entry to those who wait for it, and store it (letting go of the
+        Redis lock in the same round trip); CacheUnavailable if Redis did not take it,
+        which leaves it shared in this process all the same."""
         self.shared = entry
+        if self._store is None:
+            raise InternalError("only the leader of a fetch keeps its entry")
+        await self._store(entry, ttl, stale_for)
 
 
 class Flights:
@@ -139,28 +159,19 @@ class Flights:
             return
         if contended is _Contended.UNREACHABLE:
             # Redis is unreachable: fetch without the lock (storing tries, and fails quietly).
-            yield Turn()
-            return
-        # Race window: the previous holder may have stored the entry and released
-        # between our miss and our lock. Looking once more costs one GET, not a call.
-        existing = None
-        with contextlib.suppress(CacheUnavailable):
-            existing = await lock.stored()
-        if existing is not None and is_fresh(existing):
-            with contextlib.suppress(CacheUnavailable):
-                await lock.release()
-            yield Turn(existing)
+            yield Turn(store=lock.store_unlocked)
             return
         failed: BrokerError | None = None
         try:
-            yield Turn()
+            yield Turn(store=lock.store)
         except BrokerError as exc:
             failed = exc
             raise
         finally:
             # If this fails too the lock simply expires; the caller's entry is stored either way.
-            with contextlib.suppress(CacheUnavailable):
-                await (lock.release() if failed is None else lock.fail(failed))
+            if failed is not None or not lock.released:
+                with contextlib.suppress(CacheUnavailable):
+                    await (lock.release() if failed is None else lock.fail(failed))
 
 
 class _Contended(Enum):
@@ -175,15 +186,25 @@ async def _contend(
     holder's failure, or a timeout past ``deadline``."""
     give_up = time.monotonic() + deadline
     delay = POLL_START
+    # The first look takes an entry stored since the caller's miss (by the previous holder,
+    # between that GET and now) as the answer; one that is not fresh enough does not stop
+    # the next look from taking the lock.
+    entry_answers = True
     while True:
         try:
-            if await lock.acquire(deadline + SLACK):
-                return _Contended.HELD
-            entry, failure = await lock.look()
+            taken, entry, failure = await lock.contend(deadline + SLACK, entry_answers)
         except CacheUnavailable:
             return _Contended.UNREACHABLE
         if entry is not None and is_fresh(entry):
+            if taken:
+                with contextlib.suppress(CacheUnavailable):
+                    await lock.release()
             return entry
+        if taken:
+            return _Contended.HELD
+        if entry is not None and entry_answers:
+            entry_answers = False
+            continue
         if failure is not None:
             raise failure
         if time.monotonic() + delay > give_up:
@@ -213,18 +234,40 @@ class _Lock:
         self._redis = cache.redis
         self._name = cache.layout.lock(data_source_id, key)
         self._entry_name = cache.layout.cache_entry(data_source_id, key)
-        self._token = uuid.uuid4().hex
+        self._token = new_id()
         # Microseconds: a caller arriving right after a failure must not share it.
         self._since_us = int(time.time() * 1_000_000)
+        self.released = False
+        """Let go of by the store of the entry (``store``)."""
 
-    async def acquire(self, expiry: float) -> bool:
-        """Take the lock for ``expiry`` seconds; it expires by itself if its holder dies."""
-        acquired = await call(
+    async def contend(
+        self, expiry: float, entry_answers: bool
+    ) -> tuple[bool, CacheEntry | None, RelayedError | None]:
+        """Whether this caller took the lock (for ``expiry`` seconds; it expires by itself if
+        its holder dies), the key's entry, and the holder's failure if this caller waited
+        for it: one round trip (one slot on a cluster). ``entry_answers``: an entry found
+        leaves the lock alone."""
+        reply = await call(
             self._redis.eval(
-                _ACQUIRE, 1, self._name, self._token, int(expiry * 1000), self._since_us
+                _CONTEND, 2, self._name, self._entry_name, self._token, int(expiry * 1000),
+                self._since_us, "1" if entry_answers else "0",
             )
+        )  # fmt: skip
+        raw_entry = reply[1] if len(reply) > 1 else None
+        entry = None if raw_entry is None else CacheEntry.decode(reply_bytes(raw_entry))
+        raw_lock = reply[2] if len(reply) > 2 else None
+        return bool(reply[0]), entry, None if raw_lock is None else self._failure(raw_lock)
+
+    async def store(self, entry: CacheEntry, ttl: int | None, stale_for: int) -> None:
+        """Store the key's entry and let go of the lock, in one round trip."""
+        await self._cache.put(
+            *self._source_key, entry, ttl, stale_for, Release(self._name, self._token)
         )
-        return bool(acquired)
+        self.released = True
+
+    async def store_unlocked(self, entry: CacheEntry, ttl: int | None, stale_for: int) -> None:
+        """Store the key's entry, no lock held (Redis did not answer the contention)."""
+        await self._cache.put(*self._source_key, entry, ttl, stale_for)
 
     async def release(self) -> None:
         await call(self._redis.eval(RELEASE, 1, self._name, self._token))
@@ -237,19 +280,11 @@ class _Lock:
             self._redis.eval(MARK_FAILED, 1, self._name, self._token, marker, FAILURE_HOLD_MS)
         )
 
-    async def stored(self) -> CacheEntry | None:
-        """The key's cache entry (hot entries first, as any read)."""
-        return await self._cache.get(*self._source_key)
-
-    async def look(self) -> tuple[CacheEntry | None, RelayedError | None]:
-        """The key's entry, and the holder's failure if this caller waited for it: one
-        round trip (one slot on a cluster)."""
-        raw_entry, raw_lock = await call(self._redis.mget(self._entry_name, self._name))
-        entry = None if raw_entry is None else CacheEntry.decode(reply_bytes(raw_entry))
-        if raw_lock is None or not (mark := reply_bytes(raw_lock)).startswith(FAILED_MARK):
-            return entry, None
+    def _failure(self, raw_lock: bytes | str) -> RelayedError | None:
+        """The holder's failure a lock's value shows, if this caller waited for it."""
+        mark = reply_bytes(raw_lock)
+        if not mark.startswith(FAILED_MARK):
+            return None
         failed_at, _, error = mark[1:].partition(b" ")
         # A failure marked before this caller arrived is not its to share.
-        return entry, RelayedError(orjson.loads(error)) if int(
-            failed_at
-        ) >= self._since_us else None
+        return RelayedError(orjson.loads(error)) if int(failed_at) >= self._since_us else None

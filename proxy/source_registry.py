@@ -104,6 +104,8 @@ class Registry:
         as it was then, or later."""
         self._reload: asyncio.Task[None] | None = None
         self._reload_started = 0.0
+        self._changes_seen = 0
+        """The fleet's change count as of the index's reload (``_changes``)."""
 
     def resolve(self, project_id: uuid.UUID | None, name: str) -> Source | None:
         return self._by_name.get((project_id, name))
@@ -119,12 +121,25 @@ class Registry:
         return built[1]
 
     async def resolve_fresh(self, project_id: uuid.UUID | None, name: str) -> Source | None:
-        """``resolve``; an unknown name first waits for an index at most a second old."""
+        """``resolve``; an unknown name first waits for an index that shows every change
+        committed before this call if Redis counts one this index has not seen (a source
+        just created through another worker or sidecar, whose announcement has not been
+        heard here yet), else for an index at most a second old."""
         source = self.resolve(project_id, name)
         if source is None:
-            await self.load(as_of=time.monotonic() - MISS_RELOAD_INTERVAL)
+            changes = await self._changes()
+            behind = changes is not None and changes > self._changes_seen
+            await self.load(as_of=None if behind else time.monotonic() - MISS_RELOAD_INTERVAL)
             source = self.resolve(project_id, name)
         return source
+
+    async def _changes(self) -> int | None:
+        """How many changes the fleet has committed (``{prefix}registry:changes``); None if
+        Redis does not say."""
+        try:
+            return int(await self._redis.get(self._layout.registry_changes) or 0)
+        except (RedisError, OSError, ValueError):
+            return None
 
     async def load(self, as_of: float | None = None) -> None:
         """Make the index show the database as of ``as_of`` (monotonic; default now) or later.
@@ -148,6 +163,8 @@ class Registry:
 
     async def _load_once(self, started: float) -> None:
         try:
+            # Read before the database: the index shows at least these changes.
+            changes = await self._changes()
             rows, env_vars, credentials = await self._store.all_with_secrets()
             stored: dict[uuid.UUID, list[tuple[str, str]]] = {}
             for var in env_vars:
@@ -176,23 +193,36 @@ class Registry:
             self._by_name = _index([source for _, source in built.values()])
             self._built = built
             self._loaded_at = started
+            self._changes_seen = max(self._changes_seen, changes or 0)
         finally:
             self._reload = None
 
     async def changed(self, data_source_id: uuid.UUID) -> None:
-        """Reload here and tell the other sidecars sharing this Redis.
+        """Count the change in Redis, reload here and tell the other sidecars sharing this
+        Redis (and this sidecar's other workers).
+
+        Counted before the admin answer leaves: from then on, any worker that meets the
+        source's name unknown sees a count its index has not, and reloads before it
+        answers (``resolve_fresh``), even if the announcement has not reached it yet.
 
         Never raises: the change is committed. If the reload fails, the announcement
         still goes out, and every follower (this process's too) reloads on it or on
         its timer.
         """
+        announced = True
+        try:
+            await self._redis.incr(self._layout.registry_changes)
+        except (RedisError, OSError):
+            announced = False
         try:
             await self.load()
         except Exception:
             logger.exception("registry reload after a change failed; the follower catches up")
         try:
             await self._redis.publish(self._layout.registry_channel, str(data_source_id))
-        except RedisError:
+        except (RedisError, OSError):
+            announced = False
+        if not announced:
             logger.warning("could not announce a registry change; others reload on their timer")
 
     async def reload_logged(self) -> None:

@@ -297,7 +297,7 @@ def _expire(waiter: asyncio.Future[None], expired: type[httpx.TimeoutException])
         waiter.set_exception(expired("timed out"))
 
 
-class _Body(httpx.AsyncByteStream):
+class Body(httpx.AsyncByteStream):
     """A response body: read from its connection, which goes back to the pool once done."""
 
     def __init__(self, pool: _Pool, connection: _Connection, timeout: float | None) -> None:
@@ -315,6 +315,24 @@ class _Body(httpx.AsyncByteStream):
                 self._done()
                 return
             yield chunk
+
+    async def read(self, limit: int) -> bytes | None:
+        """The whole body in one piece, or None as soon as it passes ``limit`` bytes (the
+        rest is not read; closing the response drops the connection)."""
+        connection = self._connection
+        if connection is None:
+            raise httpx.StreamClosed()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await connection.next_chunk(self._timeout)
+            if chunk is None:
+                self._done()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
 
     async def aclose(self) -> None:
         self._done()
@@ -539,7 +557,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             connection.status,
             headers=connection.headers,
-            stream=_Body(pool, connection, timeouts.get("read")),
+            stream=Body(pool, connection, timeouts.get("read")),
             extensions={
                 "http_version": b"HTTP/" + version.encode("ascii"),
                 "reason_phrase": connection.reason,

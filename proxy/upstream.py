@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -33,7 +35,7 @@ from proxy.errors import (
 from proxy.metrics import upstream_counts
 from proxy.retry import Retrying, parse_retry_after
 from proxy.templates import RenderedRequest
-from proxy.transport import PooledTransport
+from proxy.transport import Body, PooledTransport
 from proxy.vendor_guard import hold_of
 
 # httpx logs every request at INFO with its full URL: URLs carry variables (API keys in a
@@ -59,11 +61,73 @@ def full_url(request: RenderedRequest) -> httpx.URL:
     Appended, as the seed's requests does: httpx 0.28 drops the URL's own query when
     ``params=`` is given, and copy_merge_params reorders it and replaces same-named keys.
     """
-    url = httpx.URL(request.url)
-    if not request.params:
-        return url
-    extra = urlencode(request.params).encode("ascii")
-    return url.copy_with(query=url.query + b"&" + extra if url.query else extra)
+    text = request.url
+    if request.params:
+        extra = urlencode(request.params)
+        base, _, query = text.partition("?")
+        text = f"{base}?{query}&{extra}" if query else f"{base}?{extra}"
+    return _URLS.parse(text)
+
+
+# What httpx's URL parser leaves as it is in a path (and, with "?", in a query), in every
+# httpx we support: RFC 3986's unreserved characters and sub-delimiters, ":", "@", "/",
+# and well-formed %XX escapes. No fragment, no dot segment (httpx removes those).
+_PLAIN_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]++|%[0-9A-Fa-f]{2})*+")
+_PLAIN_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]++|%[0-9A-Fa-f]{2})*+")
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+
+
+class _URLs:
+    """``httpx.URL(text)``, with each origin (``scheme://host:port``) parsed once.
+
+    httpx parses a URL in pure Python (~50 µs; its host check alone builds an
+    ``ipaddress`` object). A source's origin never changes between its requests and
+    its path and query are already percent-encoded by ``proxy.templates``: when they
+    hold only characters httpx would leave as they are, the URL is the origin's parse
+    with that path and query. Anything else is parsed by httpx in full.
+    """
+
+    LIMIT = 1024
+    """Origins remembered (the cache starts over past this: sources, not requests)."""
+
+    def __init__(self) -> None:
+        self._origins: dict[str, httpx.URL] = {}
+
+    def parse(self, text: str) -> httpx.URL:
+        scheme_end = text.find("://")
+        slash = text.find("/", scheme_end + 3) if scheme_end > 0 else -1
+        if slash < 0 or "@" in text[:slash]:
+            return httpx.URL(text)  # no path, or credentials in the URL: httpx's to judge
+        origin_text, (path, mark, query) = text[:slash], text[slash:].partition("?")
+        if (
+            not _PLAIN_PATH.fullmatch(path)
+            or (mark and not _PLAIN_QUERY.fullmatch(query))
+            or _DOT_SEGMENT.search(path)
+            or any(c in origin_text for c in "?#\\")
+        ):
+            return httpx.URL(text)
+        origin = self._origins.get(origin_text)
+        if origin is None:
+            origin = httpx.URL(origin_text)
+            if len(self._origins) >= self.LIMIT:
+                self._origins.clear()
+            self._origins[origin_text] = origin
+        return _with_target(origin, path, query if mark else None)
+
+
+def _with_target(origin: httpx.URL, path: str, query: str | None) -> httpx.URL:
+    """``origin`` with ``path`` and ``query``, which httpx would have kept as they are.
+
+    httpx.URL has no public constructor from parsed parts (``copy_with`` parses all
+    over again): this sets its parsed form, a NamedTuple (the same in httpx 0.27 and
+    0.28; ``tests/test_upstream.py`` compares the result with httpx's own parse).
+    """
+    url = httpx.URL.__new__(httpx.URL)
+    url._uri_reference = origin._uri_reference._replace(path=path, query=query)
+    return url
+
+
+_URLS = _URLs()
 
 
 MAX_REDIRECTS = 5
@@ -85,14 +149,18 @@ class _NoCookies(httpx.Cookies):
 _NO_COOKIES = _NoCookies()
 
 
-class _SharedClient(httpx.AsyncClient):
-    """httpx's client whose cookie jar stays empty.
+class SharedClient(httpx.AsyncClient):
+    """httpx's client whose cookie jar stays empty, over our transport.
 
     The client is shared by every source and tenant: a cookie one upstream sets must
     never ride along on another source's request. Not extracting them at all also
     spares each response httpx's cookie parsing (two urllib adapters and a jar pass,
     ~130 µs of a miss's CPU on a busy machine).
     """
+
+    def __init__(self, transport: PooledTransport, **options: Any) -> None:
+        super().__init__(transport=transport, **options)
+        self._pooled = transport
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -102,10 +170,21 @@ class _SharedClient(httpx.AsyncClient):
     def cookies(self, cookies: object) -> None:
         raise TypeError("the shared upstream client keeps no cookies")
 
+    async def exchange(self, request: httpx.Request) -> httpx.Response:
+        """``send(request, stream=True)`` for a request that needs none of its layers:
+        no auth (none is set on this client; a URL with credentials is sent by ``send``),
+        no redirect (``next_request`` stays unset), no event hooks (none is set), no
+        cookies: the transport's answer itself, its body unread."""
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        response = await self._pooled.handle_async_request(request)
+        response.request = request
+        return response
+
 
 def create_client(
     egress: EgressPolicy | None = None, ssl_context: ssl.SSLContext | None = None
-) -> httpx.AsyncClient:
+) -> SharedClient:
     """The one shared client; without a policy, the built-in denies apply.
 
     The transport is ours (``proxy.transport``): httpx's default one, over httpcore's
@@ -115,8 +194,8 @@ def create_client(
         EgressDialer(egress or EgressPolicy.parse()), limits=LIMITS, ssl_context=ssl_context
     )
     # Redirects are not followed here: a 3xx is an answer, unless the source asks (fetch).
-    return _SharedClient(
-        transport=transport,
+    return SharedClient(
+        transport,
         follow_redirects=False,
         timeout=httpx.Timeout(10.0),
         trust_env=False,
@@ -130,9 +209,44 @@ def _maybe_sent(exc: Exception) -> bool:
     return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
+_SENDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))
+"""Methods httpx gives a ``Content-Length: 0`` when they have no body."""
+
+
 class Upstream:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: SharedClient) -> None:
         self.client = client
+        # The client's headers (Accept-Encoding and httpx's defaults) as build_request
+        # merges them: each one unless the request names it too.
+        self._defaults = [(name, name.lower(), value) for name, value in client.headers.raw]
+
+    def build(self, request: RenderedRequest, timeout: float) -> httpx.Request:
+        """The ``httpx.Request`` that ``client.build_request`` makes of ``request``, made
+        without its per-call work (URL and header merging, a new ``Timeout``, the body
+        encoded and the headers rebuilt twice): the same method, URL, headers in the same
+        order (``Host`` and ``Content-Length`` where httpx adds them), body and timeouts
+        (``tests/test_upstream.py`` compares the two)."""
+        url = full_url(request)
+        own = httpx.Headers(request.headers).raw if request.headers else []
+        names = {name.lower() for name, _ in own}
+        headers = [(name, value) for name, lower, value in self._defaults if lower not in names]
+        headers += own
+        body = request.content or b""
+        if body and b"content-length" not in names:
+            headers.append((b"Content-Length", str(len(body)).encode("ascii")))
+            names.add(b"content-length")
+        auto = [] if b"host" in names else [(b"Host", url.netloc)]
+        method = request.method.upper()
+        if method in _SENDS_LENGTH and not names & {b"content-length", b"transfer-encoding"}:
+            auto.append((b"Content-Length", b"0"))
+        each = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+        return httpx.Request(
+            method,
+            url,
+            headers=auto + headers,
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": each},
+        )
 
     async def fetch(
         self,
@@ -206,14 +320,12 @@ class Upstream:
     async def _attempt(
         self, request: RenderedRequest, timeout: float, max_bytes: int, follow_redirects: bool
     ) -> tuple[int, bytes, httpx.Headers]:
-        built = self.client.build_request(
-            request.method,
-            full_url(request),
-            headers=list(request.headers),
-            content=request.content,
-            timeout=timeout,
-        )
-        response = await self.client.send(built, stream=True)
+        built = self.build(request, timeout)
+        if follow_redirects or built.url.userinfo:
+            # httpx's layers: next_request for a redirect, Basic auth from the URL.
+            response = await self.client.send(built, stream=True)
+        else:
+            response = await self.client.exchange(built)
         # Hops are followed here, not by httpx's follow_redirects=True: httpx reads each 3xx
         # body whole into memory (the size cap would not apply) and ends a loop with
         # TooManyRedirects instead of an answer. Each hop is a new request through the same
@@ -228,13 +340,19 @@ class Upstream:
         try:
             if not 200 <= response.status_code < 300:
                 return response.status_code, b"", response.headers
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            declared, encoding = _framing(response.headers)
+            if declared.isdigit() and int(declared) > max_bytes:
                 raise ResponseTooLarge(max_bytes)
+            stream = response.stream
+            if encoding is None and isinstance(stream, Body):
+                # Nothing to decode: the body in one piece, from the transport itself.
+                content = await stream.read(max_bytes)
+                if content is None:
+                    raise ResponseTooLarge(max_bytes)
+                return response.status_code, content, response.headers
             chunks: list[bytes] = []
             size = 0
             # Not aiter_bytes: httpx inflates each read whole, a bomb before the cap sees it.
-            encoding = response.headers.get("content-encoding")
             async for chunk in decoded(response.aiter_raw(), encoding):
                 size += len(chunk)
                 if size > max_bytes:
@@ -243,3 +361,17 @@ class Upstream:
             return response.status_code, b"".join(chunks), response.headers
         finally:
             await response.aclose()
+
+
+def _framing(headers: httpx.Headers) -> tuple[bytes, str | None]:
+    """The declared length (b"" if none) and the content codings (None if none), in one
+    pass over the raw headers; repeated headers joined as httpx joins them."""
+    length: list[bytes] = []
+    codings: list[bytes] = []
+    for name, value in headers.raw:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            length.append(value)
+        elif lowered == b"content-encoding":
+            codings.append(value)
+    return b", ".join(length), b", ".join(codings).decode("latin-1") if codings else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -39,6 +40,10 @@ logger = logging.getLogger("databroker.writer")
 
 # Lines decoded between two yields to the event loop (SQLite's path).
 YIELD_EVERY = 256
+IDLE_SCAN_INTERVAL = 60.0
+"""While this process journals nothing and nothing is pending, the directory is scanned
+this often only (not every interval): for what another process sharing it left behind
+(a worker killed mid-segment), which its own writer or a restart ships otherwise."""
 
 
 def _ts(epoch: float) -> datetime:
@@ -204,6 +209,7 @@ class OutboxWriter:
         self.records_written = 0
         self._scanned_backlog = 0
         self._appended_at_scan = 0
+        self._flushed_at = -float("inf")
         self._outage = Outage(
             logger,
             "database write failed, records stay in the outbox: %s",
@@ -220,6 +226,8 @@ class OutboxWriter:
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
             except TimeoutError:
                 pass
+            if not self.due(time.monotonic()):
+                continue
             try:
                 await self.flush()
             except Exception:
@@ -238,7 +246,15 @@ class OutboxWriter:
                 # next scan; the backlog errs on the full side, never the empty one.
                 self._appended_at_scan = self.outbox.appended_bytes
                 self._scanned_backlog = await asyncio.to_thread(self.outbox.pending_bytes)
+                self._flushed_at = time.monotonic()
                 OUTBOX_BACKLOG_BYTES.set(self._scanned_backlog)
+
+    def due(self, now: float) -> bool:
+        """Whether the loop flushes now (monotonic ``now``): if this process journaled
+        anything since the last flush, or that flush's scan found anything pending, or
+        IDLE_SCAN_INTERVAL has passed since. An idle sidecar neither seals nor scans."""
+        idle = self.outbox.appended_bytes == self._appended_at_scan and self._scanned_backlog == 0
+        return not idle or now - self._flushed_at >= IDLE_SCAN_INTERVAL
 
     @property
     def backlog_bytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from bench.misses import (
     BROKER,
+    BROKER_CACHED,
     SOURCES,
     Row,
     Run,
@@ -47,6 +49,14 @@ def test_report_judges_the_broker_against_both_cases() -> None:
     text = report(table, [BROKER, "direct"])
     assert "600 req/s (target >= 576: ok), p99 250 ms (target <= 260: ok)" in text
     assert "c=1 +0.50 ms ok  c=16 +2.00 ms MISSED" in text
+
+
+def test_report_says_what_a_cached_source_adds_to_a_miss() -> None:
+    plain = _run(BROKER, "b", 16, 900, 14, 30)
+    cached = _run(BROKER_CACHED, "b", 16, 800, 16, 35)
+    cached = dataclasses.replace(cached, cpu_seconds=cached.wrk.requests * 800e-6)
+    text = report(summarize([plain, cached]), [BROKER, BROKER_CACHED])
+    assert "b: broker_cached CPU/req - broker CPU/req: c=16 +300 µs" in text
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by make bench")

@@ -513,3 +513,28 @@ async def test_broker_refuses_a_redirect_hop_to_metadata(
     assert follows.status_code == 403
     assert follows.json()["error"]["code"] == "EGRESS_DENIED"
     assert "169.254.169.254" not in dialled
+
+
+async def test_only_host_names_go_through_the_resolver(
+    upstream: UpstreamServer, dialled: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolution is a hop to a thread pool: an IP address in the URL needs none, and a
+    kept-alive connection none either. Counted: one per new connection to a name only."""
+    loop = asyncio.get_running_loop()
+    resolved: list[str] = []
+    getaddrinfo = loop.getaddrinfo
+
+    async def counting(host: str, *args: Any, **kwargs: Any) -> Any:
+        resolved.append(host)
+        return await getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    url = upstream.answer("/ok", b"{}")
+    async with create_client() as client:
+        for _ in range(3):
+            await fetch(client, url)
+            await fetch(client, on_port(url, "localhost"))
+    assert resolved == ["localhost"]
+    # One connection per origin, kept alive (localhost may try ::1 first).
+    assert dialled[0] == "127.0.0.1"
+    assert dialled[1:] in (["127.0.0.1"], ["::1", "127.0.0.1"])

@@ -13,6 +13,7 @@ from proxy.messages import (
     FIELDS,
     REQUEST_SCHEMA,
     Replay,
+    _members,
     failure,
     loads_strict,
     parse_request,
@@ -106,6 +107,9 @@ def test_failure_carries_code_message_and_extra() -> None:
         (b'{"a": 1, "a": 2}', "repeats a key"),
         (b'{"a": {"b": 1, "b": 1}}', "repeats a key"),
         (b'[{"x": 1}, {"x": 2, "y": 3, "x": 4}]', "repeats a key"),
+        # A colon in a string makes up for the member a repeat drops: still found.
+        (b'{"u": "http://x", "u": 1}', "repeats a key"),
+        (b'{"a": [{"b": ":"}], "a": 1}', "repeats a key"),
         (b"[" * 65 + b"]" * 65, "deeper than 64"),
         (b'{"a": ' * 100_000, "not valid JSON"),
         (b'{"a": NaN}', "not valid JSON"),
@@ -123,6 +127,16 @@ def test_loads_strict_reads_what_is_fine() -> None:
     """Equal keys in different objects are not duplicates; 64 levels are allowed."""
     assert loads_strict(b'{"a": {"a": 1}, "b": [{"a": 2}]}') == {"a": {"a": 1}, "b": [{"a": 2}]}
     assert loads_strict(b"[" * 64 + b"]" * 64) is not None
+    assert loads_strict(b'{"at": "10:00", "b": [{"c": "a:b"}]}') == {
+        "at": "10:00",
+        "b": [{"c": "a:b"}],
+    }
+
+
+def test_members_counts_every_object_member_at_any_depth() -> None:
+    """What the duplicate check's shortcut compares with the body's colons."""
+    assert _members({"a": {"b": [{"c": 1}, [{"d": 2, "e": 3}]]}, "f": "x:y"}) == 6
+    assert _members([1, "a", None]) == 0
 
 
 def test_parse_request_refuses_what_loads_strict_refuses() -> None:

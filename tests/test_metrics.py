@@ -14,12 +14,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import __version__
+from proxy.metrics import sample
 from proxy.outbox import Outbox, RunDataRequestRecord
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import (
@@ -110,6 +111,15 @@ async def test_upstream_statuses_and_retries_are_counted_per_source(
         _sample("databroker_upstream_responses_total", source=down, status="CONNECTION_ERROR") == 1
     )
     assert _sample("databroker_upstream_retries_total", source=down) == 0
+
+
+async def test_with_one_process_a_sampled_gauge_is_read_when_scraped_and_nothing_wakes() -> None:
+    gauge = Gauge("databroker_test_sampled", "A test's.", registry=None)
+    held = [1.0]
+    # Returns at once: no task is left to wake up every interval.
+    await asyncio.wait_for(sample(3600, [(gauge, lambda: held[0])]), timeout=5)
+    held[0] = 2.0
+    assert [s.value for s in gauge.collect()[0].samples] == [2.0]
 
 
 def test_the_oldest_record_is_dated_by_its_first_write_not_its_segment_opening(

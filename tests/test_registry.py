@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,8 @@ from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceRow, SourceStore, VariableValue
 from tests.conftest import REDIS_URL, Broker
-from tests.harness import async_wait_for
+from tests.harness import BROKER_PATH, async_wait_for, broker_request, register, sidecar_env
+from tests.instances import sidecar
 
 
 class CountingStore(SourceStore):
@@ -95,6 +97,46 @@ async def test_a_caller_that_needs_a_later_change_waits_for_a_later_reload(
     await committed
     assert store.reads == 2
     assert registry.resolve(None, "late") is not None
+
+
+async def test_a_change_counted_elsewhere_is_seen_before_its_announcement(
+    registry: Registry, store: CountingStore, box: SecretBox, redis_prefix: str
+) -> None:
+    """Another worker created the source and answered; its announcement has not been heard
+    here, and this index is under a second old: the change count alone makes this worker
+    reload before it answers (before, it answered 404 for up to a second)."""
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        other = Registry(store, box, redis, KeyLayout(redis_prefix))
+        await registry.load()
+        await other.changed(await create(store, "fresh"))
+        reads = store.reads
+        found = await registry.resolve_fresh(None, "fresh")
+        assert found is not None and found.name == "fresh"
+        assert store.reads == reads + 1
+        # Nothing new counted: a name still unknown waits for a second-old index, no reload.
+        assert await registry.resolve_fresh(None, "nowhere") is None
+        assert store.reads == reads + 1
+    finally:
+        await redis.aclose()
+
+
+async def test_a_source_created_on_one_worker_is_served_by_every_worker_at_once(
+    pg_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """``serve --workers 2``: each request on a new connection, so either worker may take it;
+    none may answer 404 once the admin answer arrived."""
+    env = sidecar_env(pg_url, REDIS_URL, tmp_path / "outbox", redis_prefix=redis_prefix)
+    async with sidecar(env, tmp_path, workers=2, max_keepalive_connections=0) as running:
+        for round_ in range(5):
+            name = f"new-{round_}-{uuid.uuid4().hex[:6]}"
+            spec_body = {"name": name, "source": {"url": "https://x.example/{{ id }}"}}
+            await register(running.client, spec_body)
+            answers = [
+                await running.client.post(BROKER_PATH, json=broker_request(name)) for _ in range(10)
+            ]
+            # Known everywhere: the request lacks the source's parameter, nothing is called.
+            assert [a.json()["error"]["code"] for a in answers] == ["MISSING_PARAMS"] * 10
 
 
 async def test_a_reload_rebuilds_only_what_changed(

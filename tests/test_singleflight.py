@@ -55,8 +55,7 @@ async def take_turn(
         fetched = await upstream.fetch()
         # As the broker's store: a cache that cannot be written is not an error.
         with contextlib.suppress(CacheUnavailable):
-            await flights.cache.put(SOURCE, "k", fetched, ttl=60)
-        turn.share(fetched)
+            await turn.keep(fetched, ttl=60)
         return fetched, True
 
 

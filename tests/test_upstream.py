@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import parse_qsl
 
 import httpx
@@ -22,7 +23,7 @@ from proxy.errors import (
 )
 from proxy.retry import Retrying
 from proxy.templates import RenderedRequest
-from proxy.upstream import Fetched, Upstream, create_client
+from proxy.upstream import _URLS, Fetched, Upstream, create_client, full_url
 from tests.harness import free_port
 from tests.servers import Upstream as UpstreamServer
 
@@ -480,3 +481,100 @@ async def test_cookies_set_by_an_upstream_are_never_sent_back(
     for _ in range(2):
         await fetch(fetcher, url)
     assert [r["headers"].get("cookie") for r in upstream.received] == [None, None]
+
+
+# --- the request as httpx would build it ---------------------------------------------------
+
+URLS = [
+    "http://127.0.0.1:8000/users/u-1",
+    "https://API.Example.com:443/v1/x?key=k%2Fv&flag&a=1&a=2",
+    "http://h.example/p?",
+    "http://h.example/a/./b/../c",  # dot segments: httpx removes them
+    "http://h.example/a b?q=x y",  # unescaped: httpx escapes them
+    "http://h.example/%zz/%41",  # a malformed escape beside a valid one
+    "http://user:secret@h.example/x",
+    "http://h.example?x=1",  # no path
+    "http://h.example/x#frag",
+    "http://[::1]:8080/x",
+    "http://h.example/é?q=é",
+    "http://h.example/{a}/`b`|c",
+    "http://h.example:80/x",
+    "http://xn--bcher-kva.example/x",
+    "HTTP://H.EXAMPLE/X",
+]
+
+
+@pytest.mark.parametrize("text", URLS)
+def test_urls_are_parsed_as_httpx_parses_them(text: str) -> None:
+    """Whether the origin's parse is reused or not, the URL is httpx's own, part for part."""
+    for _ in range(2):  # the second time, the origin comes from the cache
+        ours, theirs = _URLS.parse(text), httpx.URL(text)
+        assert (ours.scheme, ours.userinfo, ours.host, ours.port) == (
+            theirs.scheme,
+            theirs.userinfo,
+            theirs.host,
+            theirs.port,
+        )
+        assert (ours.raw_path, ours.fragment, str(ours)) == (
+            theirs.raw_path,
+            theirs.fragment,
+            str(theirs),
+        )
+
+
+@pytest.mark.parametrize(
+    "text", ["http://h.example:port/x", "http://999.1.1.1/x", "http://[::g]/x", "http://h/\t"]
+)
+def test_invalid_urls_are_refused_as_httpx_refuses_them(text: str) -> None:
+    with pytest.raises(httpx.InvalidURL):
+        httpx.URL(text)
+    with pytest.raises(httpx.InvalidURL):
+        _URLS.parse(text)
+
+
+@pytest.mark.parametrize(
+    "rendered",
+    [
+        RenderedRequest("GET", "http://h.example/u/1", (), (), None),
+        RenderedRequest(
+            "POST",
+            "http://h.example/u/1?a=1",
+            (("X-Api-Key", "k"), ("Content-Type", "application/json")),
+            (("q", "a b&c"), ("q", "é")),
+            b'{"a": 1}',
+        ),
+        RenderedRequest("POST", "http://h.example/u", (), (), None),
+        RenderedRequest("patch", "http://h.example/u", (), (), b""),
+        RenderedRequest(
+            "PUT",
+            "http://h.example:8080/u",
+            (("host", "other"), ("accept-encoding", "identity"), ("Content-Length", "3")),
+            (),
+            b"abc",
+        ),
+        RenderedRequest("GET", "http://h.example/u", (("Accept", "a"), ("accept", "b")), (), None),
+        RenderedRequest(
+            "PATCH", "http://h.example/u", (("Transfer-Encoding", "chunked"),), (), None
+        ),
+        RenderedRequest("GET", "http://u:p@h.example/a b", (("X-Value", "v"),), (), None),
+    ],
+)
+async def test_requests_are_built_as_the_client_builds_them(rendered: RenderedRequest) -> None:
+    async with create_client() as client:
+        ours = Upstream(client).build(rendered, 7.5)
+        theirs = client.build_request(
+            rendered.method,
+            full_url(rendered),
+            headers=list(rendered.headers),
+            content=rendered.content,
+            timeout=7.5,
+        )
+    assert (ours.method, ours.url, ours.headers.raw) == (
+        theirs.method,
+        theirs.url,
+        theirs.headers.raw,
+    )
+    assert ours.extensions == theirs.extensions
+    assert b"".join(cast(Iterable[bytes], ours.stream)) == b"".join(
+        cast(Iterable[bytes], theirs.stream)
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,7 +29,7 @@ from proxy.outbox import (
     RunDataRequestRecord,
     encode,
 )
-from proxy.writer import OutboxWriter, PostgresSink, SqliteSink, sink_for
+from proxy.writer import IDLE_SCAN_INTERVAL, OutboxWriter, PostgresSink, SqliteSink, sink_for
 from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000007")
@@ -396,3 +397,37 @@ async def test_any_sink_failure_keeps_the_segment_and_the_writer_running(
 
 async def _has(db: AsyncEngine, table: str, n: int) -> bool:
     return await count(db, table) >= n
+
+
+class Switchable:
+    """A sink that refuses while ``down``, and otherwise counts the lines it is given."""
+
+    down = False
+
+    async def write(self, segment: bytes) -> int:
+        if self.down:
+            raise OSError("the database is away")
+        return segment.count(b"\n")
+
+
+async def test_an_idle_writer_neither_seals_nor_scans_until_something_is_journaled(
+    tmp_path: Path,
+) -> None:
+    sink, outbox = Switchable(), Outbox(tmp_path)
+    writer = OutboxWriter(outbox, sink, interval=0.02)
+    outbox.open()
+    assert writer.due(time.monotonic())  # never flushed: the directory may hold a past run's
+    assert await writer.flush() is True
+    now = time.monotonic()
+    assert not writer.due(now)
+    assert writer.due(now + IDLE_SCAN_INTERVAL)  # another process's leftovers, now and then
+
+    outbox.append(*batch(1))
+    assert writer.due(now)
+    sink.down = True
+    assert await writer.flush() is False  # refused: the segment is pending
+    assert writer.due(time.monotonic())  # and retried every interval
+    sink.down = False
+    assert await writer.flush() is True
+    assert not writer.due(time.monotonic())
+    outbox.close()
