@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import ColumnElement, Row, delete, insert, select, update
+from sqlalchemy import ColumnElement, Row, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import Insert, Update
@@ -148,20 +148,33 @@ def _is_source(data_source_id: uuid.UUID) -> ColumnElement[bool]:
     return data_source.c.data_source_id == data_source_id
 
 
-async def _stored_variables(
-    conn: AsyncConnection, data_source_id: uuid.UUID
+async def _stored(
+    conn: AsyncConnection, table: Table, data_source_id: uuid.UUID, by: str
 ) -> dict[str, Row[Any]]:
-    t = data_source_env_var
-    rows = await conn.execute(select(t).where(t.c.data_source_id == data_source_id))
-    return {v.name: v for v in rows}
+    """A source's variables or credentials (``table``), by their ``by`` column."""
+    rows = await conn.execute(select(table).where(table.c.data_source_id == data_source_id))
+    return {getattr(row, by): row for row in rows}
 
 
-async def _stored_credentials(
-    conn: AsyncConnection, data_source_id: uuid.UUID
-) -> dict[str, Row[Any]]:
-    t = data_source_credential
-    rows = await conn.execute(select(t).where(t.c.data_source_id == data_source_id))
-    return {c.credential_type: c for c in rows}
+async def _put(
+    conn: AsyncConnection,
+    table: Table,
+    key: str,
+    existing: Row[Any] | None,
+    data_source_id: uuid.UUID,
+    now: datetime,
+    naming: dict[str, Any],
+    **changed: Any,
+) -> None:
+    """Set ``changed`` on a source's ``existing`` variable or credential (found by its
+    ``key`` column), or insert a new one, named by ``naming``, when there is none."""
+    changed["last_updated_at"] = now
+    if existing is None:
+        new = {key: uuid.uuid4(), "data_source_id": data_source_id, "created_at": now}
+        await conn.execute(insert(table).values(**new, **naming, **changed))
+    else:
+        column = table.c[key]
+        await conn.execute(update(table).where(column == getattr(existing, key)).values(**changed))
 
 
 async def _written(conn: AsyncConnection, statement: Insert | Update) -> SourceRow:
@@ -335,7 +348,7 @@ class SourceStore:
         """Names and whether each is set; values never leave the store."""
         async with self._engine.connect() as conn:
             row = await self._get(conn, data_source_id, project_id)
-            stored = await _stored_variables(conn, row.data_source_id)
+            stored = await _stored(conn, data_source_env_var, row.data_source_id, "name")
         answer = []
         for name in sorted(set(row.variables) | stored.keys()):
             var = stored.get(name)
@@ -366,31 +379,22 @@ class SourceStore:
                 raise Refused(
                     f"not variables of this data source: {', '.join(undeclared)}", names=undeclared
                 )
-            stored = await _stored_variables(conn, row.data_source_id)
+            stored = await _stored(conn, data_source_env_var, row.data_source_id, "name")
             gone = [stored[name].data_source_env_var_id for name in stored.keys() - set(names)]
             if gone:
                 await conn.execute(delete(t).where(t.c.data_source_env_var_id.in_(gone)))
             for item in desired:
                 token = None if item.value is None else self._box.encrypt(item.value)
-                var = stored.get(item.name)
-                if var is None:
-                    await conn.execute(
-                        insert(t).values(
-                            data_source_env_var_id=uuid.uuid4(),
-                            data_source_id=row.data_source_id,
-                            name=item.name,
-                            value=token,
-                            nullable=False,
-                            created_at=now,
-                            last_updated_at=now,
-                        )
-                    )
-                else:
-                    await conn.execute(
-                        update(t)
-                        .where(t.c.data_source_env_var_id == var.data_source_env_var_id)
-                        .values(value=token, last_updated_at=now)
-                    )
+                await _put(
+                    conn,
+                    t,
+                    "data_source_env_var_id",
+                    stored.get(item.name),
+                    row.data_source_id,
+                    now,
+                    {"name": item.name, "nullable": False},
+                    value=token,
+                )
 
     async def get_credentials(
         self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
@@ -398,7 +402,9 @@ class SourceStore:
         """The stored credentials, each value masked: values never leave the store."""
         async with self._engine.connect() as conn:
             row = await self._get(conn, data_source_id, project_id)
-            stored = await _stored_credentials(conn, row.data_source_id)
+            stored = await _stored(
+                conn, data_source_credential, row.data_source_id, "credential_type"
+            )
         return [
             {
                 "credential_type": c.credential_type,
@@ -429,29 +435,22 @@ class SourceStore:
         t = data_source_credential
         async with self._engine.begin() as conn:
             row = await self._get(conn, data_source_id, project_id)
-            stored = await _stored_credentials(conn, row.data_source_id)
+            stored = await _stored(
+                conn, data_source_credential, row.data_source_id, "credential_type"
+            )
             # Race window: two PUTs adding the same type at once both insert; the unique
             # constraint rejects the second insert, which answers 400 CONFLICT: send it again.
             try:
                 for item in given:
-                    token = self._box.encrypt(item.value)
-                    credential = stored.get(item.credential_type)
-                    if credential is None:
-                        await conn.execute(
-                            insert(t).values(
-                                credential_id=uuid.uuid4(),
-                                data_source_id=row.data_source_id,
-                                credential_type=item.credential_type,
-                                value=token,
-                                created_at=now,
-                                last_updated_at=now,
-                            )
-                        )
-                    else:
-                        await conn.execute(
-                            update(t)
-                            .where(t.c.credential_id == credential.credential_id)
-                            .values(value=token, last_updated_at=now)
-                        )
+                    await _put(
+                        conn,
+                        t,
+                        "credential_id",
+                        stored.get(item.credential_type),
+                        row.data_source_id,
+                        now,
+                        {"credential_type": item.credential_type},
+                        value=self._box.encrypt(item.value),
+                    )
             except IntegrityError as exc:
                 raise Conflict("the credentials changed meanwhile; send them again") from exc

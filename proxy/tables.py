@@ -12,6 +12,8 @@ A row comes back as a ``Row``, read by attribute like the mapped objects were.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -38,6 +40,21 @@ from proxy.source_spec import MAX_NAME_LENGTH
 
 metadata = MetaData()
 
+
+def _stamped() -> tuple[Column[Any], Column[Any]]:
+    """When a source's row, or one of its variables or credentials, was made and last set."""
+    return (
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("last_updated_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+def _owned_by_source(*, index: bool = False) -> Column[Any]:
+    """A variable's or credential's source: it goes with a deleted draft."""
+    on_delete = ForeignKey("data_source.data_source_id", ondelete="CASCADE")
+    return Column("data_source_id", Uuid, on_delete, nullable=False, index=index)
+
+
 data_source = Table(
     "data_source",
     metadata,
@@ -56,8 +73,7 @@ data_source = Table(
     Column("metadata", JSON, key="meta"),
     # Days a source's DataObjects and audit rows are kept; None: the global default.
     Column("retention_days", Integer),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("last_updated_at", DateTime(timezone=True), nullable=False),
+    *_stamped(),
     # Names are unique among the non-archived sources of a project. NULL
     # project ids (global sources) are compared equal on Postgres 15+;
     # SQLite relies on the registry's check inside the same transaction.
@@ -76,18 +92,11 @@ data_source_env_var = Table(
     "data_source_env_var",
     metadata,
     Column("data_source_env_var_id", Uuid, primary_key=True),
-    Column(
-        "data_source_id",
-        Uuid,
-        ForeignKey("data_source.data_source_id", ondelete="CASCADE"),
-        nullable=False,
-        index=True,
-    ),
+    _owned_by_source(index=True),
     Column("name", String(MAX_NAME_LENGTH), nullable=False),
     Column("value", Text, doc="Fernet token of the JSON value"),
     Column("nullable", Boolean, nullable=False, default=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("last_updated_at", DateTime(timezone=True), nullable=False),
+    *_stamped(),
     UniqueConstraint("data_source_id", "name"),
 )
 
@@ -95,16 +104,10 @@ data_source_credential = Table(
     "data_source_credential",
     metadata,
     Column("credential_id", Uuid, primary_key=True),
-    Column(
-        "data_source_id",
-        Uuid,
-        ForeignKey("data_source.data_source_id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _owned_by_source(),
     Column("credential_type", String(16), nullable=False),
     Column("value", Text, nullable=False, doc="Fernet token of the JSON value"),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("last_updated_at", DateTime(timezone=True), nullable=False),
+    *_stamped(),
     UniqueConstraint("data_source_id", "credential_type"),
 )
 
