@@ -29,8 +29,7 @@ from proxy.keys import KeyLayout
 from proxy.retry import Retrying
 from proxy.secrets import SecretBox, Secrets
 from proxy.source_spec import CachingOptions, HTTPSource
-from proxy.source_store import SourceStore, spec_of
-from proxy.tables import DataSource
+from proxy.source_store import SourceRow, SourceStore, spec_of
 from proxy.templates import CompiledSource, compile_source
 from proxy.types import Status
 
@@ -63,14 +62,14 @@ class Source:
 
     @classmethod
     def from_row(
-        cls, row: DataSource, values: Secrets, credentials: Secrets | None = None
+        cls, row: SourceRow, values: Secrets, credentials: Secrets | None = None
     ) -> Source:
         spec = spec_of(row)
         return cls(
             data_source_id=row.data_source_id,
             name=row.name,
             project_id=row.project_id,
-            status=row.status,  # type: ignore[arg-type]
+            status=row.status,
             http=spec.source,
             caching=spec.caching,
             compiled=compile_source(spec.source, spec.runtime_params or (), spec.variables or ()),

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, SecretKeyError
 from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import SourceStore, VariableValue
-from proxy.tables import DataSource, DataSourceCredential, DataSourceEnvVar
+from proxy.source_store import SourceRow, SourceStore, VariableValue
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import BROKER_PATH, async_wait_for, broker_request, register, sidecar_env
 from tests.instances import sidecar
@@ -35,7 +35,7 @@ class CountingStore(SourceStore):
 
     async def all_with_secrets(
         self,
-    ) -> tuple[list[DataSource], list[DataSourceEnvVar], list[DataSourceCredential]]:
+    ) -> tuple[list[SourceRow], list[Row[Any]], list[Row[Any]]]:
         self.reads += 1
         read = await super().all_with_secrets()
         if self.gate is not None:
