@@ -8,8 +8,9 @@ broker, no wrk, no other process's CPU in the figure. Other work on the machine
 still slows each instruction; for a figure that load does not move, count
 instructions::
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        python -m bench.fetches --calls 500 --concurrency 16 --rounds 1
+    uvicorn bench.misses:fast_upstream --factory --port 18911 --loop uvloop &
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.fetches \\
+        --upstream http://127.0.0.1:18911 --calls 500 --concurrency 16 --rounds 1
     # and again with --calls 1000: the difference / 500 is instructions per call
 """
 
@@ -87,9 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="callers at once, comma-separated (default: 1,16)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="medians over this many rounds")
+    parser.add_argument(
+        "--upstream", help="a running upstream's base URL (default: start bench.misses' fast one)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="databroker-fetches-") as tmp:
-        with fast_upstream(Path(tmp)) as base:
+        given = contextlib.nullcontext(args.upstream) if args.upstream else None
+        with given or fast_upstream(Path(tmp)) as base:
             for c in args.concurrency:
                 runs = [uvloop.run(cpu_per_call(base, args.calls, c)) for _ in range(args.rounds)]
                 cpu = statistics.median(r[0] for r in runs)

@@ -529,20 +529,22 @@ class Bench:
             "rss_kib_idle": idle,
         }
         started = time.perf_counter()
-        for label, count in (("after_first", first), ("after_all", total - first)):
+        for label, count, sent in (
+            ("after_first", first, first),
+            ("after_all", total - first, total),
+        ):
             script = self._script(f"memory-{label}", bodies, limit=-(-count // threads))
             run = self._wrk_until_stopped(script, count, threads, 16)
             time.sleep(1)
             marks[f"rss_kib_{label}"] = stats.rss_kib(Path(f"/proc/{pid}/status").read_text())
             marks[f"run_{label}"] = asdict(run)
             print(
-                f"memory: {label} {run.requests} requests ({run.rps:.0f} req/s, "
-                f"{run.errors} errors), RSS {marks[f'rss_kib_{label}'] / 1024:.1f} MiB",
+                f"memory: RSS {marks[f'rss_kib_{label}'] / 1024:.1f} MiB after {sent} requests "
+                f"({run.requests} in this run, {run.rps:.0f} req/s, {run.errors} errors)",
                 file=out,
                 flush=True,
             )
         marks["seconds"] = time.perf_counter() - started
-        marks["growth"] = marks["rss_kib_after_all"] / marks["rss_kib_after_first"]
         return marks
 
     def _wrk_until_stopped(
@@ -703,24 +705,7 @@ def _report(results: Results, directory: Path, stamp: datetime, out: TextIO) -> 
             f"final {backlog['final_bytes']} bytes"
         )
     if results.memory:
-        m = results.memory
-        lines.append(
-            f"memory: RSS {m['rss_kib_after_first'] / 1024:.1f} MiB after {m['requests'] // 10} "
-            f"mixed requests, {m['rss_kib_after_all'] / 1024:.1f} MiB after {m['requests']}: "
-            f"x{m['growth']:.3f} "
-            f"(target <= {stats.MEMORY_GROWTH_TARGET}: {stats.verdict(m['growth'] <= stats.MEMORY_GROWTH_TARGET)})"
-        )
-        idle_mib, loaded_mib = m["rss_kib_idle"] / 1024, m["rss_kib_after_all"] / 1024
-        ready = m["start_to_ready_seconds"]
-        lines.append(
-            f"footprint: start to ready {ready:.2f} s (target <= "
-            f"{stats.START_TO_READY_TARGET_SECONDS:g}: "
-            f"{stats.verdict(ready <= stats.START_TO_READY_TARGET_SECONDS)}), "
-            f"idle RSS {idle_mib:.1f} MiB (target <= {stats.IDLE_RSS_TARGET_MIB}: "
-            f"{stats.verdict(idle_mib <= stats.IDLE_RSS_TARGET_MIB)}), "
-            f"{loaded_mib:.1f} MiB after {m['requests']} (target <= "
-            f"{stats.LOADED_RSS_TARGET_MIB}: {stats.verdict(loaded_mib <= stats.LOADED_RSS_TARGET_MIB)})"
-        )
+        lines += stats.format_footprint(results.memory)
     if results.analytics:
         lines.append(bench_analytics.report(bench_analytics.Results(**results.analytics)))
     for profile in (results.profile or {}).values():

@@ -12,6 +12,7 @@ import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -257,6 +258,34 @@ def format_latencies(latencies: Latencies) -> str:
         f"{latencies.stale_reads} stale answers (target <= {INVALIDATION_TARGET_MS:g} ms: "
         f"{verdict(latencies.over_target == 0)})"
     )
+
+
+def format_footprint(marks: Mapping[str, Any]) -> list[str]:
+    """The ``--memory`` case's lines, each figure against its target: start to ready,
+    idle RSS, RSS after the first tenth of the requests and after all of them (held to the
+    loaded target both), and the growth between the two."""
+    ready = marks["start_to_ready_seconds"]
+    idle = marks["rss_kib_idle"] / 1024
+    lines = [
+        f"footprint: start to ready {ready:.2f} s "
+        f"(target <= {START_TO_READY_TARGET_SECONDS:g}: "
+        f"{verdict(ready <= START_TO_READY_TARGET_SECONDS)})",
+        f"footprint: idle RSS {idle:.1f} MiB "
+        f"(target <= {IDLE_RSS_TARGET_MIB}: {verdict(idle <= IDLE_RSS_TARGET_MIB)})",
+    ]
+    total = marks["requests"]
+    for label, count in (("after_first", total // 10), ("after_all", total)):
+        mib = marks[f"rss_kib_{label}"] / 1024
+        lines.append(
+            f"footprint: RSS {mib:.1f} MiB after {count} mixed requests "
+            f"(target <= {LOADED_RSS_TARGET_MIB}: {verdict(mib <= LOADED_RSS_TARGET_MIB)})"
+        )
+    growth = marks["rss_kib_after_all"] / marks["rss_kib_after_first"]
+    lines.append(
+        f"footprint: growth from {total // 10} to {total} requests x{growth:.3f} "
+        f"(target <= {MEMORY_GROWTH_TARGET}: {verdict(growth <= MEMORY_GROWTH_TARGET)})"
+    )
+    return lines
 
 
 def rss_kib(status: str) -> int:

@@ -27,11 +27,10 @@ from typing import Any, NoReturn
 import click
 import httpx
 import orjson
-import uvicorn
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
-from proxy import tracing
+from proxy import quiet_server, tracing
 from proxy.cache import RedisCache
 from proxy.database import check_schema, create_engine, describe, migrate
 from proxy.errors import StartupError
@@ -197,7 +196,7 @@ def serve(
     listener = _unix_socket(uds, uds_mode, uds_group) if uds else None
     made = _shared_metrics() if workers > 1 else None
     try:
-        uvicorn.run(
+        quiet_server.run(
             "proxy.cli:serving_app",
             factory=True,
             host=host,

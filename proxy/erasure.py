@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.cache import CacheUnavailable, RedisCache
 from proxy.errors import DatabaseUnavailable, RedisUnavailable
-from proxy.tables import DataObject, RunDataRequest
+from proxy.tables import data_object, run_data_request
 from proxy.writer import OutboxWriter
 
 logger = logging.getLogger("databroker.erasure")
@@ -60,9 +60,9 @@ async def erase_rows(
     """Delete the key's objects created up to ``at``; mark the audit rows naming them, or
     naming ``known_ids`` (objects an earlier pass erased), with ``erased_at = at``."""
     found = (
-        select(DataObject.data_object_id)
-        .where(DataObject.data_source_id == data_source_id)
-        .where(DataObject.key == key, DataObject.created_at <= at)
+        select(data_object.c.data_object_id)
+        .where(data_object.c.data_source_id == data_source_id)
+        .where(data_object.c.key == key, data_object.c.created_at <= at)
     )
     async with engine.begin() as conn:
         ids = list((await conn.execute(found)).scalars().all())
@@ -70,13 +70,13 @@ async def erase_rows(
         marked = 0
         if named:
             result = await conn.execute(
-                update(RunDataRequest)
-                .where(RunDataRequest.data_object_id.in_(named))
+                update(run_data_request)
+                .where(run_data_request.c.data_object_id.in_(named))
                 .values(data_object_id=None, erased_at=at)
             )
             marked = result.rowcount
         if ids:
-            await conn.execute(delete(DataObject).where(DataObject.data_object_id.in_(ids)))
+            await conn.execute(delete(data_object).where(data_object.c.data_object_id.in_(ids)))
     return Erased(ids, marked)
 
 

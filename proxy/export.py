@@ -22,13 +22,13 @@ from typing import IO, Any, Protocol
 
 import orjson
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.errors import ParseError
 from proxy.formats import format_body
 from proxy.objects import Metadata
 from proxy.source_store import spec_of
-from proxy.tables import DataObject, DataSource
+from proxy.tables import data_object, data_source
 from proxy.types import ResponseType
 
 BATCH = 2000
@@ -184,16 +184,18 @@ async def find_source(
     """The project's live source of that name; else its newest archived one (a backtest may
     read a retired source's history)."""
     in_project = (
-        DataSource.project_id.is_(None) if project is None else DataSource.project_id == project
+        data_source.c.project_id.is_(None)
+        if project is None
+        else data_source.c.project_id == project
     )
     query = (
-        select(DataSource)
-        .where(DataSource.name == name, in_project)
-        .order_by((DataSource.status == "ARCHIVED").asc(), DataSource.last_updated_at.desc())
+        select(data_source)
+        .where(data_source.c.name == name, in_project)
+        .order_by((data_source.c.status == "ARCHIVED").asc(), data_source.c.last_updated_at.desc())
         .limit(1)
     )
-    async with AsyncSession(engine) as session:
-        row = await session.scalar(query)
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).first()
     if row is None:
         return None
     return SourceRef(row.data_source_id, spec_of(row).source.response_type)
@@ -201,9 +203,9 @@ async def find_source(
 
 def _range(source: SourceRef, start: datetime, end: datetime) -> Any:
     return (
-        DataObject.data_source_id == source.data_source_id,
-        DataObject.created_at >= start,
-        DataObject.created_at < end,
+        data_object.c.data_source_id == source.data_source_id,
+        data_object.c.created_at >= start,
+        data_object.c.created_at < end,
     )
 
 
@@ -218,9 +220,14 @@ async def rows(
 ) -> AsyncIterator[list[Row]]:
     """The range's objects in created_at order, ``batch`` at a time from a server-side cursor."""
     query = (
-        select(DataObject.data_object_id, DataObject.key, DataObject.created_at, DataObject.value)
+        select(
+            data_object.c.data_object_id,
+            data_object.c.key,
+            data_object.c.created_at,
+            data_object.c.value,
+        )
         .where(*_range(source, start, end))
-        .order_by(DataObject.created_at)
+        .order_by(data_object.c.created_at)
         .execution_options(yield_per=batch)
     )
     async with engine.connect() as conn:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-from typing import Any
-from xml.etree.ElementTree import Element
-from xml.etree.ElementTree import ParseError as XMLSyntaxError
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring as xml_fromstring
 
 from proxy.errors import ParseError
 from proxy.types import ResponseType
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 _MAX_REASON = 200
 _MAX_XML_DEPTH = 100
@@ -49,10 +48,8 @@ def parse_body(content: bytes, response_type: ResponseType, charset: str | None 
         if response_type == "CSV":
             return list(csv.DictReader(io.StringIO(text, newline=""), restkey="_extra"))
         return text
-    except (orjson.JSONDecodeError, csv.Error, XMLSyntaxError) as exc:
+    except (orjson.JSONDecodeError, csv.Error) as exc:
         raise _error(response_type, str(exc)) from exc
-    except DefusedXmlException as exc:  # its repr names entities and URLs from the body
-        raise _error(response_type, f"forbidden XML construct ({type(exc).__name__})") from exc
     except (ValueError, LookupError) as exc:  # expat: unsupported declared encoding
         # Not str(exc): it quotes the encoding name, which is the upstream's text.
         raise _error(response_type, "the XML declaration names an unsupported encoding") from exc
@@ -76,11 +73,25 @@ def _decode(content: bytes, charset: str | None, response_type: ResponseType) ->
 
 
 def _parse_xml(content: bytes, charset: str | None, response_type: ResponseType) -> Any:
-    """Bytes go to the parser as is so the XML declaration's encoding is honoured."""
+    """Bytes go to the parser as is so the XML declaration's encoding is honoured.
+
+    defusedxml and expat are imported with the first XML body: a sidecar whose sources
+    answer JSON never loads them (~1.5 MiB, README "Footprint").
+    """
+    from xml.etree.ElementTree import ParseError as XMLSyntaxError
+
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import fromstring
+
     source: str | bytes = content if charset is None else _decode(content, charset, response_type)
     if not source.strip():
         return None
-    root: Element = xml_fromstring(source, forbid_dtd=True)
+    try:
+        root: Element = fromstring(source, forbid_dtd=True)
+    except XMLSyntaxError as exc:
+        raise _error(response_type, str(exc)) from exc
+    except DefusedXmlException as exc:  # its repr names entities and URLs from the body
+        raise _error(response_type, f"forbidden XML construct ({type(exc).__name__})") from exc
     return _element_value(root, 0, response_type)
 
 

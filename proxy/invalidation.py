@@ -10,8 +10,11 @@ FLUSHALL / FLUSHDB.
 
 The hot entries are trusted only while this link is up. They go live once the
 subscription is confirmed; on any failure they are dropped and stay off until
-the link is back. A PING every ``heartbeat`` seconds finds a peer that went
-silent without closing the connection.
+the link is back. A PING after ``heartbeat`` seconds of silence finds a peer
+that went silent without closing the connection — while copies are held: with
+none there is nothing a dead link could make stale, and an idle sidecar sends
+nothing. The first copy kept is pinged for within a heartbeat, so a copy is
+never trusted more than two heartbeats on a link that died, as before.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ async def _apply(connection: AbstractConnection, hot: HotEntries[Any], heartbeat
         if message is None:
             if awaiting_pong:
                 raise LinkLost("no answer to the heartbeat")
+            if not len(hot):
+                continue  # nothing held: nothing to protect
             await connection.send_command("PING", check_health=False)
             awaiting_pong = True
             continue

@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from proxy.tables import DataObject
+from proxy.tables import data_object
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -36,25 +36,25 @@ async def page(
     conn: AsyncConnection, data_source_id: uuid.UUID, limit: int, before: uuid.UUID | None
 ) -> list[Metadata]:
     """Up to ``limit`` objects of the source, newest first, older than ``before`` if given."""
-    query = select(DataObject.data_object_id, DataObject.key, DataObject.created_at).where(
-        DataObject.data_source_id == data_source_id
+    query = select(data_object.c.data_object_id, data_object.c.key, data_object.c.created_at).where(
+        data_object.c.data_source_id == data_source_id
     )
     if before is not None:
         created = await conn.scalar(
-            select(DataObject.created_at).where(
-                DataObject.data_source_id == data_source_id,
-                DataObject.data_object_id == before,
+            select(data_object.c.created_at).where(
+                data_object.c.data_source_id == data_source_id,
+                data_object.c.data_object_id == before,
             )
         )
         if created is None:
             raise UnknownCursor(str(before))
         query = query.where(
             or_(
-                DataObject.created_at < created,
-                and_(DataObject.created_at == created, DataObject.data_object_id < before),
+                data_object.c.created_at < created,
+                and_(data_object.c.created_at == created, data_object.c.data_object_id < before),
             )
         )
-    query = query.order_by(DataObject.created_at.desc(), DataObject.data_object_id.desc())
+    query = query.order_by(data_object.c.created_at.desc(), data_object.c.data_object_id.desc())
     rows = await conn.execute(query.limit(limit))
     return [Metadata(r.data_object_id, r.key, r.created_at) for r in rows]
 
@@ -65,9 +65,9 @@ async def one(
     """The object and its raw bytes, if the source has it."""
     found = (
         await conn.execute(
-            select(DataObject.key, DataObject.created_at, DataObject.value).where(
-                DataObject.data_source_id == data_source_id,
-                DataObject.data_object_id == data_object_id,
+            select(data_object.c.key, data_object.c.created_at, data_object.c.value).where(
+                data_object.c.data_source_id == data_source_id,
+                data_object.c.data_object_id == data_object_id,
             )
         )
     ).first()

@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
 
 from sqlalchemy import Column, ColumnElement, Table, Uuid, and_, column, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -30,7 +29,7 @@ from proxy.cache import CacheUnavailable, RedisCache, RedisClient, call, reply_b
 from proxy.metrics import ROWS_PRUNED
 from proxy.outbox import new_id
 from proxy.retention import Cut, SourceRetention, cuts
-from proxy.tables import DataObject, DataSource, RunDataRequest
+from proxy.tables import data_object, data_source, run_data_request
 
 logger = logging.getLogger("databroker.pruner")
 
@@ -40,8 +39,8 @@ DELETED_SOURCE = "(deleted source)"
 # Each table, its primary key, and what a delete returns: an object's cache key (its entry
 # may outlive it), an audit row's id (only counted).
 _TABLES = (
-    (cast(Table, DataObject.__table__), "data_object_id", "key"),
-    (cast(Table, RunDataRequest.__table__), "run_data_request_id", "run_data_request_id"),
+    (data_object, "data_object_id", "key"),
+    (run_data_request, "run_data_request_id", "run_data_request_id"),
 )
 
 
@@ -76,7 +75,9 @@ class Pruner:
     async def cuts(self) -> list[Cut]:
         """Every source's cut now, archived sources included: their rows age too. A deleted
         draft's rows (their source row is gone) take the default retention."""
-        query = select(DataSource.data_source_id, DataSource.name, DataSource.retention_days)
+        query = select(
+            data_source.c.data_source_id, data_source.c.name, data_source.c.retention_days
+        )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
             sources = [SourceRetention(r.data_source_id, r.name, r.retention_days) for r in rows]

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.errors import InternalError
 from proxy.messages import Replay
-from proxy.tables import DataObject, RunDataRequest
+from proxy.tables import data_object, run_data_request
 
 logger = logging.getLogger("databroker.replay")
 
@@ -55,13 +55,13 @@ class StoredObject:
 def as_of(data_source_id: uuid.UUID, key: str, instant: datetime) -> Found:
     """The key's newest object created at or before ``instant``."""
     return (
-        select(DataObject.data_object_id, DataObject.created_at, DataObject.value)
+        select(data_object.c.data_object_id, data_object.c.created_at, data_object.c.value)
         .where(
-            DataObject.data_source_id == data_source_id,
-            DataObject.key == key,
-            DataObject.created_at <= instant,
+            data_object.c.data_source_id == data_source_id,
+            data_object.c.key == key,
+            data_object.c.created_at <= instant,
         )
-        .order_by(DataObject.created_at.desc())
+        .order_by(data_object.c.created_at.desc())
         .limit(1)
     )
 
@@ -69,15 +69,15 @@ def as_of(data_source_id: uuid.UUID, key: str, instant: datetime) -> Found:
 def of_run(data_source_id: uuid.UUID, key: str, run_id: uuid.UUID) -> Found:
     """The object the run's latest request for this key received."""
     return (
-        select(DataObject.data_object_id, DataObject.created_at, DataObject.value)
-        .join(RunDataRequest, RunDataRequest.data_object_id == DataObject.data_object_id)
+        select(data_object.c.data_object_id, data_object.c.created_at, data_object.c.value)
+        .join(run_data_request, run_data_request.c.data_object_id == data_object.c.data_object_id)
         .where(
-            RunDataRequest.run_id == run_id,
-            RunDataRequest.data_source_id == data_source_id,
-            DataObject.data_source_id == data_source_id,
-            DataObject.key == key,
+            run_data_request.c.run_id == run_id,
+            run_data_request.c.data_source_id == data_source_id,
+            data_object.c.data_source_id == data_source_id,
+            data_object.c.key == key,
         )
-        .order_by(RunDataRequest.created_at.desc())
+        .order_by(run_data_request.c.created_at.desc())
         .limit(1)
     )
 

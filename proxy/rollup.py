@@ -43,9 +43,9 @@ from proxy.analytics import (
     Counter,
     bucket_label,
 )
-from proxy.tables import DataSource, RunDataRequestDaily
+from proxy.tables import data_source, run_data_request_daily
 
-_TABLE = RunDataRequestDaily.__tablename__
+_TABLE = run_data_request_daily.name
 _COLUMNS = "data_source_id, day, metric, label, n, total"
 _UPSERT = f"""
 ON CONFLICT (data_source_id, day, metric, label) DO UPDATE
@@ -147,7 +147,7 @@ def source_query(
 ) -> Select[date, str, str, int, Decimal]:
     """A source's counters of the days ``start`` to ``end``, both included: those a
     series charts (``DAILY``) per day, the others summed over the window (on ``start``)."""
-    t = RunDataRequestDaily
+    t = run_data_request_daily.c
     day = case((t.metric.in_(DAILY), t.day), else_=literal(start, Date))
     return (
         select(day, t.metric, t.label, func.sum(t.n), func.sum(t.total))
@@ -161,7 +161,7 @@ def project_query(
 ) -> Select[str, str, int, Decimal]:
     """A project's counters (all its sources together) summed over the days ``start`` to
     ``end``; metrics without their ``PROJECT`` prefix."""
-    t = RunDataRequestDaily
+    t = run_data_request_daily.c
     return (
         select(func.substr(t.metric, 2), t.label, func.sum(t.n), func.sum(t.total))
         .where(
@@ -179,11 +179,11 @@ def ranking_query(
 ) -> Select[uuid.UUID, str, int]:
     """Requests, hits and misses of each of the project's sources (archived ones included:
     they served) over the days ``start`` to ``end``."""
-    t, s = RunDataRequestDaily, DataSource
+    t, s = run_data_request_daily.c, data_source.c
     in_project = s.project_id.is_(None) if project_id is None else s.project_id == project_id
     return (
         select(t.data_source_id, t.metric, func.sum(t.n))
-        .join(s, s.data_source_id == t.data_source_id)
+        .join(data_source, s.data_source_id == t.data_source_id)
         .where(t.metric.in_(RANKED), t.day >= start, t.day <= end, in_project)
         .group_by(t.data_source_id, t.metric)
     )

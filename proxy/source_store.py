@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Row, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.dml import Insert, Update
 
 from proxy.auth import CredentialType
 from proxy.errors import Conflict, NotFound, Refused, ValidationFailed
@@ -22,7 +23,7 @@ from proxy.lifecycle import forbidden_changes, resolve_names
 from proxy.retry import Retrying
 from proxy.secrets import SecretBox
 from proxy.source_spec import MAX_NAME_LENGTH, DataSourceSpec, RetryPolicy
-from proxy.tables import DataSource, DataSourceCredential, DataSourceEnvVar
+from proxy.tables import data_source, data_source_credential, data_source_env_var
 from proxy.templates import TemplateError
 from proxy.timestamps import iso_utc
 from proxy.types import Status
@@ -49,8 +50,11 @@ class CredentialValue(BaseModel):
 CREDENTIAL_MASK = "********"
 """What every answer shows in place of a credential's value."""
 
+SourceRow = Row[Any]
+"""A ``data_source`` row, read by attribute (``row.name``; the metadata column as ``row.meta``)."""
 
-def spec_of(row: DataSource) -> DataSourceSpec:
+
+def spec_of(row: SourceRow) -> DataSourceSpec:
     return DataSourceSpec.model_validate(
         {
             "name": row.name,
@@ -82,7 +86,7 @@ def _source_in_force(stored: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def to_api(row: DataSource) -> dict[str, Any]:
+def to_api(row: SourceRow) -> dict[str, Any]:
     """The reference's ``DataSource`` body (plus ``project_id``)."""
     caching: dict[str, Any] = {"enabled": row.caching_enabled, "ttl": row.caching_ttl}
     if row.caching_stale_if_error is not None:
@@ -122,92 +126,116 @@ def _checked(spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSourceSp
     )
 
 
-def _assign(row: DataSource, spec: DataSourceSpec, now: datetime) -> None:
-    row.name = spec.name
-    row.description = spec.description
-    row.source = spec.source.model_dump(mode="json", exclude_none=True)
-    row.caching_enabled = spec.caching.enabled
-    row.caching_ttl = spec.caching.ttl_seconds
-    row.caching_stale_if_error = spec.caching.stale_if_error
-    row.retention_days = spec.retention_days
-    row.runtime_params = list(spec.runtime_params or ())
-    row.variables = list(spec.variables or ())
-    row.project_id = spec.project_id
-    row.meta = spec.metadata
-    row.last_updated_at = now
+def _columns(spec: DataSourceSpec, now: datetime) -> dict[str, Any]:
+    """What a spec sets of its row (the id, status and created_at are the store's)."""
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "source": spec.source.model_dump(mode="json", exclude_none=True),
+        "caching_enabled": spec.caching.enabled,
+        "caching_ttl": spec.caching.ttl_seconds,
+        "caching_stale_if_error": spec.caching.stale_if_error,
+        "retention_days": spec.retention_days,
+        "runtime_params": list(spec.runtime_params or ()),
+        "variables": list(spec.variables or ()),
+        "project_id": spec.project_id,
+        "meta": spec.metadata,
+        "last_updated_at": now,
+    }
 
 
-async def _stored_variables(
-    session: AsyncSession, data_source_id: uuid.UUID
-) -> dict[str, DataSourceEnvVar]:
-    query = select(DataSourceEnvVar).where(DataSourceEnvVar.data_source_id == data_source_id)
-    return {v.name: v for v in await session.scalars(query)}
+def _is_source(data_source_id: uuid.UUID) -> ColumnElement[bool]:
+    return data_source.c.data_source_id == data_source_id
 
 
-async def _stored_credentials(
-    session: AsyncSession, data_source_id: uuid.UUID
-) -> dict[str, DataSourceCredential]:
-    query = select(DataSourceCredential).where(
-        DataSourceCredential.data_source_id == data_source_id
-    )
-    return {c.credential_type: c for c in await session.scalars(query)}
+async def _stored(
+    conn: AsyncConnection, table: Table, data_source_id: uuid.UUID, by: str
+) -> dict[str, Row[Any]]:
+    """A source's variables or credentials (``table``), by their ``by`` column."""
+    rows = await conn.execute(select(table).where(table.c.data_source_id == data_source_id))
+    return {getattr(row, by): row for row in rows}
+
+
+async def _put(
+    conn: AsyncConnection,
+    table: Table,
+    key: str,
+    existing: Row[Any] | None,
+    data_source_id: uuid.UUID,
+    now: datetime,
+    naming: dict[str, Any],
+    **changed: Any,
+) -> None:
+    """Set ``changed`` on a source's ``existing`` variable or credential (found by its
+    ``key`` column), or insert a new one, named by ``naming``, when there is none."""
+    changed["last_updated_at"] = now
+    if existing is None:
+        new = {key: uuid.uuid4(), "data_source_id": data_source_id, "created_at": now}
+        await conn.execute(insert(table).values(**new, **naming, **changed))
+    else:
+        column = table.c[key]
+        await conn.execute(update(table).where(column == getattr(existing, key)).values(**changed))
+
+
+async def _written(conn: AsyncConnection, statement: Insert | Update) -> SourceRow:
+    """The source row ``statement`` writes, as written; Conflict if its name is taken."""
+    try:
+        written: SourceRow = (await conn.execute(statement.returning(data_source))).one()
+    except IntegrityError as exc:
+        raise Conflict("a data source with this name already exists in this project") from exc
+    return written
 
 
 class SourceStore:
     """Every method that names a source takes the project the request works in: a source
-    of another project (the global namespace being ``None``) is NotFound, as if absent."""
+    of another project (the global namespace being ``None``) is NotFound, as if absent.
+
+    Each method is one transaction (``engine.begin()``) or one read (``engine.connect()``).
+    """
 
     def __init__(self, engine: AsyncEngine, box: SecretBox) -> None:
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._engine = engine
         self._box = box
 
     async def _get(
-        self, session: AsyncSession, data_source_id: uuid.UUID, project_id: uuid.UUID | None
-    ) -> DataSource:
-        row = await session.get(DataSource, data_source_id)
+        self, conn: AsyncConnection, data_source_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> SourceRow:
+        row = (await conn.execute(select(data_source).where(_is_source(data_source_id)))).first()
         if row is None or row.project_id != project_id:
             raise NotFound(f"no data source {data_source_id} in this project")
         return row
 
     async def _check_name_free(
-        self, session: AsyncSession, spec: DataSourceSpec, own_id: uuid.UUID | None = None
+        self, conn: AsyncConnection, spec: DataSourceSpec, own_id: uuid.UUID | None = None
     ) -> None:
         # Race window: two sidecars creating the same name at once both pass this
-        # check; the partial unique index then rejects the second commit (Postgres).
-        query = select(DataSource.data_source_id).where(
-            DataSource.name == spec.name,
-            DataSource.project_id.is_(None)
-            if spec.project_id is None
-            else DataSource.project_id == spec.project_id,
-            DataSource.status != "ARCHIVED",
+        # check; the partial unique index then rejects the second write (Postgres).
+        c = data_source.c
+        query = select(c.data_source_id).where(
+            c.name == spec.name,
+            c.project_id.is_(None) if spec.project_id is None else c.project_id == spec.project_id,
+            c.status != "ARCHIVED",
         )
         if own_id is not None:
-            query = query.where(DataSource.data_source_id != own_id)
-        if (await session.execute(query)).first() is not None:
+            query = query.where(c.data_source_id != own_id)
+        if (await conn.execute(query)).first() is not None:
             raise Conflict(f"a data source named {spec.name!r} already exists in this project")
 
-    async def _commit(self, session: AsyncSession) -> None:
-        try:
-            await session.commit()
-        except IntegrityError as exc:
-            raise Conflict("a data source with this name already exists in this project") from exc
-
-    async def create(self, spec: DataSourceSpec, project_id: uuid.UUID | None) -> DataSource:
+    async def create(self, spec: DataSourceSpec, project_id: uuid.UUID | None) -> SourceRow:
         spec = _checked(spec, project_id)
         now = datetime.now(UTC)
-        row = DataSource(data_source_id=uuid.uuid4(), status="DRAFT", created_at=now)
-        _assign(row, spec, now)
-        async with self._sessions() as session:
-            await self._check_name_free(session, spec)
-            session.add(row)
-            await self._commit(session)
-        return row
+        made = insert(data_source).values(
+            data_source_id=uuid.uuid4(), status="DRAFT", created_at=now, **_columns(spec, now)
+        )
+        async with self._engine.begin() as conn:
+            await self._check_name_free(conn, spec)
+            return await _written(conn, made)
 
     async def replace(
         self, data_source_id: uuid.UUID, spec: DataSourceSpec, project_id: uuid.UUID | None
-    ) -> DataSource:
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
+    ) -> SourceRow:
+        async with self._engine.begin() as conn:
+            row = await self._get(conn, data_source_id, project_id)
             spec = _checked(spec, project_id)
             if row.status == "ARCHIVED":
                 raise Conflict("an archived data source cannot change")
@@ -220,64 +248,67 @@ class SourceStore:
                         f"this request changes: {', '.join(fields)}",
                         fields=fields,
                     )
-            await self._check_name_free(session, spec, own_id=row.data_source_id)
-            _assign(row, spec, datetime.now(UTC))
-            await self._commit(session)
-        return row
+            await self._check_name_free(conn, spec, own_id=row.data_source_id)
+            changed = update(data_source).where(_is_source(row.data_source_id))
+            return await _written(conn, changed.values(**_columns(spec, datetime.now(UTC))))
 
     async def delete(
         self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
     ) -> Status | None:
         """Hard-delete a draft, archive a published source; the new status (None if gone)."""
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
+        async with self._engine.begin() as conn:
+            row = await self._get(conn, data_source_id, project_id)
             if row.status == "DRAFT":
-                await session.delete(row)
-                await session.commit()
+                # Its variables and credentials go with it (ON DELETE CASCADE).
+                await conn.execute(delete(data_source).where(_is_source(row.data_source_id)))
                 return None
-            row.status = "ARCHIVED"
-            row.last_updated_at = datetime.now(UTC)
-            await session.commit()
+            await conn.execute(
+                update(data_source)
+                .where(_is_source(row.data_source_id))
+                .values(status="ARCHIVED", last_updated_at=datetime.now(UTC))
+            )
             return "ARCHIVED"
 
-    async def publish(self, data_source_id: uuid.UUID, project_id: uuid.UUID | None) -> DataSource:
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
+    async def publish(self, data_source_id: uuid.UUID, project_id: uuid.UUID | None) -> SourceRow:
+        async with self._engine.begin() as conn:
+            row = await self._get(conn, data_source_id, project_id)
             if row.status == "ARCHIVED":
                 raise Conflict("an archived data source cannot be published")
             if row.status == "DRAFT":
-                row.status = "PUBLISHED"
-                row.last_updated_at = datetime.now(UTC)
-                await session.commit()
+                published = (
+                    update(data_source)
+                    .where(_is_source(row.data_source_id))
+                    .values(status="PUBLISHED", last_updated_at=datetime.now(UTC))
+                )
+                row = await _written(conn, published)
             return row
 
-    async def get(self, data_source_id: uuid.UUID, project_id: uuid.UUID | None) -> DataSource:
-        async with self._sessions() as session:
-            return await self._get(session, data_source_id, project_id)
+    async def get(self, data_source_id: uuid.UUID, project_id: uuid.UUID | None) -> SourceRow:
+        async with self._engine.connect() as conn:
+            return await self._get(conn, data_source_id, project_id)
 
     async def list_sources(
         self, project_id: uuid.UUID | None, include_archived: bool, status: Status | None
-    ) -> list[DataSource]:
-        query = select(DataSource).where(
-            DataSource.project_id.is_(None)
-            if project_id is None
-            else DataSource.project_id == project_id
+    ) -> list[SourceRow]:
+        c = data_source.c
+        query = select(data_source).where(
+            c.project_id.is_(None) if project_id is None else c.project_id == project_id
         )
         if status is not None:
-            query = query.where(DataSource.status == status)
+            query = query.where(c.status == status)
         elif not include_archived:
-            query = query.where(DataSource.status != "ARCHIVED")
-        async with self._sessions() as session:
-            return list((await session.scalars(query.order_by(DataSource.created_at))).all())
+            query = query.where(c.status != "ARCHIVED")
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query.order_by(c.created_at))).all())
 
     async def all_with_secrets(
         self,
-    ) -> tuple[list[DataSource], list[DataSourceEnvVar], list[DataSourceCredential]]:
+    ) -> tuple[list[SourceRow], list[Row[Any]], list[Row[Any]]]:
         """Everything the registry holds, read in one transaction."""
-        async with self._sessions() as session, session.begin():
-            sources = list((await session.scalars(select(DataSource))).all())
-            variables = list((await session.scalars(select(DataSourceEnvVar))).all())
-            credentials = list((await session.scalars(select(DataSourceCredential))).all())
+        async with self._engine.begin() as conn:
+            sources = list((await conn.execute(select(data_source))).all())
+            variables = list((await conn.execute(select(data_source_env_var))).all())
+            credentials = list((await conn.execute(select(data_source_credential))).all())
         return sources, variables, credentials
 
     async def rotate_secrets(self) -> tuple[int, int]:
@@ -286,31 +317,38 @@ class SourceStore:
 
         One transaction: a value no key decrypts (SecretKeyError) leaves every row as it was.
         """
-        async with self._sessions() as session, session.begin():
+        v, c = data_source_env_var, data_source_credential
+        async with self._engine.begin() as conn:
             # FOR UPDATE (Postgres): an admin PUT of the same rows waits for this commit, so
             # it is not overwritten by the value read before it. A row inserted meanwhile is
             # not rotated, but was encrypted by a sidecar that already has the new key first.
             # SQLite has no row locks: a concurrent write makes this commit fail; run it again.
-            variables = await session.scalars(select(DataSourceEnvVar).with_for_update())
+            variables = (await conn.execute(select(v).with_for_update())).all()
             rotated = 0
             for var in variables:
                 if var.value is not None:
-                    var.value = self._box.rotate(var.value)
+                    await conn.execute(
+                        update(v)
+                        .where(v.c.data_source_env_var_id == var.data_source_env_var_id)
+                        .values(value=self._box.rotate(var.value))
+                    )
                     rotated += 1
-            credentials = list(
-                await session.scalars(select(DataSourceCredential).with_for_update())
-            )
+            credentials = (await conn.execute(select(c).with_for_update())).all()
             for credential in credentials:
-                credential.value = self._box.rotate(credential.value)
+                await conn.execute(
+                    update(c)
+                    .where(c.c.credential_id == credential.credential_id)
+                    .values(value=self._box.rotate(credential.value))
+                )
         return rotated, len(credentials)
 
     async def get_variables(
         self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
     ) -> list[dict[str, Any]]:
         """Names and whether each is set; values never leave the store."""
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
-            stored = await _stored_variables(session, row.data_source_id)
+        async with self._engine.connect() as conn:
+            row = await self._get(conn, data_source_id, project_id)
+            stored = await _stored(conn, data_source_env_var, row.data_source_id, "name")
         answer = []
         for name in sorted(set(row.variables) | stored.keys()):
             var = stored.get(name)
@@ -333,43 +371,40 @@ class SourceStore:
         if len(set(names)) != len(names):
             raise ValidationFailed("a variable is listed twice")
         now = datetime.now(UTC)
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
+        t = data_source_env_var
+        async with self._engine.begin() as conn:
+            row = await self._get(conn, data_source_id, project_id)
             undeclared = sorted(set(names) - set(row.variables))
             if undeclared:
                 raise Refused(
                     f"not variables of this data source: {', '.join(undeclared)}", names=undeclared
                 )
-            stored = await _stored_variables(session, row.data_source_id)
-            for name in stored.keys() - set(names):
-                await session.delete(stored[name])
+            stored = await _stored(conn, data_source_env_var, row.data_source_id, "name")
+            gone = [stored[name].data_source_env_var_id for name in stored.keys() - set(names)]
+            if gone:
+                await conn.execute(delete(t).where(t.c.data_source_env_var_id.in_(gone)))
             for item in desired:
                 token = None if item.value is None else self._box.encrypt(item.value)
-                var = stored.get(item.name)
-                if var is None:
-                    session.add(
-                        DataSourceEnvVar(
-                            data_source_env_var_id=uuid.uuid4(),
-                            data_source_id=row.data_source_id,
-                            name=item.name,
-                            value=token,
-                            nullable=False,
-                            created_at=now,
-                            last_updated_at=now,
-                        )
-                    )
-                else:
-                    var.value = token
-                    var.last_updated_at = now
-            await session.commit()
+                await _put(
+                    conn,
+                    t,
+                    "data_source_env_var_id",
+                    stored.get(item.name),
+                    row.data_source_id,
+                    now,
+                    {"name": item.name, "nullable": False},
+                    value=token,
+                )
 
     async def get_credentials(
         self, data_source_id: uuid.UUID, project_id: uuid.UUID | None
     ) -> list[dict[str, Any]]:
         """The stored credentials, each value masked: values never leave the store."""
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
-            stored = await _stored_credentials(session, row.data_source_id)
+        async with self._engine.connect() as conn:
+            row = await self._get(conn, data_source_id, project_id)
+            stored = await _stored(
+                conn, data_source_credential, row.data_source_id, "credential_type"
+            )
         return [
             {
                 "credential_type": c.credential_type,
@@ -397,29 +432,25 @@ class SourceStore:
         if len(set(types)) != len(types):
             raise ValidationFailed("a credential type is listed twice")
         now = datetime.now(UTC)
-        async with self._sessions() as session:
-            row = await self._get(session, data_source_id, project_id)
-            stored = await _stored_credentials(session, row.data_source_id)
-            for item in given:
-                token = self._box.encrypt(item.value)
-                credential = stored.get(item.credential_type)
-                if credential is None:
-                    session.add(
-                        DataSourceCredential(
-                            credential_id=uuid.uuid4(),
-                            data_source_id=row.data_source_id,
-                            credential_type=item.credential_type,
-                            value=token,
-                            created_at=now,
-                            last_updated_at=now,
-                        )
-                    )
-                else:
-                    credential.value = token
-                    credential.last_updated_at = now
+        t = data_source_credential
+        async with self._engine.begin() as conn:
+            row = await self._get(conn, data_source_id, project_id)
+            stored = await _stored(
+                conn, data_source_credential, row.data_source_id, "credential_type"
+            )
             # Race window: two PUTs adding the same type at once both insert; the unique
-            # constraint rejects the second commit, which answers 400 CONFLICT: send it again.
+            # constraint rejects the second insert, which answers 400 CONFLICT: send it again.
             try:
-                await session.commit()
+                for item in given:
+                    await _put(
+                        conn,
+                        t,
+                        "credential_id",
+                        stored.get(item.credential_type),
+                        row.data_source_id,
+                        now,
+                        {"credential_type": item.credential_type},
+                        value=self._box.encrypt(item.value),
+                    )
             except IntegrityError as exc:
                 raise Conflict("the credentials changed meanwhile; send them again") from exc

@@ -57,6 +57,19 @@ _FORBIDDEN_IN_VALUE = re.compile(rb"[\r\n\0]")
 _FORBIDDEN_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _NO_BODY = frozenset((204, 304))
 
+DEADLINE = "databroker.deadline"
+"""A request extension: the event loop's time (``loop.time()``) by which the whole exchange,
+the body read included, must be done. Each wait is cut to what is left of it and times out
+as httpx's own timeouts do: an overall bound without a timer of its own per request."""
+
+
+def _cut(timeout: float | None, deadline: float | None) -> float | None:
+    """``timeout``, or what is left until ``deadline`` if that is less."""
+    if deadline is None:
+        return timeout
+    left = deadline - asyncio.get_running_loop().time()
+    return left if timeout is None else min(timeout, left)
+
 
 class _StopParsing(Exception):
     """Raised from a parser callback: llhttp stops, feed_data raises HttpParserCallbackError."""
@@ -75,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.error: httpx.TransportError | None = None
+        self.deadline: float | None = None  # the current exchange's (DEADLINE)
         self._waiter: asyncio.Future[None] | None = None
         self._writable = True
         self._reset(False)
@@ -228,6 +242,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         timer = None
+        timeout = _cut(timeout, self.deadline)
         if timeout is not None:
             timer = loop.call_later(timeout, _expire, waiter, expired)
         try:
@@ -237,8 +252,15 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
 
-    async def send(self, request: httpx.Request, head: bytes, timeout: float | None) -> None:
+    async def send(
+        self,
+        request: httpx.Request,
+        head: bytes,
+        timeout: float | None,
+        deadline: float | None = None,
+    ) -> None:
         self._reset(request.method == "HEAD")
+        self.deadline = deadline
         transport = self.transport
         if self.closed or transport is None:
             raise httpx.WriteError("connection closed before the request was sent")
@@ -365,17 +387,19 @@ class _Pool:
         self.waiters: deque[tuple[Origin, asyncio.Future[_Connection | None]]] = deque()
         self.closed = False
 
-    async def acquire(self, origin: Origin, timeouts: dict[str, float | None]) -> _Connection:
+    async def acquire(
+        self, origin: Origin, timeouts: dict[str, float | None], deadline: float | None = None
+    ) -> _Connection:
         connection = self._pop_idle(origin)
         if connection is not None:
             return connection
         if self.count < self.max_connections:
             self.count += 1
         elif not self._close_an_idle_connection():
-            got = await self._wait_turn(origin, timeouts.get("pool"))
+            got = await self._wait_turn(origin, _cut(timeouts.get("pool"), deadline))
             if got is not None:
                 return got
-        return await self._open(origin, timeouts.get("connect"))
+        return await self._open(origin, _cut(timeouts.get("connect"), deadline))
 
     async def _wait_turn(self, origin: Origin, timeout: float | None) -> _Connection | None:
         turn: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
@@ -544,9 +568,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         head = _head(request)
         pool = self._pool
-        connection = await pool.acquire(origin, timeouts)
+        deadline: float | None = request.extensions.get(DEADLINE)
+        connection = await pool.acquire(origin, timeouts, deadline)
         try:
-            await connection.send(request, head, timeouts.get("write"))
+            await connection.send(request, head, timeouts.get("write"), deadline)
             await connection.receive_head(timeouts.get("read"))
         except BaseException as exc:
             pool.discard(connection)

@@ -1,8 +1,8 @@
 """Calls the upstream API through the one shared httpx client, with retries.
 
 Each attempt is bounded twice: httpx's per-operation timeouts, and an overall
-``asyncio.timeout`` so an upstream that drips one byte at a time cannot hold a
-request forever. The body is read in chunks and abandoned as soon as it passes
+deadline (``proxy.transport.DEADLINE``, redirect hops included) so an upstream that
+drips one byte at a time cannot hold a request forever. The body is read in chunks and abandoned as soon as it passes
 the size cap, so a huge answer is never held in memory. Every connection is
 opened through the egress dialer (``proxy.egress``), redirect hops included, by
 our own transport (``proxy.transport``).
@@ -35,7 +35,7 @@ from proxy.errors import (
 from proxy.metrics import upstream_counts
 from proxy.retry import Retrying, parse_retry_after
 from proxy.templates import RenderedRequest
-from proxy.transport import Body, PooledTransport
+from proxy.transport import DEADLINE, Body, PooledTransport
 from proxy.vendor_guard import hold_of
 
 # httpx logs every request at INFO with its full URL: URLs carry variables (API keys in a
@@ -240,12 +240,13 @@ class Upstream:
         if method in _SENDS_LENGTH and not names & {b"content-length", b"transfer-encoding"}:
             auto.append((b"Content-Length", b"0"))
         each = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+        deadline = asyncio.get_running_loop().time() + timeout
         return httpx.Request(
             method,
             url,
             headers=auto + headers,
             stream=httpx.ByteStream(body),
-            extensions={"timeout": each},
+            extensions={"timeout": each, DEADLINE: deadline},
         )
 
     async def fetch(
@@ -275,10 +276,9 @@ class Upstream:
             budget = min(timeout, give_up - loop.time())
             retry_after = None
             try:
-                async with asyncio.timeout(budget):
-                    status, content, headers = await self._attempt(
-                        request, budget, max_bytes, follow_redirects
-                    )
+                status, content, headers = await self._attempt(
+                    request, budget, max_bytes, follow_redirects
+                )
             except (TimeoutError, httpx.TimeoutException) as exc:
                 error: UpstreamError = UpstreamTimeout(
                     f"upstream did not answer within {timeout:g}s"
@@ -353,7 +353,9 @@ class Upstream:
             chunks: list[bytes] = []
             size = 0
             # Not aiter_bytes: httpx inflates each read whole, a bomb before the cap sees it.
-            async for chunk in decoded(response.aiter_raw(), encoding):
+            # Our transport's body is read as it is; aiter_raw wraps any other.
+            raw = stream if isinstance(stream, Body) else response.aiter_raw()
+            async for chunk in decoded(raw, encoding):
                 size += len(chunk)
                 if size > max_bytes:
                     raise ResponseTooLarge(max_bytes)

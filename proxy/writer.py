@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Table, Uuid, bindparam, select, text
 from sqlalchemy.dialects import sqlite
@@ -34,7 +34,7 @@ from proxy.outbox import (
     complete_lines,
     decode,
 )
-from proxy.tables import DataObject, RunDataRequest
+from proxy.tables import data_object, run_data_request
 
 logger = logging.getLogger("databroker.writer")
 
@@ -111,10 +111,10 @@ class SqliteSink:
         requests = [r for r in records if isinstance(r, RunDataRequestRecord)]
         async with self.engine.begin() as conn:
             # Objects first: the transaction holds SQLite's write lock before it reads.
-            await self._insert(conn, _DATA_OBJECT, objects, DataObjectRecord)
+            await self._insert(conn, data_object, objects, DataObjectRecord)
             ids = [uuid.UUID(str(r.run_data_request_id)) for r in requests]
             present = await self._present(conn, ids)
-            await self._insert(conn, _RUN_DATA_REQUEST, requests, RunDataRequestRecord)
+            await self._insert(conn, run_data_request, requests, RunDataRequestRecord)
             fresh = [i for i in ids if i not in present]
             for chunk in self._chunks(fresh):
                 await conn.execute(_FOLD_FRESH, {"ids": chunk})
@@ -137,15 +137,13 @@ class SqliteSink:
 
     async def _present(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
         """Which of ``ids`` are already written: a replayed segment's rows are not folded again."""
-        column = RunDataRequest.run_data_request_id
+        column = run_data_request.c.run_data_request_id
         present: set[uuid.UUID] = set()
         for chunk in self._chunks(ids):
             present.update((await conn.execute(select(column).where(column.in_(chunk)))).scalars())
         return present
 
 
-_DATA_OBJECT = cast(Table, DataObject.__table__)
-_RUN_DATA_REQUEST = cast(Table, RunDataRequest.__table__)
 _STAGE = "_stage_journal"
 _FOLD_FRESH = text(
     rollup.fold(
@@ -158,7 +156,7 @@ _T = TypeVar("_T")
 # The journal's field names (proxy.outbox.encode), read in SQL. ``e`` is the error's
 # JSON text: as a JSON string it never holds an escape jsonb refuses (\u0000).
 _INSERT_OBJECTS = f"""
-INSERT INTO {_DATA_OBJECT.name} (data_object_id, data_source_id, key, value, created_at)
+INSERT INTO {data_object.name} (data_object_id, data_source_id, key, value, created_at)
 SELECT (line->>'id')::uuid, (line->>'s')::uuid, line->>'k', decode(line->>'v', 'base64'),
        to_timestamp((line->>'c')::float8)
 FROM {_STAGE} WHERE line->>'t' = 'o'
@@ -169,7 +167,7 @@ _INSERT_REQUESTS = rollup.fold(
     "postgresql",
     "inserted",
     f"""inserted AS (
-INSERT INTO {_RUN_DATA_REQUEST.name} (run_data_request_id, run_id, data_object_id,
+INSERT INTO {run_data_request.name} (run_data_request_id, run_id, data_object_id,
     data_source_id, data_origin, start_time, end_time, error, created_at,
     cost_amount, cost_currency, replay)
 SELECT (line->>'id')::uuid, (line->>'run')::uuid, (line->>'o')::uuid, (line->>'s')::uuid,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import namedtuple
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from sqlalchemy.pool import NullPool
 
 from proxy.database import migrate
 from proxy.keys import make_cache_key
-from proxy.tables import DataObject, DataSource
+from proxy.tables import data_object, data_source
 
 LOOPBACK = "127.0.0.1"
 DATABROKER = Path(sys.executable).with_name("databroker")
@@ -335,7 +336,7 @@ async def insert_source(
     data_source_id = uuid.uuid4()
     async with engine.begin() as conn:
         await conn.execute(
-            insert(DataSource).values(
+            insert(data_source).values(
                 data_source_id=data_source_id,
                 name=name,
                 source=dict(source or {"url": "http://127.0.0.1/"}),
@@ -351,6 +352,15 @@ async def insert_source(
     return data_source_id
 
 
+def source_row(**columns: Any) -> Any:
+    """A ``data_source`` row as the store reads one, read by attribute, for tests that build
+    a Source without a database: every column (by key: ``meta``), None unless given."""
+    keys = [column.key for column in data_source.c]
+    unknown = columns.keys() - set(keys)
+    assert not unknown, f"not columns of data_source: {sorted(unknown)}"
+    return namedtuple("SourceRow", keys)(**{key: columns.get(key) for key in keys})
+
+
 async def insert_objects(
     engine: AsyncEngine,
     data_source_id: uuid.UUID,
@@ -361,7 +371,7 @@ async def insert_objects(
     ids = [uuid.uuid4() for _ in objects]
     async with engine.begin() as conn:
         await conn.execute(
-            insert(DataObject),
+            insert(data_object),
             [
                 {
                     "data_object_id": object_id,

@@ -53,6 +53,7 @@ from tests.harness import (
     LOOPBACK,
     START_DEADLINE,
     Child,
+    async_wait_for,
     broker_request,
     clean_env,
     create_database,
@@ -349,6 +350,14 @@ async def sidecar(
         deadline = 4 * START_DEADLINE
     with databroker(argv, env, cwd, log_name) as process:
         await asyncio.to_thread(process.wait_listening, port, deadline)
+        if workers > 1:
+            # The parent listens before it spawns the workers; each starts up on its own,
+            # and one may still be importing when the other serves. Until then its metrics
+            # files hold what its import set (live gauges at 0) and nothing it served.
+            started = "Application startup complete"
+            await async_wait_for(
+                lambda: process.output().count(started) >= workers, deadline, interval=0.1
+            )
         async with httpx.AsyncClient(
             base_url=f"http://{LOOPBACK}:{port}",
             timeout=deadline,

@@ -26,7 +26,7 @@ from proxy.database import create_engine, migrate
 from proxy.errors import ValidationFailed
 from proxy.outbox import RunDataRequestRecord, encode
 from proxy.settings import Settings
-from proxy.tables import DataSource
+from proxy.tables import data_source
 from proxy.writer import sink_for
 from tests.harness import ADMIN_TOKEN, admin_headers, register
 from tests.servers import serve_in_thread
@@ -414,7 +414,7 @@ async def test_concurrent_writers_count_every_row_once(db: AsyncEngine) -> None:
     source, today = uuid.uuid4(), datetime.now(UTC).date()
     async with db.begin() as conn:
         await conn.execute(
-            DataSource.__table__.insert().values(
+            data_source.insert().values(
                 data_source_id=source,
                 name=f"w_{source.hex[:8]}",
                 source={},

@@ -21,6 +21,7 @@ from bench.stats import (
     Summary,
     WrkRun,
     fold_profile,
+    format_footprint,
     format_latencies,
     format_table,
     lua_script,
@@ -123,6 +124,23 @@ def test_format_table_lists_every_row_and_judges_the_targets() -> None:
     assert "hits_redis / ceiling req/s (target >= 0.85): c=16 1.10 ok" in text
     assert "hits_redis p99 / ceiling p99 at c=16 (target <= 1.5): 1.20 ok" in text
     assert "c=16 +0.40 ms ok" in text
+
+
+def test_footprint_judges_each_figure_against_its_target() -> None:
+    marks = {
+        "requests": 1_000_000,
+        "start_to_ready_seconds": 0.8,
+        "rss_kib_idle": 61 * 1024,
+        "rss_kib_after_first": 70 * 1024,
+        "rss_kib_after_all": 81 * 1024,
+    }
+    assert format_footprint(marks) == [
+        "footprint: start to ready 0.80 s (target <= 1: ok)",
+        "footprint: idle RSS 61.0 MiB (target <= 60: MISSED)",
+        "footprint: RSS 70.0 MiB after 100000 mixed requests (target <= 80: ok)",
+        "footprint: RSS 81.0 MiB after 1000000 mixed requests (target <= 80: MISSED)",
+        "footprint: growth from 100000 to 1000000 requests x1.157 (target <= 1.1: MISSED)",
+    ]
 
 
 def test_rss_kib_reads_vmrss() -> None:

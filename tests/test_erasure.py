@@ -33,7 +33,7 @@ from proxy.outbox import complete_lines, decode
 from proxy.pruner import Pruner
 from proxy.services import Services
 from proxy.settings import Settings
-from proxy.tables import Base, DataSource, RunDataRequest
+from proxy.tables import data_source, metadata, run_data_request
 from tests.conftest import REDIS_URL, Broker, make_settings
 from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, insert_objects
 from tests.servers import Upstream, serve_in_thread
@@ -116,7 +116,7 @@ async def rows_holding(engine: AsyncEngine, canary: str) -> list[str]:
     """Every table row in which the canary appears, as text or as bytes."""
     found = []
     async with engine.connect() as conn:
-        for table in Base.metadata.sorted_tables:
+        for table in metadata.sorted_tables:
             for row in (await conn.execute(select(table))).all():
                 for value in row:
                     raw = value if isinstance(value, bytes) else str(value).encode()
@@ -213,7 +213,7 @@ async def test_erase_leaves_no_byte_of_the_body_and_keeps_the_audit_rows(
     assert await side.app.run(hot_copy) is None
     async with engine.connect() as conn:
         audit = (
-            await conn.execute(select(RunDataRequest).where(RunDataRequest.run_id == run_id))
+            await conn.execute(select(run_data_request).where(run_data_request.c.run_id == run_id))
         ).all()
     assert len(audit) == 4  # every call still counted
     erased = [row for row in audit if row.erased_at is not None]
@@ -295,7 +295,9 @@ async def test_an_erasure_reaches_another_sidecars_outbox(
 
             async def b_marked_its_row() -> bool:
                 async with db.connect() as conn:
-                    query = select(RunDataRequest.erased_at).where(RunDataRequest.run_id == run_id)
+                    query = select(run_data_request.c.erased_at).where(
+                        run_data_request.c.run_id == run_id
+                    )
                     return (await conn.execute(query)).scalar() is not None
 
             await async_wait_for(b_marked_its_row, timeout=10)
@@ -367,7 +369,7 @@ async def test_a_pruned_object_is_a_replay_miss(
     ]
     async with engine.begin() as conn:
         await conn.execute(
-            update(DataSource).where(DataSource.data_source_id == sid).values(retention_days=30)
+            update(data_source).where(data_source.c.data_source_id == sid).values(retention_days=30)
         )
     [pruned] = await Pruner(engine, None).run()
     assert pruned.objects == 2

@@ -49,8 +49,9 @@ main()
 # Never in the serving process: migrations (databroker migrate), uvicorn's --reload and
 # WebSocket dependencies.
 NEVER = {"alembic", "mako", "watchfiles", "websockets"}
-# Loaded by the first request that needs them, not before: Fernet for a stored secret.
-WHEN_NEEDED = {"cryptography.fernet"}
+# Loaded by the first request that needs them, not before: Fernet for a stored secret,
+# the XML parser for an XML body.
+WHEN_NEEDED = {"cryptography.fernet", "defusedxml"}
 
 
 def modules(process: Child, target: Path) -> set[str]:
@@ -92,7 +93,7 @@ def test_serve_loads_only_what_it_uses(pg_url: str, redis_prefix: str, tmp_path:
             assert client.put(path, json=variables, headers=headers).status_code == 200
 
             used = modules(process, target)
-        assert WHEN_NEEDED - used == set()
+        assert "cryptography.fernet" in used
         assert used & NEVER == set()
     finally:
         process.kill()

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -30,6 +31,7 @@ from proxy.keys import KeyLayout
 from tests.harness import async_wait_for, counter, register, sidecar_env
 from tests.instances import RedisInstance, Sidecar, sidecar
 from tests.servers import Upstream
+from tests.tcp import HangingProxy
 
 PREFIX = "hot:"
 SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000001")
@@ -165,6 +167,45 @@ async def test_nothing_hot_is_served_once_the_link_is_lost(
     private_redis.start()  # empty: it keeps nothing on disk
     await async_wait_for(lambda: cache.hot.live, timeout=5)
     assert await cache.get(SOURCE, "k") is None
+
+
+def _link(instance: RedisInstance) -> dict[str, Any]:
+    """The invalidation link's connection as the server lists it (the only subscriber)."""
+    with instance.client() as client:
+        return next(c for c in client.client_list() if "P" in c["flags"])
+
+
+async def test_the_link_is_pinged_only_while_copies_are_held(
+    hot_cache: tuple[RedisCache, Redis], private_redis: RedisInstance
+) -> None:
+    """Heartbeats every 0.2 s: a link left a whole second without a command sent none."""
+    cache, _ = hot_cache
+    await async_wait_for(lambda: int(_link(private_redis)["idle"]) >= 1, timeout=5)
+    await warm(cache)
+    await async_wait_for(lambda: _link(private_redis)["cmd"] == "ping", timeout=5)
+
+
+async def test_a_link_gone_silent_is_dropped_while_copies_are_held(
+    private_redis: RedisInstance,
+) -> None:
+    with HangingProxy("127.0.0.1", private_redis.port) as proxy:
+        redis = Redis.from_url(
+            f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1, socket_connect_timeout=1
+        )
+        layout = KeyLayout(PREFIX)
+        hot: HotEntries[CacheEntry] = HotEntries(1 << 20)
+        link = asyncio.create_task(follow_invalidations(redis, layout.cache_family, hot, 0.2, 5))
+        try:
+            await async_wait_for(lambda: hot.live, timeout=5)
+            await warm(RedisCache(redis, layout, hot))
+            proxy.hang()  # neither closed nor answering: only the heartbeat can tell
+            await async_wait_for(lambda: not hot.live, timeout=5)
+            assert len(hot) == 0
+        finally:
+            while not link.done():
+                link.cancel()
+                await asyncio.wait({link}, timeout=1)
+            await redis.aclose()
 
 
 async def test_this_sidecar_s_own_flush_takes_effect_at_once(

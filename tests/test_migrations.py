@@ -22,14 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy.database import MIGRATIONS, check_schema, create_engine, migrate, revisions
 from proxy.errors import StartupError
-from proxy.tables import Base
+from proxy.tables import metadata
 
 
 def _differences(connection: Connection) -> list[Any]:
     context = MigrationContext.configure(
         connection, opts={"compare_type": True, "compare_server_default": True}
     )
-    return list(compare_metadata(context, Base.metadata))
+    return list(compare_metadata(context, metadata))
 
 
 async def differences(engine: AsyncEngine) -> list[Any]:

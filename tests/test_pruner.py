@@ -19,7 +19,7 @@ from proxy.cache import CacheEntry, RedisCache
 from proxy.cli import main
 from proxy.keys import KeyLayout
 from proxy.pruner import DELETED_SOURCE, Pruner, prune_round
-from proxy.tables import DataObject, RunDataRequest
+from proxy.tables import data_object, run_data_request
 from tests.conftest import REDIS_URL
 from tests.harness import clean_env, insert_source
 
@@ -60,8 +60,8 @@ async def add_rows(engine: AsyncEngine, data_source_id: uuid.UUID, now: datetime
             }
         )
     async with engine.begin() as conn:
-        await conn.execute(insert(DataObject), objects)
-        await conn.execute(insert(RunDataRequest), requests)
+        await conn.execute(insert(data_object), objects)
+        await conn.execute(insert(run_data_request), requests)
 
 
 async def ages_left(
@@ -70,8 +70,8 @@ async def ages_left(
     """The ages (days, at ``now``) of a source's remaining DataObjects and audit rows."""
     found = []
     async with engine.connect() as conn:
-        for table in (DataObject, RunDataRequest):
-            query = select(table.created_at).where(table.data_source_id == data_source_id)
+        for table in (data_object, run_data_request):
+            query = select(table.c.created_at).where(table.c.data_source_id == data_source_id)
             created = (await conn.execute(query)).scalars().all()
             found.append(sorted(round((now - _utc(c)).total_seconds() / 86400, 1) for c in created))
     return tuple(found)

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, SecretKeyError
 from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import SourceStore, VariableValue
-from proxy.tables import DataSource, DataSourceCredential, DataSourceEnvVar
+from proxy.source_store import SourceRow, SourceStore, VariableValue
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import BROKER_PATH, async_wait_for, broker_request, register, sidecar_env
 from tests.instances import sidecar
@@ -35,7 +35,7 @@ class CountingStore(SourceStore):
 
     async def all_with_secrets(
         self,
-    ) -> tuple[list[DataSource], list[DataSourceEnvVar], list[DataSourceCredential]]:
+    ) -> tuple[list[SourceRow], list[Row[Any]], list[Row[Any]]]:
         self.reads += 1
         read = await super().all_with_secrets()
         if self.gate is not None:
@@ -116,6 +116,30 @@ async def test_a_change_counted_elsewhere_is_seen_before_its_announcement(
         assert store.reads == reads + 1
         # Nothing new counted: a name still unknown waits for a second-old index, no reload.
         assert await registry.resolve_fresh(None, "nowhere") is None
+        assert store.reads == reads + 1
+    finally:
+        await redis.aclose()
+
+
+async def test_the_safety_net_reads_the_database_only_for_a_change_it_missed(
+    store: CountingStore, box: SecretBox, redis_prefix: str
+) -> None:
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        registry = Registry(store, box, redis, KeyLayout(redis_prefix), full_reload_interval=3600)
+        other = Registry(store, box, redis, KeyLayout(redis_prefix))
+        await registry.load()
+        reads = store.reads
+        await registry.reload_if_changed()
+        assert store.reads == reads  # nothing counted since: one GET, no database read
+        await other.changed(await create(store, "missed"))  # its announcement not heard here
+        await registry.reload_if_changed()
+        assert registry.resolve(None, "missed") is not None
+
+        uncounted = Registry(store, box, redis, KeyLayout(redis_prefix), full_reload_interval=0)
+        await uncounted.load()
+        reads = store.reads
+        await uncounted.reload_if_changed()  # a change nobody counted is read all the same
         assert store.reads == reads + 1
     finally:
         await redis.aclose()

@@ -22,7 +22,7 @@ from proxy.client import AsyncClient, ReplayMiss
 from proxy.database import create_engine, migrate
 from proxy.keys import make_cache_key
 from proxy.settings import Settings
-from proxy.tables import RunDataRequest
+from proxy.tables import run_data_request
 from tests.conftest import Broker
 from tests.harness import async_wait_for, insert_objects
 from tests.servers import Upstream, serve_in_thread
@@ -82,7 +82,7 @@ async def store(engine: AsyncEngine, source_id: str, ssn: str, value: bytes, at:
 async def audit_rows(engine: AsyncEngine, run: uuid.UUID, count: int) -> list[Any] | None:
     """The run's audit rows once there are ``count`` (SQLAlchemy binds the run id per database)."""
     async with engine.connect() as conn:
-        query = select(RunDataRequest).where(RunDataRequest.run_id == run)
+        query = select(run_data_request).where(run_data_request.c.run_id == run)
         found = list((await conn.execute(query)).all())
     return found if len(found) >= count else None
 
@@ -186,7 +186,7 @@ async def test_a_run_received_through_its_audit_row(backend: Backend, upstream: 
     run = uuid.uuid4()
     async with backend.engine.begin() as conn:
         await conn.execute(
-            insert(RunDataRequest),
+            insert(run_data_request),
             [
                 {
                     "run_data_request_id": uuid.uuid4(),

@@ -43,10 +43,9 @@ from proxy.secrets import SecretBox, Secrets
 from proxy.settings import Settings
 from proxy.source_registry import Source
 from proxy.source_store import VariableValue
-from proxy.tables import DataSource
 from proxy.templates import render
 from tests.conftest import REDIS_URL, TABLES
-from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, free_port
+from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, free_port, source_row
 from tests.instances import log_of, serving, terminate
 from tests.servers import TokenIssuer, Upstream, serve_in_thread
 
@@ -660,7 +659,7 @@ def shown(obj: object) -> str:
 
 def test_a_served_source_shows_its_variables_by_name_only() -> None:
     now = datetime.now(UTC)
-    row = DataSource(
+    row = source_row(
         data_source_id=uuid.uuid4(),
         name="scored",
         description=None,

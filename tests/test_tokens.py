@@ -25,7 +25,6 @@ from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, Secrets
 from proxy.source_registry import Source
 from proxy.source_spec import DataSourceSpec
-from proxy.tables import DataSource
 from proxy.tokens import Tokens
 from proxy.upstream import create_client
 from tests.conftest import REDIS_URL, Broker
@@ -38,6 +37,7 @@ from tests.harness import (
     free_port,
     private_prefix,
     sidecar_env,
+    source_row,
 )
 from tests.instances import serving, sidecar, terminate
 from tests.servers import TokenIssuer, Upstream
@@ -317,7 +317,7 @@ async def test_basic_auth_without_credentials_is_missing_variables(
 def served(issuer: TokenIssuer, upstream: Upstream) -> Source:
     """A bearer source as the registry serves it, built without a broker."""
     spec = DataSourceSpec.model_validate(bearer("api", *issuer.install(upstream)))
-    row = DataSource(
+    row = source_row(
         data_source_id=uuid.uuid4(),
         name=spec.name,
         source=spec.source.model_dump(mode="json", exclude_none=True),

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.egress import EgressDialer, EgressPolicy
-from proxy.transport import HIGH_WATER, PooledTransport, _head
+from proxy.transport import DEADLINE, HIGH_WATER, PooledTransport, _head
 from proxy.upstream import create_client
 from tests.harness import async_wait_for, free_port
 from tests.servers import Upstream as UpstreamServer
@@ -296,6 +296,28 @@ async def test_read_timeout(client: httpx.AsyncClient) -> None:
     async with RawServer(never_answer) as server:
         with pytest.raises(httpx.ReadTimeout):
             await client.get(server.url, timeout=httpx.Timeout(5, read=0.05))
+        assert pool_of(client)._pool.count == 0
+
+
+async def test_the_deadline_cuts_every_wait(client: httpx.AsyncClient) -> None:
+    """A body dripping within each read timeout still ends at the request's deadline."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        for _ in range(1000):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    async with RawServer(drip) as server:
+        request = client.build_request("GET", server.url, timeout=5)
+        request.extensions[DEADLINE] = asyncio.get_running_loop().time() + 0.3
+        response = await client.send(request, stream=True)
+        with pytest.raises(httpx.ReadTimeout):
+            await response.aread()
+        await response.aclose()
         assert pool_of(client)._pool.count == 0
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.tables import DataObject
+from proxy.tables import data_object
 from tests.conftest import TABLES, Broker
 from tests.harness import async_wait_for
 from tests.servers import Upstream
@@ -63,7 +63,7 @@ async def try_source(broker: Broker, sid: str, **body: Any) -> httpx.Response:
 
 async def objects(db: AsyncEngine) -> int:
     async with db.connect() as conn:
-        return int(await conn.scalar(select(func.count()).select_from(DataObject)) or 0)
+        return int(await conn.scalar(select(func.count()).select_from(data_object)) or 0)
 
 
 async def test_the_real_request_goes_out_and_no_secret_comes_back(

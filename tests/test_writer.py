@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from proxy import tables
 from proxy.database import create_engine, migrate
 from proxy.outbox import (
     OPEN_SUFFIX,
@@ -28,7 +29,6 @@ from proxy.outbox import (
     RunDataRequestRecord,
     encode,
 )
-from proxy.tables import DataObject, RunDataRequest
 from proxy.writer import IDLE_SCAN_INTERVAL, OutboxWriter, PostgresSink, SqliteSink, sink_for
 from tests.harness import async_wait_for, free_port
 
@@ -94,13 +94,13 @@ def _row(mapping: Any) -> dict[str, Any]:
 
 async def objects(db: AsyncEngine) -> dict[uuid.UUID, dict[str, Any]]:
     async with db.connect() as conn:
-        result = await conn.execute(select(DataObject.__table__))
+        result = await conn.execute(select(tables.data_object))
         return {r.data_object_id: _row(r._mapping) for r in result}
 
 
 async def requests(db: AsyncEngine) -> dict[uuid.UUID, dict[str, Any]]:
     async with db.connect() as conn:
-        result = await conn.execute(select(RunDataRequest.__table__))
+        result = await conn.execute(select(tables.run_data_request))
         return {r.run_data_request_id: _row(r._mapping) for r in result}
 
 
