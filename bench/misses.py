@@ -36,6 +36,7 @@ import contextlib
 import gc
 import importlib.util
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -218,6 +219,22 @@ def report(table: dict[tuple[str, str, int], Row], targets: Sequence[str]) -> st
                 + "  ".join(gaps)
             )
     return "\n".join(lines)
+
+
+def loop_thread(collapsed: str) -> str:
+    """py-spy's raw stacks (root first) without those of threads ``threading`` started.
+
+    py-spy counts the default executor's worker (the outbox writer's
+    ``asyncio.to_thread``), blocked in its queue's ``get``, as busy: a fifth of the
+    samples, though ``/proc`` gives that thread no CPU at all. The broker's requests all
+    run on the event loop's thread, the main one. (``--gil`` is no cure: uvloop writes
+    to its sockets without the GIL, and those samples would go too.)
+    """
+    lines = collapsed.splitlines(keepends=True)
+    return "".join(line for line in lines if not _THREAD_ROOT.match(line))
+
+
+_THREAD_ROOT = re.compile(r"(?:Thread\.)?_bootstrap \(threading\.py")
 
 
 # --- the apps (each served by its own uvicorn process) -------------------------------------
@@ -503,17 +520,14 @@ class Misses:
             try:
                 time.sleep(1)
                 spy_argv = [spy, "record", "-p", str(self.pids[target]), "-d", str(duration)]
-                # --gil: only the thread running Python. Without it py-spy counted the
-                # default executor's idle worker (blocked in its queue's get) as busy: a
-                # fifth of the samples, though /proc gave that thread no CPU at all.
-                spy_argv += ["--gil", "-r", str(rate), "-f", "raw", "-o", str(raw)]
+                spy_argv += ["-r", str(rate), "-f", "raw", "-o", str(raw)]
                 subprocess.run(spy_argv, check=True, capture_output=True, timeout=duration + 60)
                 stdout, _ = load.communicate(timeout=duration + 60)
             finally:
                 if load.poll() is None:
                     load.kill()
         run = stats.parse_wrk(stdout)
-        folded = stats.fold_profile(raw.read_text())
+        folded = stats.fold_profile(loop_thread(raw.read_text()))
         # Each sample stands for 1/rate s of one busy thread; py-spy saw ``duration`` s of load.
         cpu_us = folded.samples * 1e6 / rate / (run.rps * duration) if run.rps else None
         return (

@@ -39,7 +39,7 @@ from proxy.flushes import Flushes
 from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
-from proxy.metrics import HOT_BYTES, sample
+from proxy.metrics import HOT_BYTES, multiprocess_dir, sample
 from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
@@ -266,7 +266,11 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         {"redis": redis.ping, "database": lambda: database_answers(engine)},
         settings.dependency_check_interval,
     )
-    _background(stack, dependencies.run(), "dependency checks")
+    stack.push_async_callback(dependencies.close)
+    if multiprocess_dir() is not None:
+        # A scrape reaches one worker, and the gauge combines every worker's last check:
+        # each keeps its own fresh, not only when a probe or a scrape reaches it.
+        _background(stack, dependencies.run(), "dependency checks")
     eraser = Eraser(engine, cache, writer, layout.erasure_channel)
     followers = [
         Follower(
@@ -274,6 +278,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
             layout.registry_channel,
             registry.reload_logged,
             settings.registry_refresh_interval,
+            safety_check=registry.reload_if_changed,
         ),
         Follower(
             "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL

@@ -9,7 +9,10 @@ listen at all, which a probe sees as a failure just the same.)
 
 Dependencies are checked in the background, each check bounded by its own timeout,
 and ``/readyz`` reads the last results: a dependency that hangs makes the next check
-late, never the probe.
+late, never the probe. A check runs when someone reads the results — a probe, a scrape
+(``observe``) — and the last ones are ``interval`` old: a sidecar nobody asks checks
+nothing, one probed every 10 s checks every 10 s. (``serve --workers N`` checks on a
+timer instead, in every worker: see ``proxy.app``.)
 """
 
 from __future__ import annotations
@@ -41,7 +44,27 @@ class Dependencies:
         self.interval = interval
         self.states: dict[str, State] = dict.fromkeys(self.checks, "ok")
         self.checked_at = time.time()
+        self._checking: asyncio.Task[None] | None = None
         self._publish()
+
+    def observe(self) -> None:
+        """Someone is about to read the states: if the last check is ``interval`` old and
+        none runs, start the next one in the background. The reader gets the last results
+        at once; the next reader gets these."""
+        if self._checking is None and time.time() - self.checked_at >= self.interval:
+            self._checking = asyncio.create_task(self._check_once(), name="dependency check")
+
+    async def _check_once(self) -> None:
+        try:
+            await self.check_all()
+        finally:
+            self._checking = None
+
+    async def close(self) -> None:
+        """Stop a check in flight (it ends within CHECK_TIMEOUT anyway)."""
+        if self._checking is not None:
+            self._checking.cancel()
+            await asyncio.gather(self._checking, return_exceptions=True)
 
     async def run(self) -> None:
         """Check every dependency (concurrently), then wait ``interval``; until cancelled."""

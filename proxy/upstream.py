@@ -353,7 +353,9 @@ class Upstream:
             chunks: list[bytes] = []
             size = 0
             # Not aiter_bytes: httpx inflates each read whole, a bomb before the cap sees it.
-            async for chunk in decoded(response.aiter_raw(), encoding):
+            # Our transport's body is read as it is; aiter_raw wraps any other.
+            raw = stream if isinstance(stream, Body) else response.aiter_raw()
+            async for chunk in decoded(raw, encoding):
                 size += len(chunk)
                 if size > max_bytes:
                     raise ResponseTooLarge(max_bytes)

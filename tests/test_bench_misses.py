@@ -17,6 +17,7 @@ from bench.misses import (
     Row,
     Run,
     cpu_seconds,
+    loop_thread,
     report,
     summarize,
     unique_keys_script,
@@ -95,3 +96,12 @@ async def test_every_request_of_the_wrk_script_carries_a_new_key(tmp_path: Path)
     assert len(set(keys)) == len(keys)
     assert all(key.startswith("run7-1-") for key in keys)
     assert {p["data_source_name"] for p in parsed} == {SOURCES["fast"]}
+
+
+def test_profiles_keep_the_event_loops_thread_only() -> None:
+    main = "Runner.run (asyncio/runners.py:118);Event.wait (threading.py:629) 7\n"
+    worker = (
+        "Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982);"
+        "_worker (concurrent/futures/thread.py:81) 5\n"
+    )
+    assert loop_thread(main + worker + main) == main + main

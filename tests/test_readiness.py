@@ -71,6 +71,36 @@ async def test_the_loop_keeps_checking_and_recovers() -> None:
         task.cancel()
 
 
+async def test_checks_run_when_the_results_are_read_and_old_one_at_a_time() -> None:
+    calls = 0
+    failing = True
+
+    async def counted() -> None:
+        nonlocal calls
+        calls += 1
+        if failing:
+            raise ConnectionError("refused")
+
+    fresh = Dependencies({"redis": counted}, 3600)
+    fresh.observe()  # start-up's results are under an interval old: nothing to do
+    await fresh.close()
+    assert calls == 0
+
+    deps = Dependencies({"redis": counted}, 0.0)
+    deps.observe()
+    deps.observe()  # one runs already: not a second
+    await async_wait_for(lambda: deps.states["redis"] == "degraded")
+    assert calls == 1
+    failing = False
+
+    def read_ok() -> bool:
+        deps.observe()
+        return deps.states["redis"] == "ok"
+
+    await async_wait_for(read_ok)
+    await deps.close()
+
+
 @pytest.mark.parametrize(
     ("full", "status", "outbox"), [(False, 200, "ok"), (True, 503, "full")], ids=["ok", "full"]
 )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import cast
@@ -97,6 +99,22 @@ async def test_body_and_content_type_are_kept(fetcher: Upstream, upstream: Upstr
     fetched = await fetch(fetcher, url)
     assert fetched.content == body
     assert fetched.content_type == "text/xml; charset=iso-8859-1"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "gzip, deflate"])
+async def test_encoded_bodies_are_decoded(
+    fetcher: Upstream, upstream: UpstreamServer, coding: str
+) -> None:
+    body = b'{"score": 710}' * 100
+    encoded = body
+    for name in coding.split(", "):
+        encoded = gzip.compress(encoded) if name == "gzip" else zlib.compress(encoded)
+
+    async def handler(_: Request) -> Response:
+        return Response(encoded, headers={"Content-Encoding": coding})
+
+    fetched = await fetch(fetcher, upstream.on("/encoded", handler))
+    assert fetched.content == body
 
 
 async def test_request_is_sent_as_rendered(fetcher: Upstream, upstream: UpstreamServer) -> None:

@@ -1,7 +1,8 @@
 """Liveness, readiness and metrics.
 
 ``/healthz`` and ``/readyz`` touch no dependency while answering: liveness is the
-process answering at all, readiness the last background checks (proxy.readiness).
+process answering at all, readiness the last background checks (proxy.readiness),
+which a read of ``/readyz`` or ``/metrics`` starts again when they are old.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ async def healthz(_: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     running = services(request)
+    running.dependencies.observe()
     status, body = report(
         running.dependencies, running.broker.outbox_full(), running.writer.backlog_bytes
     )
@@ -33,7 +35,9 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    outbox = services(request).writer.outbox
+    running = services(request)
+    running.dependencies.observe()
+    outbox = running.writer.outbox
     exposition = await asyncio.to_thread(_exposition, outbox)
     return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
