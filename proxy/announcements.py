@@ -17,6 +17,10 @@ full, run
   (a publisher that wrote its change and lost Redis before it published, a subscription
   silently dead): that interval bounds how late such a change is seen.
 
+A follower may give a cheaper ``safety_check`` for these two cases, which rereads only
+when it finds something missed (the registry compares a change count, one GET, before
+reading the database).
+
 A follower's handling never runs twice at once, and messages that arrive meanwhile are
 folded into one more run after it: each run rereads the state, so the last one sees
 every change announced before it started, in whatever order the messages came. A
@@ -61,6 +65,9 @@ class Follower:
     on_message: Callable[[bytes], Awaitable[object]] | None = None
     """Takes each message itself, in order: an announcement that carries what to do
     (an erasure), not merely that something changed."""
+    safety_check: Callable[[], Awaitable[object]] | None = None
+    """What the timer runs instead of ``resync``, if given: a cheaper look that rereads
+    only when it finds something missed."""
 
 
 class _Runner:
@@ -71,6 +78,7 @@ class _Runner:
         self.follower = follower
         self.due = math.inf
         self._wanted = False
+        self._check_wanted = False
         self._messages: deque[bytes] = deque()
         self._task: asyncio.Task[None] | None = None
         self._postpone()
@@ -83,6 +91,16 @@ class _Runner:
         if self.follower.resync is not None:
             self._postpone()
             self._wanted = True
+            self._start()
+
+    def check(self) -> None:
+        """Look for anything missed (on resubscribing, or once the safety interval passed
+        without a resync): the cheaper safety check if there is one, else a resync."""
+        if self.follower.safety_check is None:
+            self.resync()
+        else:
+            self._postpone()
+            self._check_wanted = True
             self._start()
 
     def hear(self, data: bytes) -> None:
@@ -99,13 +117,16 @@ class _Runner:
     async def _run(self) -> None:
         follower = self.follower
         try:
-            while self._messages or self._wanted:
+            while self._messages or self._wanted or self._check_wanted:
                 try:
                     if self._messages and follower.on_message is not None:
                         await follower.on_message(self._messages.popleft())
-                    elif follower.resync is not None:
-                        self._wanted = False
+                    elif self._wanted and follower.resync is not None:
+                        self._wanted = self._check_wanted = False
                         await follower.resync()
+                    elif follower.safety_check is not None:
+                        self._check_wanted = False
+                        await follower.safety_check()
                 except Exception:
                     # The state stays as it was; the next message or the timer tries again.
                     logger.exception("%s: an announcement could not be followed", follower.name)
@@ -161,7 +182,7 @@ async def _hear(pubsub: Any, runners: dict[bytes, _Runner]) -> None:
             if message["type"] == "message":
                 runner.hear(message["data"])
             elif message["type"] == "subscribe":
-                runner.resync()  # whatever was announced before this is read now
+                runner.check()  # whatever was announced before this is read now
         _resync_due(runners.values())
 
 
@@ -178,4 +199,4 @@ def _resync_due(runners: Iterable[_Runner]) -> None:
     now = time.monotonic()
     for runner in runners:
         if runner.due <= now:
-            runner.resync()
+            runner.check()

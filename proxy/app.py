@@ -278,6 +278,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
             layout.registry_channel,
             registry.reload_logged,
             settings.registry_refresh_interval,
+            safety_check=registry.reload_if_changed,
         ),
         Follower(
             "vendor state", layout.vendor_channel, vendors.resync, vendor_state.SAFETY_INTERVAL

@@ -4,9 +4,10 @@ built from ``source_store`` and compiled once.
 The hot path reads only this index (and Redis). It is rebuilt from the
 database and swapped in one assignment, so a reader never sees half an update:
 at start, after an admin change in this process, when another process
-announces a change on the registry channel (``proxy.announcements``), periodically
-as a safety net, and
-— at most once a second — when a name is not found.
+announces a change on the registry channel (``proxy.announcements``), when the
+safety net finds a change it missed (``reload_if_changed``), and when a name is not
+found (at once if Redis counts a change this index has not seen, else at most once a
+second).
 
 Callers share reloads: one runs at a time, and a caller whose need a reload in
 flight meets waits for that one instead of starting another. A reload compiles
@@ -36,6 +37,8 @@ from proxy.types import Status
 logger = logging.getLogger("databroker.registry")
 
 MISS_RELOAD_INTERVAL = 1.0
+FULL_RELOAD_INTERVAL = 600.0
+"""The longest the safety net goes without reading the database (``reload_if_changed``)."""
 
 _Stored = tuple[tuple[str, str], ...]
 """A source's stored variables (or credentials) as their ciphertexts: equal only if no
@@ -90,9 +93,15 @@ def _index(sources: list[Source]) -> dict[tuple[uuid.UUID | None, str], Source]:
 
 class Registry:
     def __init__(
-        self, store: SourceStore, box: SecretBox, redis: RedisClient, layout: KeyLayout
+        self,
+        store: SourceStore,
+        box: SecretBox,
+        redis: RedisClient,
+        layout: KeyLayout,
+        full_reload_interval: float = FULL_RELOAD_INTERVAL,
     ) -> None:
         self._store = store
+        self._full_reload_interval = full_reload_interval
         self._box = box
         self._redis = redis
         self._layout = layout
@@ -224,6 +233,16 @@ class Registry:
             announced = False
         if not announced:
             logger.warning("could not announce a registry change; others reload on their timer")
+
+    async def reload_if_changed(self) -> None:
+        """The safety net's look (one Redis GET): reload if Redis counts a change this index
+        has not seen (its announcement was missed), or if Redis does not answer, or if the
+        last reload is ``full_reload_interval`` old (a change nobody counted: a release
+        before the count, a row edited by hand)."""
+        changes = await self._changes()
+        stale = time.monotonic() - self._loaded_at >= self._full_reload_interval
+        if changes is None or changes > self._changes_seen or stale:
+            await self.reload_logged()
 
     async def reload_logged(self) -> None:
         """Reload, logging a failure instead of raising: what an announcement, a

@@ -47,8 +47,8 @@ main()
 """
 
 # Never in the serving process: migrations (databroker migrate), uvicorn's --reload and
-# WebSocket dependencies.
-NEVER = {"alembic", "mako", "watchfiles", "websockets"}
+# WebSocket dependencies, pydantic-settings (proxy.settings reads the environment itself).
+NEVER = {"alembic", "mako", "pydantic_settings", "watchfiles", "websockets"}
 # Loaded by the first request that needs them, not before: Fernet for a stored secret,
 # the XML parser for an XML body.
 WHEN_NEEDED = {"cryptography.fernet", "defusedxml"}

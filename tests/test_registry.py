@@ -121,6 +121,30 @@ async def test_a_change_counted_elsewhere_is_seen_before_its_announcement(
         await redis.aclose()
 
 
+async def test_the_safety_net_reads_the_database_only_for_a_change_it_missed(
+    store: CountingStore, box: SecretBox, redis_prefix: str
+) -> None:
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        registry = Registry(store, box, redis, KeyLayout(redis_prefix), full_reload_interval=3600)
+        other = Registry(store, box, redis, KeyLayout(redis_prefix))
+        await registry.load()
+        reads = store.reads
+        await registry.reload_if_changed()
+        assert store.reads == reads  # nothing counted since: one GET, no database read
+        await other.changed(await create(store, "missed"))  # its announcement not heard here
+        await registry.reload_if_changed()
+        assert registry.resolve(None, "missed") is not None
+
+        uncounted = Registry(store, box, redis, KeyLayout(redis_prefix), full_reload_interval=0)
+        await uncounted.load()
+        reads = store.reads
+        await uncounted.reload_if_changed()  # a change nobody counted is read all the same
+        assert store.reads == reads + 1
+    finally:
+        await redis.aclose()
+
+
 async def test_a_source_created_on_one_worker_is_served_by_every_worker_at_once(
     pg_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
