@@ -216,6 +216,9 @@ async def _tables(url: str) -> set[str]:
 
 
 @pytest.mark.slow
+# Two venvs installed from the locks and a wheel built: minutes on a loaded machine, where the
+# suite's 120 s default cut it short (load average 14, 2 cores).
+@pytest.mark.timeout(600)
 def test_image_steps_build_migrate_and_serve(tmp_path: Path, empty_database: str) -> None:
     context = tmp_path / "src"
     context.mkdir()
