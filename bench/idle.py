@@ -169,7 +169,39 @@ async def _register(port: int, count: int) -> None:
             await register(client, spec)
 
 
-def measure(postgres: str, redis: str, seconds: float, sources: int, workers: int) -> str:
+PROBES = (("/readyz", 10.0), ("/metrics", 15.0))
+"""With ``--probes``: kubelet's readiness probe and a Prometheus scrape, at their defaults."""
+
+
+@contextmanager
+def _probing(port: int, enabled: bool) -> Iterator[None]:
+    """While inside: each of PROBES requested at its period (in a thread), if ``enabled``."""
+    stop = threading.Event()
+
+    def probe() -> None:
+        due = {path: time.monotonic() for path, _ in PROBES}
+        with httpx.Client(base_url=f"http://{LOOPBACK}:{port}", timeout=10) as client:
+            while not stop.is_set():
+                for path, period in PROBES:
+                    if time.monotonic() >= due[path]:
+                        client.get(path).raise_for_status()
+                        due[path] += period
+                stop.wait(max(min(due.values()) - time.monotonic(), 0.0))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if enabled:
+            thread.join(30)
+
+
+def measure(
+    postgres: str, redis: str, seconds: float, sources: int, workers: int, probes: bool
+) -> str:
     """One idle run; the line to print."""
     parsed = httpx.URL(redis)
     relay = Relay(parsed.host or LOOPBACK, parsed.port or 6379)
@@ -189,7 +221,8 @@ def measure(postgres: str, redis: str, seconds: float, sources: int, workers: in
             asyncio.run(_register(port, sources))
             time.sleep(SETTLE_SECONDS)
             cpu, commands, started = _tree_cpu(child.pid), relay.counter.commands, time.monotonic()
-            time.sleep(seconds)
+            with _probing(port, probes):
+                time.sleep(seconds)
             elapsed = time.monotonic() - started
             cpu = _tree_cpu(child.pid) - cpu
             commands = relay.counter.commands - commands
@@ -199,7 +232,8 @@ def measure(postgres: str, redis: str, seconds: float, sources: int, workers: in
     return (
         f"idle: CPU {cpu / elapsed * 100:.3f} % of a core ({cpu:.2f} s in {elapsed:.0f} s), "
         f"Redis {commands / elapsed:.2f} commands/s ({commands} in {elapsed:.0f} s); "
-        f"{workers} worker(s), {sources} sources, load average {load}"
+        f"{workers} worker(s), {sources} sources, {'probed' if probes else 'no probes'}, "
+        f"load average {load}"
     )
 
 
@@ -210,10 +244,15 @@ def measure(postgres: str, redis: str, seconds: float, sources: int, workers: in
 @click.option("--runs", default=1, show_default=True, help="Runs, one after the other.")
 @click.option("--postgres", default=POSTGRES_SERVER, show_default=True)
 @click.option("--redis", default=REDIS_SERVER, show_default=True)
-def main(seconds: float, sources: int, workers: int, runs: int, postgres: str, redis: str) -> None:
+@click.option(
+    "--probes", is_flag=True, help="GET /readyz every 10 s and /metrics every 15 s meanwhile."
+)
+def main(
+    seconds: float, sources: int, workers: int, runs: int, postgres: str, redis: str, probes: bool
+) -> None:
     """Idle CPU and Redis commands per second of one ``databroker serve``."""
     for _ in range(runs):
-        print(measure(postgres, redis, seconds, sources, workers), flush=True)
+        print(measure(postgres, redis, seconds, sources, workers, probes), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
+
+STARTUP_FAILURE = 3
+"""uvicorn's exit status for a start-up that failed (``uvicorn.main``'s constant, moved
+to ``uvicorn.config`` in later releases: named here for every version we allow)."""
 
 
 class QuietServer(uvicorn.Server):

@@ -1,11 +1,12 @@
 """Calls the upstream API through the one shared httpx client, with retries.
 
 Each attempt is bounded twice: httpx's per-operation timeouts, and an overall
-deadline (``proxy.transport.DEADLINE``, redirect hops included) so an upstream that
-drips one byte at a time cannot hold a request forever. The body is read in chunks and abandoned as soon as it passes
-the size cap, so a huge answer is never held in memory. Every connection is
-opened through the egress dialer (``proxy.egress``), redirect hops included, by
-our own transport (``proxy.transport``).
+deadline (``proxy.transport.DEADLINE``, redirect hops included) so an upstream
+that drips one byte at a time cannot hold a request forever. The body is read in
+chunks and abandoned as soon as it passes the size cap, so a huge answer is
+never held in memory. Every connection is opened through the egress dialer
+(``proxy.egress``), redirect hops included, by our own transport
+(``proxy.transport``).
 """
 
 from __future__ import annotations

@@ -301,7 +301,9 @@ class VendorState:
         is in Redis, and a sidecar that does not hear of it reads it within SAFETY_INTERVAL."""
         try:
             await self._redis.publish(self._layout.vendor_channel, str(data_source_id))
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, AttributeError) as exc:
+            # AttributeError: redis-py 5.0's asyncio cluster client has no publish; the
+            # others read the change within SAFETY_INTERVAL all the same.
             logger.warning("could not announce a vendor state change (%s)", type(exc).__name__)
 
     async def describe(self, data_source_id: uuid.UUID, http: HTTPSource) -> dict[str, Any]:
