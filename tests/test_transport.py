@@ -130,6 +130,8 @@ async def test_sequential_requests_reuse_one_connection(client: httpx.AsyncClien
         for _ in range(5):
             assert (await client.get(server.url)).content == b"ok"
     assert server.accepted == 1
+    # Plain HTTP only: no TLS context was made (it costs RSS, README "Footprint").
+    assert pool_of(client)._pool.ssl_context is None
 
 
 async def test_concurrent_requests_reuse_their_connections(client: httpx.AsyncClient) -> None:
@@ -500,8 +502,14 @@ async def test_tls_verifies_the_url_host_while_dialling_the_checked_address(
 async def test_tls_refuses_an_untrusted_certificate(tls_upstream: tuple[str, Path]) -> None:
     port, _ = tls_upstream
     async with create_client() as client:  # the system's CAs: a self-signed cert fails
+        pool = pool_of(client)._pool
+        assert pool.ssl_context is None  # made on the first https dial
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.get(f"https://localhost:{port}/")
+        made = pool.ssl_context
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.get(f"https://localhost:{port}/")
+        assert made is not None and pool.ssl_context is made  # once, then reused
 
 
 async def test_tls_refuses_a_certificate_for_another_name(tls_upstream: tuple[str, Path]) -> None:
