@@ -38,8 +38,8 @@ import httpx
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import ClauseElement
 
-from proxy import analytics, rollup
-from proxy.database import create_engine
+from proxy import analytics, rollup, rollup_reads
+from proxy.engine import create_engine
 from tests.harness import (
     ADMIN_TOKEN,
     LOOPBACK,
@@ -217,9 +217,9 @@ async def _explain(database_url: str, route: str, busiest: uuid.UUID) -> str:
     end = datetime.now(UTC).date()
     start = end - timedelta(days=29)
     queries: list[ClauseElement] = (
-        [rollup.project_query(None, start, end), rollup.ranking_query(None, start, end)]
+        [rollup_reads.project_query(None, start, end), rollup_reads.ranking_query(None, start, end)]
         if route == "summary"
-        else [rollup.source_query(busiest, start, end)]
+        else [rollup_reads.source_query(busiest, start, end)]
     )
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     explained = []

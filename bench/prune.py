@@ -46,7 +46,8 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.database import create_engine
+from proxy.database import Database
+from proxy.engine import create_engine
 from proxy.pruner import Pruner
 from tests.harness import (
     BROKER_PATH,
@@ -319,7 +320,8 @@ async def table_mb(engine: AsyncEngine, table: str) -> float:
 
 
 async def batched(url: str, rows: int, months: int, size: int, batch: int) -> Result:
-    engine = create_engine(url, command_timeout=None)
+    database = Database(url, command_timeout=None)
+    engine = database.engine
     try:
         await _execute(
             engine,
@@ -333,7 +335,7 @@ async def batched(url: str, rows: int, months: int, size: int, batch: int) -> Re
         await fill(engine, "", rows, months, size)
         mb = await table_mb(engine, "data_object")
         # The clock one retention (30 days) after the first month's end: that month goes.
-        pruner = Pruner(engine, None, batch, pause=0, clock=lambda: START + 2 * MONTH)
+        pruner = Pruner(database, None, batch, pause=0, clock=lambda: START + 2 * MONTH)
 
         async def prune(steps: list[float]) -> tuple[int, int]:
             last = time.perf_counter()
@@ -352,7 +354,7 @@ async def batched(url: str, rows: int, months: int, size: int, batch: int) -> Re
         )
         await _execute(engine, "DROP TABLE data_object", "DROP TABLE run_data_request")
     finally:
-        await engine.dispose()
+        await database.close()
     return Result("batched", rows, months, objects, requests, seconds, slowest, before, during, mb)
 
 

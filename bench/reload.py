@@ -19,10 +19,12 @@ from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.database import migrate
+from proxy.database import Database
+from proxy.engine import migrate
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox
 from proxy.source_registry import Registry
+from proxy.source_rows import read_all
 from proxy.source_spec import DataSourceSpec
 from proxy.source_store import SourceStore, VariableValue
 from tests.harness import POSTGRES_SERVER, REDIS_SERVER, create_database, drop_database
@@ -51,7 +53,7 @@ async def _cpu(load: Callable[[], Awaitable[object]], runs: int) -> list[float]:
     return spent
 
 
-async def _measure(engine: AsyncEngine, count: int) -> None:
+async def _measure(engine: AsyncEngine, database: Database, count: int) -> None:
     await migrate(engine)
     box = SecretBox([Fernet.generate_key().decode()])
     store = SourceStore(engine, box)
@@ -63,11 +65,11 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
     try:
         first = []
         for _ in range(3):
-            registry = Registry(store, box, redis, KeyLayout("measure:"))
+            registry = Registry(database, box, redis, KeyLayout("measure:"))
             first += await _cpu(registry.load, 1)
         print(f"{count} sources, first reload (all compiled): {_ms(first)}")
         print(f"{count} sources, next reloads (none changed): {_ms(await _cpu(registry.load, 7))}")
-        print(f"the database read alone: {_ms(await _cpu(store.all_with_secrets, 7))}")
+        print(f"the database read alone: {_ms(await _cpu(lambda: read_all(database), 7))}")
     finally:
         await redis.aclose()
 
@@ -75,10 +77,12 @@ async def _measure(engine: AsyncEngine, count: int) -> None:
 async def main(count: int) -> None:
     server = POSTGRES_SERVER
     name = f"databroker_measure_{uuid.uuid4().hex[:10]}"
-    engine = create_async_engine(await create_database(server, name))
+    url = await create_database(server, name)
+    engine, database = create_async_engine(url), Database(url)
     try:
-        await _measure(engine, count)
+        await _measure(engine, database, count)
     finally:
+        await database.close()
         await engine.dispose()
         await drop_database(server, name)
 

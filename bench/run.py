@@ -46,12 +46,11 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 import redis as sync_redis
-from sqlalchemy import text
 
 from bench import analytics as bench_analytics
 from bench import stats
 from bench.apps import UPSTREAM_BODY
-from proxy.database import create_engine
+from proxy.database import Database
 from proxy.outbox import Outbox, RunDataRequestRecord
 from proxy.writer import OutboxWriter, PostgresSink
 from tests.harness import (
@@ -177,21 +176,19 @@ async def _writer_throughput(database_url: str, records: int, directory: Path) -
             )
         )
     journal_bytes = outbox.pending_bytes()
-    engine = create_engine(database_url)
-    writer = OutboxWriter(outbox, PostgresSink(engine), interval=1.0)
+    database = Database(database_url)
+    writer = OutboxWriter(outbox, PostgresSink(database), interval=1.0)
     try:
         started = time.perf_counter()
         shipped = await writer.flush()
         seconds = time.perf_counter() - started
-        async with engine.connect() as conn:
-            written = (
-                await conn.execute(
-                    text("SELECT count(*) FROM run_data_request WHERE run_id = :r"), {"r": run_id}
-                )
-            ).scalar_one()
+        async with database.connection() as conn:
+            written = await conn.fetchval(
+                "SELECT count(*) FROM run_data_request WHERE run_id = $1", run_id
+            )
     finally:
         outbox.close()
-        await engine.dispose()
+        await database.close()
     if not shipped or written != records:
         raise RuntimeError(f"writer shipped {written} of {records} records")
     return {

@@ -1,6 +1,6 @@
 """The ASGI application: the factory and the lifespan that owns every shared resource.
 
-One database engine, one Redis client, one httpx client, one outbox: created
+One database, one Redis client, one httpx client, one outbox: created
 here at start-up, handed to routes as one ``Services`` object, and closed here
 at shutdown, after the outbox had its last chance to reach the database.
 
@@ -21,17 +21,14 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import vendor_state
 from proxy.announcements import Follower, listen
 from proxy.broker import Broker, Limits
 from proxy.cache import CacheEntry, RedisCache
-from proxy.database import check_schema, create_engine, describe, migrate
+from proxy.database import Database, check_schema, describe, is_database_error
 from proxy.egress import EgressPolicy
 from proxy.erasure import Eraser
 from proxy.errors import StartupError
@@ -40,28 +37,18 @@ from proxy.hotcache import HotEntries
 from proxy.invalidation import follow_invalidations
 from proxy.keys import KeyLayout
 from proxy.metrics import HOT_BYTES, multiprocess_dir, sample
-from proxy.openapi import openapi
 from proxy.outbox import Outbox
 from proxy.pruner import Pruner, prune_in_background
-from proxy.readiness import Dependencies, database_answers
+from proxy.readiness import Dependencies
 from proxy.redis_pool import create_redis, is_cluster, tracks_invalidations
 from proxy.replays import replays_for
 from proxy.request_ids import RequestIds
-from proxy.routes import (
-    admin,
-    analytics,
-    credentials,
-    erasure,
-    health,
-    internal,
-    objects,
-    tryout,
-)
+from proxy.routes import answers, health, internal
+from proxy.routes.deferred import Deferred
 from proxy.secrets import load_secret_box
 from proxy.services import Services
 from proxy.settings import Settings
 from proxy.source_registry import Registry
-from proxy.source_store import SourceStore
 from proxy.tokens import Tokens
 from proxy.upstream import Upstream, create_client
 from proxy.vendor_state import VendorState
@@ -86,16 +73,18 @@ def create_app(
     app = Starlette(
         routes=[
             *internal.routes,
-            *admin.routes,
-            *analytics.routes,
-            *credentials.routes,
-            *erasure.routes,
-            *objects.routes,
-            *tryout.routes,
             *health.routes,
-            Route("/openapi.json", openapi, methods=["GET"]),
+            Deferred(
+                "proxy.routes.admin",
+                "proxy.routes.analytics",
+                "proxy.routes.credentials",
+                "proxy.routes.erasure",
+                "proxy.routes.objects",
+                "proxy.routes.tryout",
+                "proxy.openapi",
+            ),
         ],
-        exception_handlers=admin.exception_handlers,
+        exception_handlers=answers.exception_handlers,
     )
     return RequestIds(internal.FrontDoor(Lifespan(app, settings, started)))
 
@@ -164,23 +153,25 @@ async def check_services(settings: Settings) -> None:
             await _redis(settings, stack)
 
 
-async def _database(settings: Settings, stack: contextlib.AsyncExitStack) -> AsyncEngine:
-    """The engine, its database answering with this release's tables (the embedded
-    default migrates itself)."""
-    engine = create_engine(
+async def _database(settings: Settings, stack: contextlib.AsyncExitStack) -> Database:
+    """The database, answering with this release's tables (the embedded default migrates
+    itself)."""
+    database = Database(
         settings.resolved_database_url,
         settings.database_connect_timeout,
         settings.database_command_timeout,
     )
-    stack.push_async_callback(_bounded, "closing the database pool", engine.dispose)
+    stack.push_async_callback(_bounded, "closing the database pools", database.close)
     if not settings.embedded:
-        await check_schema(engine)
-        return engine
+        await check_schema(database)
+        return database
+    from proxy.engine import migrate  # SQLAlchemy: the embedded default serves through it
+
     try:
-        await migrate(engine)
+        await migrate(database.engine)
     except Exception as exc:
         raise StartupError(describe(exc)) from exc
-    return engine
+    return database
 
 
 async def _redis(settings: Settings, stack: contextlib.AsyncExitStack) -> Redis | RedisCluster:
@@ -200,15 +191,16 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     """Open every resource, registering its close on ``stack`` (closed in reverse order)."""
     settings.check_serving()
     box = load_secret_box(settings)
-    engine = await _database(settings, stack)
+    database = await _database(settings, stack)
     redis = await _redis(settings, stack)
 
     layout = KeyLayout(settings.redis_prefix, cluster=is_cluster(settings))
-    sources = SourceStore(engine, box)
-    registry = Registry(sources, box, redis, layout)
+    registry = Registry(database, box, redis, layout)
     try:
         await registry.load()
-    except (SQLAlchemyError, OSError) as exc:
+    except Exception as exc:
+        if not is_database_error(exc):
+            raise
         raise StartupError(describe(exc)) from exc
 
     cache = RedisCache(redis, layout, _hot_entries(settings, redis, layout, stack))
@@ -218,7 +210,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     outbox = Outbox(settings.resolved_outbox_dir)
     outbox.open()
     writer = OutboxWriter(
-        outbox, sink_for(engine, settings.outbox_batch_size), settings.outbox_flush_interval
+        outbox, sink_for(database, settings.outbox_batch_size), settings.outbox_flush_interval
     )
     # Replays what a previous process left behind before taking new traffic.
     await writer.flush()
@@ -233,7 +225,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     flushes = Flushes(cache)
     _background(stack, flushes.run(), "cache flush retries")
     pruner = Pruner(
-        engine,
+        database,
         settings.retention_days,
         settings.prune_batch_size,
         settings.prune_pause,
@@ -245,9 +237,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         "pruner",
     )
 
-    replays = replays_for(
-        engine, settings.database_connect_timeout, settings.database_command_timeout
-    )
+    replays = replays_for(database)
     stack.push_async_callback(_bounded, "closing the replay pool", replays.close)
     vendors = VendorState(redis, layout)
     broker = Broker(
@@ -263,7 +253,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         tokens=Tokens(redis, layout, box, client),
     )
     dependencies = Dependencies(
-        {"redis": redis.ping, "database": lambda: database_answers(engine)},
+        {"redis": redis.ping, "database": database.ping},
         settings.dependency_check_interval,
     )
     stack.push_async_callback(dependencies.close)
@@ -271,7 +261,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
         # A scrape reaches one worker, and the gauge combines every worker's last check:
         # each keeps its own fresh, not only when a probe or a scrape reaches it.
         _background(stack, dependencies.run(), "dependency checks")
-    eraser = Eraser(engine, cache, writer, layout.erasure_channel)
+    eraser = Eraser(database, cache, writer, layout.erasure_channel)
     followers = [
         Follower(
             "registry",
@@ -288,10 +278,10 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack) -> Servic
     _background(stack, listen(redis, followers), "announcements")
     return Services(
         settings,
-        engine,
+        database,
+        box,
         redis,
         cache,
-        sources,
         registry,
         writer,
         broker,

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp
 
 from proxy import quiet_server, tracing
 from proxy.cache import RedisCache
-from proxy.database import check_schema, create_engine, describe, migrate
+from proxy.database import Database, check_schema, describe
 from proxy.errors import StartupError
 from proxy.keys import KeyLayout, make_cache_key
 from proxy.logs import FORMATS, LEVELS, LogFormat, default_format, log_config
@@ -40,7 +40,6 @@ from proxy.pruner import Pruned, Pruner
 from proxy.redis_pool import create_redis, is_cluster
 from proxy.secrets import SecretKeyError, load_secret_box
 from proxy.settings import Settings
-from proxy.source_store import SourceStore
 
 # How long uvicorn's supervisor (--workers N) waits for a worker's answer to its
 # health check before killing it. Its default, 5 s, ends workers that are still
@@ -350,6 +349,8 @@ def migrate_command() -> None:
     settings = _settings()
 
     async def run() -> None:
+        from proxy.engine import create_engine, migrate  # SQLAlchemy: serve never migrates
+
         # No statement timeout: building an index on a large table is not a hang.
         engine = create_engine(
             settings.resolved_database_url, settings.database_connect_timeout, None
@@ -370,6 +371,16 @@ def migrate_command() -> None:
     click.echo("database is at the latest migration")
 
 
+async def _prepare(database: Database, embedded: bool) -> None:
+    """As serve does: the embedded database shapes itself; any other must be migrated."""
+    if embedded:
+        from proxy.engine import migrate  # SQLAlchemy: the embedded default's engine
+
+        await migrate(database.engine)
+    else:
+        await check_schema(database)
+
+
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
     """Re-encrypt every stored variable and credential with the newest key of
@@ -377,20 +388,19 @@ def rotate_secrets_command() -> None:
     settings = _settings()
 
     async def run() -> tuple[int, int]:
+        from proxy.source_store import SourceStore  # SQLAlchemy: serve never rotates
+
         box = load_secret_box(settings)
-        engine = create_engine(
+        database = Database(
             settings.resolved_database_url,
             settings.database_connect_timeout,
             settings.database_command_timeout,
         )
         try:
-            if settings.embedded:
-                await migrate(engine)  # as serve does: the embedded database shapes itself
-            else:
-                await check_schema(engine)
-            return await SourceStore(engine, box).rotate_secrets()
+            await _prepare(database, settings.embedded)
+            return await SourceStore(database.engine, box).rotate_secrets()
         finally:
-            await engine.dispose()
+            await database.close()
 
     try:
         variables, credentials = asyncio.run(run())
@@ -414,22 +424,19 @@ def prune_command(dry_run: bool) -> None:
     settings = _settings()
 
     async def run() -> list[Pruned]:
-        engine = create_engine(
+        database = Database(
             settings.resolved_database_url,
             settings.database_connect_timeout,
             settings.database_command_timeout,
         )
         try:
-            if settings.embedded:
-                await migrate(engine)
-            else:
-                await check_schema(engine)
+            await _prepare(database, settings.embedded)
             # The cache entries of pruned objects go too, where Redis is reachable from here
             # (the embedded default's is inside the serving process, which prunes its own).
             redis = None if settings.redis_url is None else create_redis(settings)
             layout = KeyLayout(settings.redis_prefix, cluster=is_cluster(settings))
             pruner = Pruner(
-                engine,
+                database,
                 settings.retention_days,
                 settings.prune_batch_size,
                 settings.prune_pause,
@@ -441,7 +448,7 @@ def prune_command(dry_run: bool) -> None:
                 if redis is not None:
                     await redis.aclose()
         finally:
-            await engine.dispose()
+            await database.close()
 
     try:
         done = asyncio.run(run())
@@ -510,17 +517,15 @@ def export_command(
     project = project_id or settings.project_id
 
     async def run() -> int:
-        engine = create_engine(
+        database = Database(
             settings.resolved_database_url,
             settings.database_connect_timeout,
             # No statement timeout: the cursor stays open as long as the export writes.
             None,
         )
+        engine = database.engine
         try:
-            if settings.embedded:
-                await migrate(engine)
-            else:
-                await check_schema(engine)
+            await _prepare(database, settings.embedded)
             source = await export.find_source(engine, name, project)
             if source is None:
                 raise click.ClickException(f"export: no data source named {name!r}")
@@ -535,7 +540,7 @@ def export_command(
                 )
                 return await export.export(engine, source, start, end, writer, progress)
         finally:
-            await engine.dispose()
+            await database.close()
 
     try:
         asyncio.run(run())

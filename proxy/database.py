@@ -1,27 +1,35 @@
-"""The one async database engine, the Alembic upgrade that shapes it, and the check that it did.
+"""The database of ``DATABROKER_DATABASE_URL`` as one process uses it, and the check that
+it holds this release's tables.
 
-Every wait on the database is bounded: connecting by ``connect_timeout``, each
-statement by ``command_timeout`` (asyncpg's own defaults are 60 s and none), and
-SQLite's wait for a lock by the command timeout too. A database that stops
-answering costs a request or a start-up that long, never forever.
+On Postgres the serving path — start-up's schema check, the registry's reads, the
+outbox writer, readiness — runs on a small asyncpg pool of its own; SQLAlchemy's
+engine (``proxy.engine``: admin routes, commands, prune deletes) is made at its
+first use. A sidecar that only serves never imports SQLAlchemy, ~20 MiB of RSS
+(README "Footprint"). SQLite, the embedded default, goes through the engine for
+everything.
+
+Every wait is bounded: connecting and waiting for a pooled connection by
+``connect_timeout``, each statement by ``command_timeout``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from functools import cache
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from functools import cache, cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, inspect, text
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+import asyncpg
+import orjson
 
 from proxy.errors import StartupError
 
 if TYPE_CHECKING:
-    from alembic.config import Config
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATE_HINT = "run `databroker migrate`"
@@ -29,61 +37,109 @@ MIGRATE_HINT = "run `databroker migrate`"
 VERSION_TABLE = "alembic_version"
 _REVISION = re.compile(r'^revision = "([^"]+)"$', re.MULTILINE)
 _DOWN_REVISION = re.compile(r'^down_revision = (?:None|"([^"]+)")$', re.MULTILINE)
+POOL_SIZE = 3
+"""The serving pool's connections: the writer's, a registry reload's, a readiness check's."""
+_ASYNCPG_SCHEME = "postgresql+asyncpg://"
+# SQLSTATE classes of a server that is away or overloaded, not refusing a statement:
+# connection exception, insufficient resources, operator intervention (shutting down).
+_UNAVAILABLE_STATES = ("08", "53", "57")
+
+Row = Mapping[str, Any]
 
 
-def create_engine(
-    url: str, connect_timeout: float = 5.0, command_timeout: float | None = 10.0
-) -> AsyncEngine:
-    """``command_timeout=None`` for migrations only: a long index build is not a hang."""
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # sqlite3's ``timeout`` is how long a statement waits for another writer's lock.
-        busy = command_timeout if command_timeout is not None else 3600.0
-        engine = create_async_engine(url, connect_args={"timeout": busy})
-        # WAL lets the admin routes read while the outbox writer commits.
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_async_engine(
-        url,
-        pool_size=5,
-        max_overflow=5,
-        pool_pre_ping=True,
-        # Waiting for a pooled connection is bounded like making one.
-        pool_timeout=connect_timeout,
-        connect_args={"timeout": connect_timeout, "command_timeout": command_timeout},
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _decode_json(connection: asyncpg.Connection) -> None:
+    """``json`` columns (a source's ``source``, ``metadata``…) read as Python values."""
+    await connection.set_type_codec(
+        "json", encoder=_json_text, decoder=orjson.loads, schema="pg_catalog"
     )
 
 
-def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+class Database:
+    """One process's way to the database; ``close`` releases whatever it opened."""
 
+    def __init__(
+        self, url: str, connect_timeout: float = 5.0, command_timeout: float | None = 10.0
+    ) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
 
-def _config(connection: Connection | None = None) -> Config:
-    from alembic.config import Config
+    @property
+    def dsn(self) -> str:
+        """The URL as asyncpg takes it (``postgresql://…``); never logged (it may hold a
+        password)."""
+        if self.url.startswith(_ASYNCPG_SCHEME):
+            return "postgresql://" + self.url.removeprefix(_ASYNCPG_SCHEME)
+        return self.url
 
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    return config
+    @cached_property
+    def engine(self) -> AsyncEngine:
+        """SQLAlchemy's engine, made (and SQLAlchemy imported) at its first use."""
+        from proxy.engine import create_engine
 
+        return create_engine(self.url, self.connect_timeout, self.command_timeout)
 
-def _upgrade(connection: Connection) -> None:
-    # Alembic (and Mako) only here, where a database is migrated: 8 MiB and ~0.4 s of
-    # start-up a production sidecar, which only checks the revision, never uses.
-    from alembic import command
+    @property
+    def pooled(self) -> bool:
+        """Whether the serving path runs on the asyncpg pool (Postgres) or the engine."""
+        return self.dialect == "postgresql"
 
-    command.upgrade(_config(connection), "head")
+    async def _opened(self) -> asyncpg.Pool:
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=POOL_SIZE,
+                    max_inactive_connection_lifetime=60,
+                    timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    init=_decode_json,
+                )
+            return self._pool
 
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the serving pool (Postgres only)."""
+        pool = self._pool or await self._opened()
+        async with pool.acquire(timeout=self.connect_timeout) as connection:
+            yield connection
 
-async def migrate(engine: AsyncEngine) -> None:
-    """Apply every migration; safe to run on each start (a no-op when current)."""
-    async with engine.begin() as connection:
-        await connection.run_sync(_upgrade)
+    async def read(self, *statements: str) -> list[list[Row]]:
+        """The rows of each statement (none takes parameters), read in one transaction,
+        each row a mapping by column name: JSON columns decoded on Postgres; on SQLite,
+        each value as the driver stores it."""
+        if self.pooled:
+            async with self.connection() as connection, connection.transaction(readonly=True):
+                return [list(await connection.fetch(sql)) for sql in statements]
+        async with self.engine.begin() as connection:
+            return [
+                [dict(row) for row in (await connection.exec_driver_sql(sql)).mappings()]
+                for sql in statements
+            ]
+
+    async def ping(self) -> None:
+        """Raises unless the database answers: a ``SELECT 1`` on the serving pool; through
+        the engine, a connection (which its pool pings first)."""
+        if self.pooled:
+            async with self.connection() as connection:
+                await connection.fetchval("SELECT 1")
+            return
+        async with self.engine.connect():
+            pass
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+        if "engine" in self.__dict__:
+            await self.engine.dispose()
 
 
 @cache
@@ -104,14 +160,12 @@ def revisions() -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(known), frozenset(known - parents)
 
 
-def _schema_problem(connection: Connection) -> str | None:
-    if not inspect(connection).has_table(VERSION_TABLE):
-        return f"the database has no databroker tables: {MIGRATE_HINT}"
-    current = set(connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+def schema_problem(current: Sequence[str]) -> str | None:
+    """What keeps a database at revisions ``current`` from serving this release, if anything."""
     if not current:
         return f"the database has no databroker tables: {MIGRATE_HINT}"
     known, heads = revisions()
-    if current & heads or current - known:
+    if set(current) & heads or set(current) - known:
         # At this release's head; or at a revision it does not know: a newer release
         # migrated the database during a rolling deploy. Its migrations keep the old
         # columns, so serve.
@@ -122,40 +176,72 @@ def _schema_problem(connection: Connection) -> str | None:
     )
 
 
-async def check_schema(engine: AsyncEngine) -> None:
+async def check_schema(database: Database) -> None:
     """StartupError unless the database answers and has this release's tables."""
     try:
-        async with engine.connect() as connection:
-            problem = await connection.run_sync(_schema_problem)
+        (rows,) = await database.read(f"SELECT version_num FROM {VERSION_TABLE}")
     except Exception as exc:
         raise StartupError(describe(exc)) from exc
+    problem = schema_problem([row["version_num"] for row in rows])
     if problem is not None:
         raise StartupError(problem)
 
 
+def _sqlalchemy_errors() -> Any:
+    """``sqlalchemy.exc`` if SQLAlchemy is loaded: an exception can be one of its own only
+    then, and asking must not load it."""
+    return sys.modules.get("sqlalchemy.exc")
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database's (or its drivers') own, rather than a bug or a secret
+    no key decrypts."""
+    sa_exc = _sqlalchemy_errors()
+    if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+        return True
+    return isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is away or too slow, rather than refusing a statement."""
-    if isinstance(exc, sa_exc.DBAPIError):
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _UNAVAILABLE_STATES
+    # OSError: refused, reset, and TimeoutError (asyncpg's connect and command timeouts).
+    if isinstance(exc, OSError | asyncpg.InterfaceError):
+        return True
+    sa_exc = _sqlalchemy_errors()
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
         return exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError
         )
-    # OSError: refused, reset, and TimeoutError (asyncpg's connect and command timeouts).
-    return isinstance(exc, OSError | sa_exc.TimeoutError)
+    return sa_exc is not None and isinstance(exc, sa_exc.TimeoutError)
+
+
+def _refused(message: str) -> str:
+    lines = message.strip().splitlines() or ["refused"]
+    if lines[0].startswith(("relation ", "no such table")):
+        return f"the database has no databroker tables: {MIGRATE_HINT}"
+    return f"the database of DATABROKER_DATABASE_URL refused: {lines[0]}"
 
 
 def describe(exc: BaseException) -> str:
     """One line about a database failure, for an operator: never the URL (it may hold a
     password), never a statement's parameters."""
-    if isinstance(exc, TimeoutError | sa_exc.TimeoutError):
+    sa_exc = _sqlalchemy_errors()
+    if isinstance(exc, TimeoutError) or (
+        sa_exc is not None and isinstance(exc, sa_exc.TimeoutError)
+    ):
         return "the database of DATABROKER_DATABASE_URL did not answer in time"
     if isinstance(exc, OSError):
         reason = exc.strerror or type(exc).__name__
         return f"cannot reach the database of DATABROKER_DATABASE_URL: {reason}"
-    if isinstance(exc, sa_exc.DBAPIError):
-        # The driver's own message ('database "x" does not exist', 'password authentication
-        # failed for user "y"'), without SQLAlchemy's statement and parameters.
-        lines = str(exc.orig).strip().splitlines() or [type(exc.orig).__name__]
-        if lines[0].startswith(("relation ", "no such table")):
-            return f"the database has no databroker tables: {MIGRATE_HINT}"
-        return f"the database of DATABROKER_DATABASE_URL refused: {lines[0]}"
+    if isinstance(exc, asyncpg.PostgresError):
+        # The server's own message ('database "x" does not exist', 'password authentication
+        # failed for user "y"'), never a statement's parameters.
+        return _refused(str(exc) or type(exc).__name__)
+    if isinstance(exc, asyncpg.InterfaceError):
+        return f"cannot reach the database of DATABROKER_DATABASE_URL: {type(exc).__name__}"
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+        # The driver's own message, without SQLAlchemy's statement and parameters.
+        return _refused(str(exc.orig) or type(exc.orig).__name__)
     return f"database error: {type(exc).__name__}"

@@ -28,16 +28,18 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import orjson
 from redis.exceptions import RedisError
-from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.cache import CacheUnavailable, RedisCache
+from proxy.database import Database
 from proxy.errors import DatabaseUnavailable, RedisUnavailable
-from proxy.tables import data_object, run_data_request
 from proxy.writer import OutboxWriter
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 logger = logging.getLogger("databroker.erasure")
 
@@ -59,6 +61,11 @@ async def erase_rows(
 ) -> Erased:
     """Delete the key's objects created up to ``at``; mark the audit rows naming them, or
     naming ``known_ids`` (objects an earlier pass erased), with ``erased_at = at``."""
+    # Here, not at the top: SQLAlchemy only in a sidecar that erases (README "Footprint").
+    from sqlalchemy import delete, select, update
+
+    from proxy.tables import data_object, run_data_request
+
     found = (
         select(data_object.c.data_object_id)
         .where(data_object.c.data_source_id == data_source_id)
@@ -82,9 +89,9 @@ async def erase_rows(
 
 class Eraser:
     def __init__(
-        self, engine: AsyncEngine, cache: RedisCache, writer: OutboxWriter, channel: str
+        self, database: Database, cache: RedisCache, writer: OutboxWriter, channel: str
     ) -> None:
-        self.engine = engine
+        self.database = database
         self.cache = cache
         self.writer = writer
         self.channel = channel
@@ -98,7 +105,7 @@ class Eraser:
         except CacheUnavailable as exc:
             raise RedisUnavailable(f"the cache entry could not be deleted ({exc}); retry") from exc
         await self._ship()
-        erased = await erase_rows(self.engine, data_source_id, key, at)
+        erased = await erase_rows(self.database.engine, data_source_id, key, at)
         # Never the key: it stands for the subject whose data this removed.
         logger.info(
             "erased %d DataObjects of data source %s; %d audit rows marked",
@@ -132,7 +139,7 @@ class Eraser:
         try:
             await self._ship()
             await erase_rows(
-                self.engine,
+                self.database.engine,
                 uuid.UUID(fields["s"]),
                 fields["k"],
                 datetime.fromisoformat(fields["at"]),

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from proxy.errors import ParseError
 from proxy.formats import format_body
 from proxy.objects import Metadata
-from proxy.source_store import spec_of
+from proxy.source_rows import spec_of
 from proxy.tables import data_object, data_source
 from proxy.types import ResponseType
 

@@ -9,6 +9,7 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from proxy import __version__
 from proxy.messages import REQUEST_SCHEMA
@@ -347,3 +348,6 @@ def document() -> dict[str, Any]:
 
 async def openapi(_: Request) -> Response:
     return JSONResponse(document())
+
+
+routes = [Route("/openapi.json", openapi, methods=["GET"])]

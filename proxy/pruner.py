@@ -3,8 +3,9 @@
 Rows go a batch at a time, each batch its own short transaction followed by a
 pause: a long ``DELETE`` would hold SQLite's one write lock (the outbox writer
 waits on it, and behind the writer the outbox fills) or, on Postgres, hold
-locks and WAL for minutes. A batch is chosen by the (source, created_at)
-indexes and deleted by primary key, the same statement on both databases.
+locks and WAL for minutes. The cuts are read with plain SQL (``Database.read``);
+the counts and deletes (proxy.prune_statements) load SQLAlchemy only when there
+is a cut: a fleet that keeps every row never imports it (README "Footprint").
 
 In the serving process, one sidecar of the fleet prunes per interval: the one
 that takes ``{prefix}prune`` in Redis (SET NX with the interval as expiry,
@@ -21,27 +22,26 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from sqlalchemy import Column, ColumnElement, Table, Uuid, and_, column, delete, func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from typing import TYPE_CHECKING, Any
 
 from proxy.cache import CacheUnavailable, RedisCache, RedisClient, call, reply_bytes
+from proxy.database import Database
 from proxy.metrics import ROWS_PRUNED
 from proxy.outbox import new_id
 from proxy.retention import Cut, SourceRetention, cuts
-from proxy.tables import data_object, data_source, run_data_request
+from proxy.source_rows import as_uuid
+
+if TYPE_CHECKING:
+    from proxy.prune_statements import Prunable
 
 logger = logging.getLogger("databroker.pruner")
 
 DELETED_SOURCE = "(deleted source)"
 """The name a deleted draft's rows are reported under."""
 
-# Each table, its primary key, and what a delete returns: an object's cache key (its entry
-# may outlive it), an audit row's id (only counted).
-_TABLES = (
-    (data_object, "data_object_id", "key"),
-    (run_data_request, "run_data_request_id", "run_data_request_id"),
-)
+SOURCES = "SELECT data_source_id, name, retention_days FROM data_source"
+# The tables whose rows name a source, for the sources a deleted draft left behind.
+_SOURCE_NAMING = ("data_object", "run_data_request")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class Pruned:
 class Pruner:
     def __init__(
         self,
-        engine: AsyncEngine,
+        database: Database,
         default_days: int | None,
         batch_size: int = 1000,
         pause: float = 0.05,
@@ -65,7 +65,7 @@ class Pruner:
     ) -> None:
         """``cache``: where the entries of pruned objects are deleted too (None: no Redis
         to reach, as for ``prune`` beside the embedded default's in-process one)."""
-        self.engine = engine
+        self.database = database
         self.cache = cache
         self.default_days = default_days
         self.batch_size = batch_size
@@ -75,62 +75,47 @@ class Pruner:
     async def cuts(self) -> list[Cut]:
         """Every source's cut now, archived sources included: their rows age too. A deleted
         draft's rows (their source row is gone) take the default retention."""
-        query = select(
-            data_source.c.data_source_id, data_source.c.name, data_source.c.retention_days
-        )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            sources = [SourceRetention(r.data_source_id, r.name, r.retention_days) for r in rows]
-            if self.default_days is not None:
-                known = {source.data_source_id for source in sources}
-                named: set[uuid.UUID] = set()
-                for table, *_ in _TABLES:
-                    named.update(await _source_ids(conn, table))
-                sources += [
-                    SourceRetention(orphan, DELETED_SOURCE, None)
-                    for orphan in sorted(named - known)
-                ]
+        walks = [] if self.default_days is None else [_source_ids(t) for t in _SOURCE_NAMING]
+        rows, *named = await self.database.read(SOURCES, *walks)
+        sources = [
+            SourceRetention(_id(r["data_source_id"]), r["name"], r["retention_days"]) for r in rows
+        ]
+        known = {source.data_source_id for source in sources}
+        orphans = {_id(row["s"]) for walked in named for row in walked} - known
+        sources += [SourceRetention(orphan, DELETED_SOURCE, None) for orphan in sorted(orphans)]
         return cuts(sources, self.default_days, self.clock())
 
     async def run(
         self, dry_run: bool = False, after_batch: Callable[[], Awaitable[None]] | None = None
     ) -> list[Pruned]:
         """Prune (or, with ``dry_run``, count) every source's cut, one source after another."""
+        found = await self.cuts()
+        if not found:
+            return []
+        # Here, with a cut to prune: SQLAlchemy only in a sidecar that prunes.
+        from proxy.prune_statements import prunables
+
+        tables = prunables(self.database.engine)
         done = []
-        for cut in await self.cuts():
+        for cut in found:
             if dry_run:
-                objects, requests = [await self._count(table, cut) for table, *_ in _TABLES]
+                objects, requests = [await table.count(cut) for table in tables]
             else:
                 objects, requests = [
-                    await self._delete(table, id_column, returned, cut, after_batch)
-                    for table, id_column, returned in _TABLES
+                    await self._delete(table, cut, after_batch) for table in tables
                 ]
             done.append(Pruned(cut, objects, requests))
         return done
 
-    async def _count(self, table: Table, cut: Cut) -> int:
-        query = select(func.count()).where(_older(table, cut))
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(query)).scalar_one())
-
     async def _delete(
-        self,
-        table: Table,
-        id_column: str,
-        returned_column: str,
-        cut: Cut,
-        after_batch: Callable[[], Awaitable[None]] | None,
+        self, table: Prunable, cut: Cut, after_batch: Callable[[], Awaitable[None]] | None
     ) -> int:
-        key: Column[object] = table.c[id_column]
-        batch = select(key).where(_older(table, cut)).limit(self.batch_size).scalar_subquery()
-        statement = delete(table).where(key.in_(batch)).returning(table.c[returned_column])
         deleted = 0
         while True:
-            async with self.engine.begin() as conn:
-                returned = (await conn.execute(statement)).scalars().all()
+            returned = await table.delete_batch(cut, self.batch_size)
             count = len(returned)
             deleted += count
-            if self.cache is not None and returned_column == "key":
+            if self.cache is not None and table.returns_keys:
                 # Race window: Redis failing here leaves these entries (their objects are
                 # gone, so no later round finds their keys); entries with a TTL still expire.
                 await self.cache.remove_older(
@@ -144,26 +129,26 @@ class Pruner:
             await asyncio.sleep(self.pause)
 
 
-async def _source_ids(conn: AsyncConnection, table: Table) -> list[uuid.UUID]:
+def _source_ids(table: str) -> str:
     """The distinct source ids of a table, one index probe each (a loose index scan: Postgres
     would otherwise read the whole index to find a handful)."""
-    walk = text(
-        f"""
+    return f"""
         WITH RECURSIVE seen(s) AS (
-            SELECT (SELECT data_source_id FROM {table.name} ORDER BY data_source_id LIMIT 1)
+            SELECT (SELECT data_source_id FROM {table} ORDER BY data_source_id LIMIT 1)
             UNION ALL
-            SELECT (SELECT data_source_id FROM {table.name} WHERE data_source_id > seen.s
+            SELECT (SELECT data_source_id FROM {table} WHERE data_source_id > seen.s
                     ORDER BY data_source_id LIMIT 1)
             FROM seen WHERE seen.s IS NOT NULL
         )
         SELECT s FROM seen WHERE s IS NOT NULL
         """
-    ).columns(column("s", Uuid))
-    return list((await conn.execute(walk)).scalars().all())
 
 
-def _older(table: Table, cut: Cut) -> ColumnElement[bool]:
-    return and_(table.c.data_source_id == cut.data_source_id, table.c.created_at < cut.before)
+def _id(value: Any) -> uuid.UUID:
+    """A source id as read (SQLite's is hex text); never NULL: each column read is NOT NULL."""
+    found = as_uuid(value)
+    assert found is not None
+    return found
 
 
 async def prune_round(

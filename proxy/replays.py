@@ -11,8 +11,9 @@ cleared), so a replay misses rather than answering another object.
 On Postgres the lookup runs on a small asyncpg pool of its own, opened at the
 first replay: through SQLAlchemy (pool checkout, ping, execution) a lookup
 cost ~1 ms of CPU, on asyncpg directly ~30 µs, and replays run at backtest
-rates. SQLite (the embedded default) reads through the engine; both run the
-same query, and the tests run each replay on both.
+rates. SQLite (the embedded default) reads through the engine
+(proxy.engine_replays, which alone imports SQLAlchemy); both run the same
+query, and the tests run each replay on both.
 
 Objects still in a sidecar's outbox (written within the last flush interval)
 are not in the database yet: a replay does not see them.
@@ -24,25 +25,15 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import Protocol
 
 import asyncpg
-from sqlalchemy import Select, select
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.database import Database
 from proxy.errors import InternalError
 from proxy.messages import Replay
-from proxy.tables import data_object, run_data_request
 
 logger = logging.getLogger("databroker.replay")
-
-
-if TYPE_CHECKING:
-    # Only for mypy: SQLAlchemy 2.0 (our floor) types Select by one tuple, 2.1 by columns.
-    Found: TypeAlias = Select[uuid.UUID, datetime, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,42 +43,7 @@ class StoredObject:
     value: bytes
 
 
-def as_of(data_source_id: uuid.UUID, key: str, instant: datetime) -> Found:
-    """The key's newest object created at or before ``instant``."""
-    return (
-        select(data_object.c.data_object_id, data_object.c.created_at, data_object.c.value)
-        .where(
-            data_object.c.data_source_id == data_source_id,
-            data_object.c.key == key,
-            data_object.c.created_at <= instant,
-        )
-        .order_by(data_object.c.created_at.desc())
-        .limit(1)
-    )
-
-
-def of_run(data_source_id: uuid.UUID, key: str, run_id: uuid.UUID) -> Found:
-    """The object the run's latest request for this key received."""
-    return (
-        select(data_object.c.data_object_id, data_object.c.created_at, data_object.c.value)
-        .join(run_data_request, run_data_request.c.data_object_id == data_object.c.data_object_id)
-        .where(
-            run_data_request.c.run_id == run_id,
-            run_data_request.c.data_source_id == data_source_id,
-            data_object.c.data_source_id == data_source_id,
-            data_object.c.key == key,
-        )
-        .order_by(run_data_request.c.created_at.desc())
-        .limit(1)
-    )
-
-
-def _epoch(moment: datetime) -> float:
-    # SQLite hands back the naive UTC time it was given.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-# as_of and of_run, as Postgres runs them on the replay pool.
+# proxy.engine_replays' as_of and of_run, as Postgres runs them on the replay pool.
 AS_OF_SQL = """
 SELECT data_object_id, created_at, value FROM data_object
 WHERE data_source_id = $1 AND key = $2 AND created_at <= $3
@@ -102,7 +58,8 @@ ORDER BY r.created_at DESC LIMIT 1
 POOL_SIZE = 4
 
 
-def _failed(exc: BaseException) -> InternalError:
+def lookup_failed(exc: BaseException) -> InternalError:
+    """What either lookup raises when the database fails: never the statement or its values."""
     logger.warning("replay lookup failed: %s", type(exc).__name__)
     return InternalError("a replay reads the database, which failed; retry later")
 
@@ -115,40 +72,13 @@ class Replays(Protocol):
     async def close(self) -> None: ...
 
 
-def replays_for(
-    engine: AsyncEngine, connect_timeout: float, command_timeout: float | None
-) -> Replays:
-    if engine.dialect.name == "postgresql":
-        return PostgresReplays(engine.url, connect_timeout, command_timeout)
-    return EngineReplays(engine)
+def replays_for(database: Database) -> Replays:
+    if database.pooled:
+        return PostgresReplays(database.dsn, database.connect_timeout, database.command_timeout)
+    # SQLAlchemy's queries, only for SQLite: its engine serves everything there anyway.
+    from proxy.engine_replays import EngineReplays
 
-
-class EngineReplays:
-    """Through the SQLAlchemy engine (SQLite)."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        # One read, no transaction: no BEGIN and ROLLBACK around it.
-        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-
-    async def find(
-        self, data_source_id: uuid.UUID, key: str, replay: Replay
-    ) -> StoredObject | None:
-        if replay.as_of is not None:
-            statement = as_of(data_source_id, key, replay.as_of)
-        else:
-            assert replay.run_id is not None
-            statement = of_run(data_source_id, key, replay.run_id)
-        try:
-            async with self.engine.connect() as conn:
-                row = (await conn.execute(statement)).first()
-        except (SQLAlchemyError, OSError) as exc:
-            raise _failed(exc) from exc
-        if row is None:
-            return None
-        return StoredObject(str(row.data_object_id), _epoch(row.created_at), row.value)
-
-    async def close(self) -> None:
-        """The engine is the application's: closed by its owner."""
+    return EngineReplays(database.engine)
 
 
 class _Reader(asyncpg.Connection):  # type: ignore[misc]
@@ -163,8 +93,8 @@ class PostgresReplays:
     """On an asyncpg pool of its own (at most POOL_SIZE connections, opened on demand,
     idle ones closed after a minute), bounded by the database timeouts."""
 
-    def __init__(self, url: URL, connect_timeout: float, command_timeout: float | None) -> None:
-        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    def __init__(self, dsn: str, connect_timeout: float, command_timeout: float | None) -> None:
+        self._dsn = dsn
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
@@ -196,7 +126,7 @@ class PostgresReplays:
                 row = await conn.fetchrow(sql, data_source_id, key, last)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             # OSError: refused, reset; TimeoutError (connect, acquire, command) is one too.
-            raise _failed(exc) from exc
+            raise lookup_failed(exc) from exc
         if row is None:
             return None
         return StoredObject(str(row["data_object_id"]), row["created_at"].timestamp(), row["value"])

@@ -12,6 +12,7 @@ of heap (README "Footprint").
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,8 +27,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from proxy.egress import ALLOW_VARIABLE, DENY_VARIABLE, Rules
 from proxy.errors import StartupError
@@ -38,17 +37,19 @@ from proxy.source_spec import MAX_RETENTION_DAYS
 MiB = 1024 * 1024
 ENV_PREFIX = "DATABROKER_"
 DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+# A URL's scheme as SQLAlchemy reads it: its driver name.
+_SCHEME = re.compile(r"^([\w+]+)://")
 
 
 def _database_url(url: str | None) -> str | None:
-    """The URL, if SQLAlchemy reads it as one of our async drivers; never echoed (a password)."""
+    """The URL, if it names one of our async drivers; never echoed (a password)."""
     if url is None:
         return None
     forms = "postgresql+asyncpg://user@host:5432/db or sqlite+aiosqlite:///path"
-    try:
-        driver = make_url(url).drivername
-    except ArgumentError:
-        raise ValueError(f"not a database URL: expected {forms}") from None
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        raise ValueError(f"not a database URL: expected {forms}")
+    driver = scheme.group(1)
     if driver not in DATABASE_DRIVERS:
         raise ValueError(f"{driver}:// is not supported: expected {forms}")
     return url

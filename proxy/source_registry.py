@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from proxy.cache import RedisClient
+from proxy.database import Database
 from proxy.keys import KeyLayout
 from proxy.retry import Retrying
 from proxy.secrets import SecretBox, Secrets
+from proxy.source_rows import SourceRow, read_all, spec_of
 from proxy.source_spec import CachingOptions, HTTPSource
-from proxy.source_store import SourceRow, SourceStore, spec_of
 from proxy.templates import CompiledSource, compile_source
 from proxy.types import Status
 
@@ -94,13 +95,13 @@ def _index(sources: list[Source]) -> dict[tuple[uuid.UUID | None, str], Source]:
 class Registry:
     def __init__(
         self,
-        store: SourceStore,
+        database: Database,
         box: SecretBox,
         redis: RedisClient,
         layout: KeyLayout,
         full_reload_interval: float = FULL_RELOAD_INTERVAL,
     ) -> None:
-        self._store = store
+        self._database = database
         self._full_reload_interval = full_reload_interval
         self._box = box
         self._redis = redis
@@ -174,7 +175,7 @@ class Registry:
         try:
             # Read before the database: the index shows at least these changes.
             changes = await self._changes()
-            rows, env_vars, credentials = await self._store.all_with_secrets()
+            rows, env_vars, credentials = await read_all(self._database)
             stored: dict[uuid.UUID, list[tuple[str, str]]] = {}
             for var in env_vars:
                 if var.value is not None:

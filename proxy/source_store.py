@@ -22,6 +22,7 @@ from proxy.errors import Conflict, NotFound, Refused, ValidationFailed
 from proxy.lifecycle import forbidden_changes, resolve_names
 from proxy.retry import Retrying
 from proxy.secrets import SecretBox
+from proxy.source_rows import SourceRow, spec_of
 from proxy.source_spec import MAX_NAME_LENGTH, DataSourceSpec, RetryPolicy
 from proxy.tables import data_source, data_source_credential, data_source_env_var
 from proxy.templates import TemplateError
@@ -49,29 +50,6 @@ class CredentialValue(BaseModel):
 
 CREDENTIAL_MASK = "********"
 """What every answer shows in place of a credential's value."""
-
-SourceRow = Row[Any]
-"""A ``data_source`` row, read by attribute (``row.name``; the metadata column as ``row.meta``)."""
-
-
-def spec_of(row: SourceRow) -> DataSourceSpec:
-    return DataSourceSpec.model_validate(
-        {
-            "name": row.name,
-            "source": row.source,
-            "caching": {
-                "enabled": row.caching_enabled,
-                "ttl": row.caching_ttl,
-                "stale_if_error": row.caching_stale_if_error,
-            },
-            "retention_days": row.retention_days,
-            "description": row.description,
-            "metadata": row.meta,
-            "runtime_params": row.runtime_params,
-            "variables": row.variables,
-            "project_id": row.project_id,
-        }
-    )
 
 
 def _source_in_force(stored: dict[str, Any]) -> dict[str, Any]:
@@ -300,16 +278,6 @@ class SourceStore:
             query = query.where(c.status != "ARCHIVED")
         async with self._engine.connect() as conn:
             return list((await conn.execute(query.order_by(c.created_at))).all())
-
-    async def all_with_secrets(
-        self,
-    ) -> tuple[list[SourceRow], list[Row[Any]], list[Row[Any]]]:
-        """Everything the registry holds, read in one transaction."""
-        async with self._engine.begin() as conn:
-            sources = list((await conn.execute(select(data_source))).all())
-            variables = list((await conn.execute(select(data_source_env_var))).all())
-            credentials = list((await conn.execute(select(data_source_credential))).all())
-        return sources, variables, credentials
 
     async def rotate_secrets(self) -> tuple[int, int]:
         """Re-encrypt every stored variable and credential with the newest key; how many

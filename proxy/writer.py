@@ -12,42 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, Protocol, TypeVar
-
-from sqlalchemy import Table, Uuid, bindparam, select, text
-from sqlalchemy.dialects import sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from typing import Protocol
 
 from proxy import rollup
+from proxy.database import Database
 from proxy.metrics import OUTBOX_BACKLOG_BYTES, RECORDS_WRITTEN, WRITE_FAILURES
 from proxy.outage import Outage
-from proxy.outbox import (
-    DataObjectRecord,
-    Outbox,
-    Record,
-    RunDataRequestRecord,
-    complete,
-    complete_lines,
-    decode,
-)
-from proxy.tables import data_object, run_data_request
+from proxy.outbox import Outbox, complete
 
 logger = logging.getLogger("databroker.writer")
 
-# Lines decoded between two yields to the event loop (SQLite's path).
-YIELD_EVERY = 256
 IDLE_SCAN_INTERVAL = 60.0
 """While this process journals nothing and nothing is pending, the directory is scanned
 this often only (not every interval): for what another process sharing it left behind
 (a worker killed mid-segment), which its own writer or a restart ships otherwise."""
-
-
-def _ts(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
 
 
 class Sink(Protocol):
@@ -58,11 +36,13 @@ class Sink(Protocol):
         ...
 
 
-def sink_for(engine: AsyncEngine, batch_size: int) -> Sink:
+def sink_for(database: Database, batch_size: int) -> Sink:
     """The database's own way of loading a segment."""
-    if engine.dialect.name == "postgresql":
-        return PostgresSink(engine)
-    return SqliteSink(engine, batch_size)
+    if database.pooled:
+        return PostgresSink(database)
+    from proxy.sqlite_sink import SqliteSink
+
+    return SqliteSink(database.engine, batch_size)
 
 
 class PostgresSink:
@@ -74,89 +54,32 @@ class PostgresSink:
     record here cost a fifth of the broker's throughput and was the whole hit p99.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     async def write(self, segment: bytes) -> int:
         lines = complete(segment)
         if not lines:
             return 0
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection  # the asyncpg connection
-            async with driver.transaction():
-                await driver.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (line jsonb) ON COMMIT DELETE ROWS"
-                )
-                # CSV with delimiter and quote that JSON never holds raw: a line is one field.
-                # A memoryview: asyncpg would take bytes for a file path.
-                await driver.copy_to_table(
-                    _STAGE, source=memoryview(lines), format="csv", delimiter="\x02", quote="\x01"
-                )
-                await driver.execute(_INSERT_OBJECTS)
-                await driver.execute(_INSERT_REQUESTS)
+        async with self.database.connection() as driver, driver.transaction():
+            await driver.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (line jsonb) ON COMMIT DELETE ROWS"
+            )
+            # CSV with delimiter and quote that JSON never holds raw: a line is one field.
+            # A memoryview: asyncpg would take bytes for a file path.
+            await driver.copy_to_table(
+                _STAGE, source=memoryview(lines), format="csv", delimiter="\x02", quote="\x01"
+            )
+            await driver.execute(_INSERT_OBJECTS)
+            await driver.execute(_INSERT_REQUESTS)
         return lines.count(b"\n")
 
 
-class SqliteSink:
-    """The embedded default's: records decoded here, then multi-row inserts of ``batch_size``."""
-
-    def __init__(self, engine: AsyncEngine, batch_size: int) -> None:
-        self.engine = engine
-        self.batch_size = batch_size
-
-    async def write(self, segment: bytes) -> int:
-        records = await _decode(segment)
-        objects = [r for r in records if isinstance(r, DataObjectRecord)]
-        requests = [r for r in records if isinstance(r, RunDataRequestRecord)]
-        async with self.engine.begin() as conn:
-            # Objects first: the transaction holds SQLite's write lock before it reads.
-            await self._insert(conn, data_object, objects, DataObjectRecord)
-            ids = [uuid.UUID(str(r.run_data_request_id)) for r in requests]
-            present = await self._present(conn, ids)
-            await self._insert(conn, run_data_request, requests, RunDataRequestRecord)
-            fresh = [i for i in ids if i not in present]
-            for chunk in self._chunks(fresh):
-                await conn.execute(_FOLD_FRESH, {"ids": chunk})
-        return len(records)
-
-    def _chunks(self, items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-        for start in range(0, len(items), self.batch_size):
-            yield items[start : start + self.batch_size]
-
-    async def _insert(
-        self, conn: AsyncConnection, table: Table, rows: Sequence[Record], kind: type[Record]
-    ) -> None:
-        # The columns a record carries; others (erased_at) start as NULL.
-        columns = [c.name for c in table.columns if c.name in kind.__slots__]
-        for chunk in self._chunks(rows):
-            stmt = sqlite.insert(table).on_conflict_do_nothing()
-            await conn.execute(
-                stmt, [dict(zip(columns, _values(r, columns), strict=True)) for r in chunk]
-            )
-
-    async def _present(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
-        """Which of ``ids`` are already written: a replayed segment's rows are not folded again."""
-        column = run_data_request.c.run_data_request_id
-        present: set[uuid.UUID] = set()
-        for chunk in self._chunks(ids):
-            present.update((await conn.execute(select(column).where(column.in_(chunk)))).scalars())
-        return present
-
-
 _STAGE = "_stage_journal"
-_FOLD_FRESH = text(
-    rollup.fold(
-        "sqlite",
-        "inserted",
-        "inserted AS (SELECT * FROM run_data_request WHERE run_data_request_id IN :ids)",
-    )
-).bindparams(bindparam("ids", expanding=True, type_=Uuid))
-_T = TypeVar("_T")
 # The journal's field names (proxy.outbox.encode), read in SQL. ``e`` is the error's
 # JSON text: as a JSON string it never holds an escape jsonb refuses (\u0000).
 _INSERT_OBJECTS = f"""
-INSERT INTO {data_object.name} (data_object_id, data_source_id, key, value, created_at)
+INSERT INTO data_object (data_object_id, data_source_id, key, value, created_at)
 SELECT (line->>'id')::uuid, (line->>'s')::uuid, line->>'k', decode(line->>'v', 'base64'),
        to_timestamp((line->>'c')::float8)
 FROM {_STAGE} WHERE line->>'t' = 'o'
@@ -167,7 +90,7 @@ _INSERT_REQUESTS = rollup.fold(
     "postgresql",
     "inserted",
     f"""inserted AS (
-INSERT INTO {run_data_request.name} (run_data_request_id, run_id, data_object_id,
+INSERT INTO run_data_request (run_data_request_id, run_id, data_object_id,
     data_source_id, data_origin, start_time, end_time, error, created_at,
     cost_amount, cost_currency, replay)
 SELECT (line->>'id')::uuid, (line->>'run')::uuid, (line->>'o')::uuid, (line->>'s')::uuid,
@@ -179,24 +102,6 @@ ON CONFLICT DO NOTHING
 RETURNING *
 )""",
 )
-
-
-def _values(record: Record, columns: list[str]) -> tuple[Any, ...]:
-    """A record's row in column order: records name their fields after the columns.
-
-    ``error`` stays a Python value (None is SQL NULL: "error IS NULL" finds the
-    successes); ``created_at`` becomes a timestamp, ``cost_amount`` a Decimal.
-    """
-    return tuple(_value(record, column) for column in columns)
-
-
-def _value(record: Record, column: str) -> Any:
-    value = getattr(record, column)
-    if column == "created_at":
-        return _ts(value)
-    if column == "cost_amount" and value is not None:
-        return Decimal(value)
-    return value
 
 
 class OutboxWriter:
@@ -291,17 +196,3 @@ class OutboxWriter:
         except Exception:
             # Shutdown goes on: what was not shipped is on disk for the next start.
             logger.exception("last outbox flush failed; it is replayed on next start")
-
-
-async def _decode(data: bytes) -> list[Record]:
-    """A segment's records, decoded on the event loop a chunk at a time.
-
-    Not in a thread: decoding is pure Python, and a thread holding the GIL stalls
-    the loop for whole switch intervals (5 ms), which is the hit path's tail.
-    """
-    lines = complete_lines(data)
-    records: list[Record] = []
-    for start in range(0, len(lines), YIELD_EVERY):
-        records.extend(decode(line) for line in lines[start : start + YIELD_EVERY])
-        await asyncio.sleep(0)
-    return records

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy.app import create_app
-from proxy.database import create_engine, migrate
+from proxy.database import Database
+from proxy.engine import create_engine, migrate
 from proxy.settings import Settings
 from tests.harness import (
     ADMIN_TOKEN,
@@ -113,6 +114,25 @@ async def database(
     await migrate(engine)
     yield engine
     await engine.dispose()
+
+
+Over = Callable[[AsyncEngine], Database]
+"""``over(engine)``: a ``proxy.database.Database`` of the engine's database."""
+
+
+@pytest.fixture
+async def over() -> AsyncIterator[Over]:
+    """What the serving path takes (a ``Database``) of the database a test's engine reaches;
+    each closed at the end of the test."""
+    made: list[Database] = []
+
+    def database_of(engine: AsyncEngine) -> Database:
+        made.append(Database(engine.url.render_as_string(hide_password=False)))
+        return made[-1]
+
+    yield database_of
+    for database in made:
+        await database.close()
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from proxy.database import migrate
+from proxy.engine import migrate
 from proxy.keys import make_cache_key
 from proxy.tables import data_object, data_source
 

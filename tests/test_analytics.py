@@ -19,15 +19,17 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy import analytics, rollup
+from proxy import analytics, rollup_reads
 from proxy.app import create_app
 from proxy.cli import main
-from proxy.database import create_engine, migrate
+from proxy.database import Database
+from proxy.engine import create_engine, migrate
 from proxy.errors import ValidationFailed
 from proxy.outbox import RunDataRequestRecord, encode
 from proxy.settings import Settings
 from proxy.tables import data_source
 from proxy.writer import sink_for
+from tests.conftest import Over
 from tests.harness import ADMIN_TOKEN, admin_headers, register
 from tests.servers import serve_in_thread
 
@@ -139,6 +141,7 @@ class Served:
     url: str
     client: httpx.AsyncClient
     engine: AsyncEngine
+    database: Database
 
     async def get(self, path: str, **params: Any) -> Any:
         answer = await self.client.get(path, params=params, headers=admin_headers())
@@ -158,7 +161,11 @@ class Served:
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def served(
-    request: pytest.FixtureRequest, settings: Settings, db: AsyncEngine, tmp_path: Path
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    db: AsyncEngine,
+    tmp_path: Path,
+    over: Over,
 ) -> AsyncIterator[Served]:
     """The test's Postgres database (emptied), or a migrated SQLite file."""
     engine = db
@@ -170,7 +177,7 @@ async def served(
     try:
         with serve_in_thread(create_app(settings)) as base:
             async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                yield Served(base, client, engine)
+                yield Served(base, client, engine, over(engine))
     finally:
         if request.param == "sqlite":
             await engine.dispose()
@@ -284,7 +291,7 @@ async def test_analytics_match_the_rows_written(served: Served) -> None:
         row(g, at(today), "REQUEST", ms=10),
     ]
     segment = b"".join(encode(r) for r in rows)
-    sink = sink_for(served.engine, batch_size=4)
+    sink = sink_for(served.database, batch_size=4)
     await sink.write(segment)
     await sink.write(segment)  # replayed after a crash: counted once
 
@@ -389,7 +396,7 @@ async def test_stats_prints_the_four_figures_of_a_running_broker(served: Served)
         row(sid, at(today), "REQUEST", ms=120),
         row(sid, at(today), "REQUEST", ms=380, code="HTTP_ERROR"),
     ]
-    await sink_for(served.engine, batch_size=100).write(b"".join(encode(r) for r in rows))
+    await sink_for(served.database, batch_size=100).write(b"".join(encode(r) for r in rows))
 
     def stats(*args: str, token: str = ADMIN_TOKEN) -> Any:
         env = {"DATABROKER_ADMIN_TOKEN": token}
@@ -408,7 +415,7 @@ async def test_stats_prints_the_four_figures_of_a_running_broker(served: Served)
     assert stats(token="wrong").exit_code == 1
 
 
-async def test_concurrent_writers_count_every_row_once(db: AsyncEngine) -> None:
+async def test_concurrent_writers_count_every_row_once(db: AsyncEngine, over: Over) -> None:
     """Sidecars flush at once into the same counters (a source's and its project's, today):
     the upserts queue on those rows in one order, and no row is lost or counted twice."""
     source, today = uuid.uuid4(), datetime.now(UTC).date()
@@ -433,13 +440,13 @@ async def test_concurrent_writers_count_every_row_once(db: AsyncEngine) -> None:
         )
         for _ in range(8)
     ]
-    sink = sink_for(db, batch_size=100)
+    sink = sink_for(over(db), batch_size=100)
     await asyncio.gather(*(sink.write(segment) for segment in segments))
     written = 8 * 24 * 2
     usage = analytics.usage(await _read(db, source, today), analytics.Window(today, today), None)
     assert usage["total_requests"] == written
     async with db.connect() as conn:
-        whole, ranked = await rollup.read_project(conn, None, today, today)
+        whole, ranked = await rollup_reads.read_project(conn, None, today, today)
     requests = analytics.REQUESTS
     assert [c.n for c in whole if c.metric == requests] == [written]  # the tables start empty
     assert [(c.data_source_id, c.n) for c in ranked if c.metric == requests] == [(source, written)]
@@ -447,4 +454,4 @@ async def test_concurrent_writers_count_every_row_once(db: AsyncEngine) -> None:
 
 async def _read(db: AsyncEngine, source: uuid.UUID, day: date) -> list[analytics.Counter]:
     async with db.connect() as conn:
-        return await rollup.read_source(conn, source, day, day)
+        return await rollup_reads.read_source(conn, source, day, day)

@@ -27,14 +27,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.app import create_app
 from proxy.cache import CacheEntry
 from proxy.cli import main
-from proxy.database import create_engine
+from proxy.engine import create_engine
 from proxy.keys import make_cache_key
 from proxy.outbox import complete_lines, decode
 from proxy.pruner import Pruner
 from proxy.services import Services
 from proxy.settings import Settings
 from proxy.tables import data_source, metadata, run_data_request
-from tests.conftest import REDIS_URL, Broker, make_settings
+from tests.conftest import REDIS_URL, Broker, Over, make_settings
 from tests.harness import ADMIN_TOKEN, async_wait_for, clean_env, insert_objects
 from tests.servers import Upstream, serve_in_thread
 
@@ -343,7 +343,7 @@ async def test_the_erase_command_erases_through_the_admin_api(
 
 
 async def test_a_pruned_object_is_a_replay_miss(
-    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream
+    erasing: tuple[Sidecar, AsyncEngine], upstream: Upstream, over: Over
 ) -> None:
     """Pruning ages objects out oldest first: a replay at any instant before the cut finds
     nothing rather than an older object."""
@@ -371,7 +371,7 @@ async def test_a_pruned_object_is_a_replay_miss(
         await conn.execute(
             update(data_source).where(data_source.c.data_source_id == sid).values(retention_days=30)
         )
-    [pruned] = await Pruner(engine, None).run()
+    [pruned] = await Pruner(over(engine), None).run()
     assert pruned.objects == 2
     assert [(await replayed(days))["code"] for days in (40, 35)] == ["REPLAY_MISS"] * 2
     assert await replayed(20) == {"age": 20}

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import export
 from proxy.cli import main
-from proxy.database import create_engine, migrate
+from proxy.engine import create_engine, migrate
 from proxy.keys import make_cache_key
 from tests.conftest import REDIS_URL
 from tests.harness import clean_env, insert_objects, insert_source

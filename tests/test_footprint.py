@@ -14,9 +14,13 @@ import json
 import os
 import signal
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import REDIS_URL
 from tests.harness import (
@@ -26,10 +30,13 @@ from tests.harness import (
     Child,
     admin_headers,
     broker_request,
+    counter,
     free_port,
+    insert_source,
     sidecar_env,
     wait_for,
 )
+from tests.servers import Upstream
 
 # The CLI as the console script runs it, plus a SIGUSR1 handler that writes sys.modules.
 SERVE = """
@@ -50,8 +57,8 @@ main()
 # WebSocket dependencies, pydantic-settings (proxy.settings reads the environment itself).
 NEVER = {"alembic", "mako", "pydantic_settings", "watchfiles", "websockets"}
 # Loaded by the first request that needs them, not before: Fernet for a stored secret,
-# the XML parser for an XML body.
-WHEN_NEEDED = {"cryptography.fernet", "defusedxml"}
+# the XML parser for an XML body, SQLAlchemy and the admin routes for an admin request.
+WHEN_NEEDED = {"cryptography.fernet", "defusedxml", "sqlalchemy", "proxy.routes.admin"}
 
 
 def modules(process: Child, target: Path) -> set[str]:
@@ -63,7 +70,18 @@ def modules(process: Child, target: Path) -> set[str]:
     return set(loaded)
 
 
-def test_serve_loads_only_what_it_uses(pg_url: str, redis_prefix: str, tmp_path: Path) -> None:
+@pytest.fixture
+async def served_source(db: AsyncEngine, upstream: Upstream) -> str:
+    """A source in the database before the sidecar starts: serving it needs no admin route."""
+    name = f"served_{uuid.uuid4().hex[:8]}"
+    url = upstream.answer("/footprint", b'{"ok": true}')
+    await insert_source(db, name, datetime.now(UTC), {"url": url, "response_type": "JSON"})
+    return name
+
+
+def test_serve_loads_only_what_it_uses(
+    served_source: str, pg_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
     port = free_port()
     target = tmp_path / "modules.json"
     env = sidecar_env(pg_url, REDIS_URL, tmp_path / "outbox", redis_prefix=redis_prefix)
@@ -76,6 +94,12 @@ def test_serve_loads_only_what_it_uses(pg_url: str, redis_prefix: str, tmp_path:
             assert client.get("/metrics").status_code == 200
             unknown = client.post(BROKER_PATH, json=broker_request("no_such_source"))
             assert unknown.json()["error"]["code"] == "DATA_SOURCE_NOT_FOUND"
+            fetched = client.post(BROKER_PATH, json=broker_request(served_source))
+            assert fetched.json()["value"] == {"ok": True}, fetched.text
+            # The miss's DataObject and audit row reach the database: the writer's path too.
+            wait_for(
+                lambda: counter(client.get("/metrics").text, "databroker_records_written") >= 2
+            )
 
             early = modules(process, target) & (NEVER | WHEN_NEEDED)
             assert not early, f"serving loaded {sorted(early)}"
@@ -93,7 +117,7 @@ def test_serve_loads_only_what_it_uses(pg_url: str, redis_prefix: str, tmp_path:
             assert client.put(path, json=variables, headers=headers).status_code == 200
 
             used = modules(process, target)
-        assert "cryptography.fernet" in used
+        assert {"cryptography.fernet", "sqlalchemy", "proxy.routes.admin"} <= used
         assert used & NEVER == set()
     finally:
         process.kill()

@@ -1,6 +1,6 @@
 """The tables the code maps (``proxy.tables``) are the tables the migrations make.
 
-Alembic compares the models with a database migrated by ``proxy.database.migrate``:
+Alembic compares the models with a database migrated by ``proxy.engine.migrate``:
 no table, column, type, nullability, index or constraint may differ, on Postgres
 and on SQLite (the embedded default). A column added to a model without its
 migration, or the other way round, fails here before it fails in production.
@@ -20,7 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from proxy.database import MIGRATIONS, check_schema, create_engine, migrate, revisions
+from proxy.database import MIGRATIONS, Database, check_schema, revisions
+from proxy.engine import create_engine, migrate
 from proxy.errors import StartupError
 from proxy.tables import metadata
 
@@ -76,17 +77,17 @@ def test_the_revisions_read_without_alembic_are_alembics() -> None:
 async def test_the_schema_check_reads_the_revision_without_alembic(
     tmp_path: Path, change: str | None, problem: str | None
 ) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'embedded.db'}")
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'embedded.db'}")
     try:
-        await migrate(engine)
+        await migrate(database.engine)
         if change is not None:
-            async with engine.begin() as connection:
+            async with database.engine.begin() as connection:
                 await connection.execute(text(change))
         if problem is None:
-            await check_schema(engine)
+            await check_schema(database)
         else:
             with pytest.raises(StartupError, match=problem) as refused:
-                await check_schema(engine)
+                await check_schema(database)
             assert "run `databroker migrate`" in str(refused.value)
     finally:
-        await engine.dispose()
+        await database.close()

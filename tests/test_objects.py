@@ -14,11 +14,13 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
+from proxy.database import Database
 from proxy.keys import make_cache_key
 from proxy.objects import MAX_LIMIT
 from proxy.outbox import DataObjectRecord, encode
 from proxy.settings import Settings
 from proxy.writer import sink_for
+from tests.conftest import Over
 from tests.harness import admin_headers, register
 from tests.servers import serve_in_thread
 
@@ -29,7 +31,7 @@ PROJECT = uuid.uuid4()
 @dataclass
 class Served:
     client: httpx.AsyncClient
-    engine: AsyncEngine
+    database: Database
 
     async def get(self, path: str, **params: Any) -> httpx.Response:
         return await self.client.get(
@@ -50,16 +52,16 @@ class Served:
         return str((await register(self.client, spec, publish=False))["data_source_id"])
 
     async def store(self, *records: DataObjectRecord) -> None:
-        await sink_for(self.engine, batch_size=3).write(b"".join(encode(r) for r in records))
+        await sink_for(self.database, batch_size=3).write(b"".join(encode(r) for r in records))
 
 
 @pytest.fixture
-async def served(settings: Settings, database: AsyncEngine) -> AsyncIterator[Served]:
+async def served(settings: Settings, database: AsyncEngine, over: Over) -> AsyncIterator[Served]:
     """A broker on each database (conftest's ``database``: Postgres, or a migrated SQLite)."""
     url = database.url.render_as_string(hide_password=False)
     with serve_in_thread(create_app(settings.model_copy(update={"database_url": url}))) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            yield Served(client, database)
+            yield Served(client, over(database))
 
 
 def record(sid: str, created_at: float, value: bytes = b'{"n": 1}', n: int = 0) -> DataObjectRecord:

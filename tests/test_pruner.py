@@ -17,10 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.cache import CacheEntry, RedisCache
 from proxy.cli import main
+from proxy.database import Database
 from proxy.keys import KeyLayout
 from proxy.pruner import DELETED_SOURCE, Pruner, prune_round
 from proxy.tables import data_object, run_data_request
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, Over
 from tests.harness import clean_env, insert_source
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -82,11 +83,13 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def pruner(engine: AsyncEngine, default_days: int | None, batch_size: int = 2) -> Pruner:
-    return Pruner(engine, default_days, batch_size, pause=0, clock=lambda: NOW)
+def pruner(database: Database, default_days: int | None, batch_size: int = 2) -> Pruner:
+    return Pruner(database, default_days, batch_size, pause=0, clock=lambda: NOW)
 
 
-async def test_prune_removes_exactly_the_rows_older_than_retention(database: AsyncEngine) -> None:
+async def test_prune_removes_exactly_the_rows_older_than_retention(
+    database: AsyncEngine, over: Over
+) -> None:
     month = await add_source(database, "month", 30)
     week = await add_source(database, "by default", None)
     for source in (month, week):
@@ -97,7 +100,7 @@ async def test_prune_removes_exactly_the_rows_older_than_retention(database: Asy
         nonlocal batches
         batches += 1
 
-    done = await pruner(database, default_days=7).run(after_batch=count_batch)
+    done = await pruner(over(database), default_days=7).run(after_batch=count_batch)
 
     assert [(p.cut.name, p.cut.days, p.objects, p.requests) for p in done] == [
         ("by default", 7, 5, 5),
@@ -110,30 +113,32 @@ async def test_prune_removes_exactly_the_rows_older_than_retention(database: Asy
     assert batches == (2 + 1) * 2
 
 
-async def test_nothing_goes_without_a_retention(database: AsyncEngine) -> None:
+async def test_nothing_goes_without_a_retention(database: AsyncEngine, over: Over) -> None:
     forever = await add_source(database, "forever", None)
     await add_rows(database, forever)
-    assert await pruner(database, default_days=None).run() == []
+    assert await pruner(over(database), default_days=None).run() == []
     assert await ages_left(database, forever) == (sorted(AGES),) * 2
 
 
-async def test_a_dry_run_counts_and_deletes_nothing(database: AsyncEngine) -> None:
+async def test_a_dry_run_counts_and_deletes_nothing(database: AsyncEngine, over: Over) -> None:
     month = await add_source(database, "month", 30)
     await add_rows(database, month)
-    [pruned] = await pruner(database, default_days=None).run(dry_run=True)
+    [pruned] = await pruner(over(database), default_days=None).run(dry_run=True)
     assert (pruned.objects, pruned.requests) == (3, 3)
     assert await ages_left(database, month) == (sorted(AGES),) * 2
 
 
-async def test_one_sidecar_prunes_per_interval(db: AsyncEngine, redis_prefix: str) -> None:
+async def test_one_sidecar_prunes_per_interval(
+    db: AsyncEngine, redis_prefix: str, over: Over
+) -> None:
     month = await add_source(db, "month", 30)
     await add_rows(db, month)
     lock = f"{redis_prefix}prune"
     redis = aioredis.from_url(REDIS_URL)
     try:
-        first = await prune_round(pruner(db, None), redis, lock, "sidecar-a", 60)
+        first = await prune_round(pruner(over(db), None), redis, lock, "sidecar-a", 60)
         await add_rows(db, month)
-        second = await prune_round(pruner(db, None), redis, lock, "sidecar-b", 60)
+        second = await prune_round(pruner(over(db), None), redis, lock, "sidecar-b", 60)
         held_for = await redis.pttl(lock)
         holder = await redis.get(lock)
     finally:
@@ -176,7 +181,7 @@ def test_a_bad_global_retention_is_refused_naming_its_variable(value: str) -> No
 
 
 async def test_the_entries_of_pruned_objects_leave_the_cache(
-    db: AsyncEngine, redis_prefix: str
+    db: AsyncEngine, redis_prefix: str, over: Over
 ) -> None:
     """An entry without expiry would serve a pruned object for good: it goes with it, unless
     it holds a newer object of the same key."""
@@ -191,7 +196,7 @@ async def test_the_entries_of_pruned_objects_leave_the_cache(
         # Key "45"'s object is old, but its entry was refreshed today: it stays.
         refreshed = CacheEntry(str(uuid.uuid4()), NOW.timestamp(), b"{}")
         await cache.put(month, "45", refreshed, None)
-        pruner = Pruner(db, None, batch_size=2, pause=0, clock=lambda: NOW, cache=cache)
+        pruner = Pruner(over(db), None, batch_size=2, pause=0, clock=lambda: NOW, cache=cache)
         [pruned] = await pruner.run()
         left = {f"{age}": await cache.get(month, f"{age}") for age in AGES}
     finally:
@@ -201,16 +206,18 @@ async def test_the_entries_of_pruned_objects_leave_the_cache(
     assert left["45"] == refreshed
 
 
-async def test_a_deleted_drafts_rows_take_the_default_retention(database: AsyncEngine) -> None:
+async def test_a_deleted_drafts_rows_take_the_default_retention(
+    database: AsyncEngine, over: Over
+) -> None:
     """Its source row is gone (drafts are hard-deleted), its rows are not: they age by the
     default, and are kept forever without one."""
     kept = await add_source(database, "kept", None)
     deleted = uuid.uuid4()
     for source in (kept, deleted):
         await add_rows(database, source)
-    assert await pruner(database, default_days=None).run() == []
+    assert await pruner(over(database), default_days=None).run() == []
 
-    done = await pruner(database, default_days=30).run()
+    done = await pruner(over(database), default_days=30).run()
 
     assert sorted((p.cut.name, p.cut.data_source_id, p.objects, p.requests) for p in done) == [
         (DELETED_SOURCE, deleted, 3, 3),

@@ -12,32 +12,30 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
-from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.database import Database, Row
 from proxy.keys import KeyLayout
 from proxy.secrets import SecretBox, SecretKeyError
 from proxy.source_registry import Registry
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import SourceRow, SourceStore, VariableValue
+from proxy.source_store import SourceStore, VariableValue
 from tests.conftest import REDIS_URL, Broker
 from tests.harness import BROKER_PATH, async_wait_for, broker_request, register, sidecar_env
 from tests.instances import sidecar
 
 
-class CountingStore(SourceStore):
-    """The real store, counting the reads a reload makes; ``gate`` holds a read's answer."""
+class CountingDatabase(Database):
+    """The real database, counting the reads a reload makes; ``gate`` holds a read's answer."""
 
-    def __init__(self, engine: AsyncEngine, box: SecretBox) -> None:
-        super().__init__(engine, box)
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
         self.reads = 0
         self.gate: asyncio.Event | None = None
 
-    async def all_with_secrets(
-        self,
-    ) -> tuple[list[SourceRow], list[Row[Any]], list[Row[Any]]]:
+    async def read(self, *statements: str) -> list[list[Row]]:
         self.reads += 1
-        read = await super().all_with_secrets()
+        read = await super().read(*statements)
         if self.gate is not None:
             await self.gate.wait()
         return read
@@ -49,16 +47,23 @@ def box() -> SecretBox:
 
 
 @pytest.fixture
-def store(db: AsyncEngine, box: SecretBox) -> CountingStore:
-    return CountingStore(db, box)
+def store(db: AsyncEngine, box: SecretBox) -> SourceStore:
+    return SourceStore(db, box)
+
+
+@pytest.fixture
+async def counted(db: AsyncEngine, pg_url: str) -> AsyncIterator[CountingDatabase]:
+    database = CountingDatabase(pg_url)
+    yield database
+    await database.close()
 
 
 @pytest.fixture
 async def registry(
-    store: CountingStore, box: SecretBox, redis_prefix: str
+    counted: CountingDatabase, box: SecretBox, redis_prefix: str
 ) -> AsyncIterator[Registry]:
     redis = Redis.from_url(REDIS_URL)
-    yield Registry(store, box, redis, KeyLayout(redis_prefix))
+    yield Registry(counted, box, redis, KeyLayout(redis_prefix))
     await redis.aclose()
 
 
@@ -73,74 +78,78 @@ async def create(store: SourceStore, name: str, **fields: Any) -> uuid.UUID:
 
 
 async def test_concurrent_unknown_names_share_one_reload(
-    registry: Registry, store: CountingStore
+    registry: Registry, store: SourceStore, counted: CountingDatabase
 ) -> None:
     await create(store, "known")
     found = await asyncio.gather(
         *(registry.resolve_fresh(None, name) for name in ["known", *map(str, range(19))])
     )
-    assert store.reads == 1
+    assert counted.reads == 1
     assert found[0] is not None and found[0].name == "known"
     assert found[1:] == [None] * 19
 
 
 async def test_a_caller_that_needs_a_later_change_waits_for_a_later_reload(
-    registry: Registry, store: CountingStore
+    registry: Registry, store: SourceStore, counted: CountingDatabase
 ) -> None:
-    store.gate = asyncio.Event()
+    counted.gate = asyncio.Event()
     early = asyncio.create_task(registry.resolve_fresh(None, "late"))
-    await async_wait_for(lambda: store.reads == 1)  # read, answer held: it misses "late"
+    await async_wait_for(lambda: counted.reads == 1)  # read, answer held: it misses "late"
     await create(store, "late")
     committed = asyncio.create_task(registry.load())  # as after an admin change
-    store.gate.set()
+    counted.gate.set()
     assert await early is None
     await committed
-    assert store.reads == 2
+    assert counted.reads == 2
     assert registry.resolve(None, "late") is not None
 
 
 async def test_a_change_counted_elsewhere_is_seen_before_its_announcement(
-    registry: Registry, store: CountingStore, box: SecretBox, redis_prefix: str
+    registry: Registry,
+    store: SourceStore,
+    box: SecretBox,
+    redis_prefix: str,
+    counted: CountingDatabase,
 ) -> None:
     """Another worker created the source and answered; its announcement has not been heard
     here, and this index is under a second old: the change count alone makes this worker
     reload before it answers (before, it answered 404 for up to a second)."""
     redis = Redis.from_url(REDIS_URL)
     try:
-        other = Registry(store, box, redis, KeyLayout(redis_prefix))
+        other = Registry(counted, box, redis, KeyLayout(redis_prefix))
         await registry.load()
         await other.changed(await create(store, "fresh"))
-        reads = store.reads
+        reads = counted.reads
         found = await registry.resolve_fresh(None, "fresh")
         assert found is not None and found.name == "fresh"
-        assert store.reads == reads + 1
+        assert counted.reads == reads + 1
         # Nothing new counted: a name still unknown waits for a second-old index, no reload.
         assert await registry.resolve_fresh(None, "nowhere") is None
-        assert store.reads == reads + 1
+        assert counted.reads == reads + 1
     finally:
         await redis.aclose()
 
 
 async def test_the_safety_net_reads_the_database_only_for_a_change_it_missed(
-    store: CountingStore, box: SecretBox, redis_prefix: str
+    store: SourceStore, box: SecretBox, redis_prefix: str, counted: CountingDatabase
 ) -> None:
     redis = Redis.from_url(REDIS_URL)
     try:
-        registry = Registry(store, box, redis, KeyLayout(redis_prefix), full_reload_interval=3600)
-        other = Registry(store, box, redis, KeyLayout(redis_prefix))
+        registry = Registry(counted, box, redis, KeyLayout(redis_prefix), full_reload_interval=3600)
+        other = Registry(counted, box, redis, KeyLayout(redis_prefix))
         await registry.load()
-        reads = store.reads
+        reads = counted.reads
         await registry.reload_if_changed()
-        assert store.reads == reads  # nothing counted since: one GET, no database read
+        assert counted.reads == reads  # nothing counted since: one GET, no database read
         await other.changed(await create(store, "missed"))  # its announcement not heard here
         await registry.reload_if_changed()
         assert registry.resolve(None, "missed") is not None
 
-        uncounted = Registry(store, box, redis, KeyLayout(redis_prefix), full_reload_interval=0)
+        uncounted = Registry(counted, box, redis, KeyLayout(redis_prefix), full_reload_interval=0)
         await uncounted.load()
-        reads = store.reads
+        reads = counted.reads
         await uncounted.reload_if_changed()  # a change nobody counted is read all the same
-        assert store.reads == reads + 1
+        assert counted.reads == reads + 1
     finally:
         await redis.aclose()
 
@@ -164,7 +173,7 @@ async def test_a_source_created_on_one_worker_is_served_by_every_worker_at_once(
 
 
 async def test_a_reload_rebuilds_only_what_changed(
-    registry: Registry, store: CountingStore, box: SecretBox
+    registry: Registry, store: SourceStore, box: SecretBox
 ) -> None:
     one = await create(store, "one")
     two = await create(store, "two", variables=["KEY"])
@@ -195,7 +204,7 @@ async def undecryptable_variable(store: SourceStore, db: AsyncEngine) -> None:
 
 
 async def test_a_change_is_announced_even_when_the_reload_after_it_fails(
-    registry: Registry, store: CountingStore, db: AsyncEngine, redis_prefix: str
+    registry: Registry, store: SourceStore, db: AsyncEngine, redis_prefix: str
 ) -> None:
     await undecryptable_variable(store, db)
     with pytest.raises(SecretKeyError):

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.app import create_app
 from proxy.client import AsyncClient, ReplayMiss
-from proxy.database import create_engine, migrate
+from proxy.engine import create_engine, migrate
 from proxy.keys import make_cache_key
 from proxy.settings import Settings
 from proxy.tables import run_data_request

@@ -19,7 +19,8 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy import tables
-from proxy.database import create_engine, migrate
+from proxy.database import Database
+from proxy.engine import migrate
 from proxy.outbox import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
@@ -29,7 +30,9 @@ from proxy.outbox import (
     RunDataRequestRecord,
     encode,
 )
-from proxy.writer import IDLE_SCAN_INTERVAL, OutboxWriter, PostgresSink, SqliteSink, sink_for
+from proxy.sqlite_sink import SqliteSink
+from proxy.writer import IDLE_SCAN_INTERVAL, OutboxWriter, PostgresSink, sink_for
+from tests.conftest import Over
 from tests.harness import async_wait_for, free_port
 
 SOURCE = uuid.UUID("00000000-0000-4000-8000-000000000007")
@@ -119,24 +122,24 @@ def journal(records: Sequence[Record]) -> bytes:
     return b"".join(encode(r) for r in records)
 
 
-def unreachable() -> AsyncEngine:
-    return create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
+def unreachable() -> Database:
+    return Database(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
 
 
 def test_each_database_gets_its_own_sink(tmp_path: Path) -> None:
-    postgres = create_async_engine("postgresql+asyncpg://x@127.0.0.1/x")
-    sqlite = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    postgres = Database("postgresql+asyncpg://x@127.0.0.1/x")
+    sqlite = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
     assert isinstance(sink_for(postgres, 10), PostgresSink)
     assert isinstance(sink_for(sqlite, 10), SqliteSink)
 
 
-async def test_sink_writes_exact_values(database: AsyncEngine) -> None:
+async def test_sink_writes_exact_values(database: AsyncEngine, over: Over) -> None:
     db = database
     obj = data_object()
     ok = replace(success(obj), cost_amount="0.35", cost_currency="USD")
     failed, hit = failure(), replace(success(obj, "CACHE"), replay="AS_OF")
 
-    await sink_for(db, batch_size=1000).write(journal([obj, ok, failed, hit]))
+    await sink_for(over(db), batch_size=1000).write(journal([obj, ok, failed, hit]))
 
     assert await objects(db) == {
         obj.data_object_id: {
@@ -191,7 +194,9 @@ async def test_sqlite_sink_writes_cost_and_replay(tmp_path: Path) -> None:
     assert {r["erased_at"] for r in rows.values()} == {None}
 
 
-async def test_an_error_holding_any_text_is_written_as_it_was(database: AsyncEngine) -> None:
+async def test_an_error_holding_any_text_is_written_as_it_was(
+    database: AsyncEngine, over: Over
+) -> None:
     """Request-supplied text (a parameter name) may hold NUL, quotes, escapes, newlines."""
     db = database
     hostile = {
@@ -205,17 +210,17 @@ async def test_an_error_holding_any_text_is_written_as_it_was(database: AsyncEng
     old_line = encode(old_form).replace(
         orjson.dumps(orjson.dumps(old_form.error).decode()), orjson.dumps(old_form.error)
     )
-    assert await sink_for(db, batch_size=1000).write(encode(record) + old_line) == 2
+    assert await sink_for(over(db), batch_size=1000).write(encode(record) + old_line) == 2
     rows = await requests(db)
     assert rows[record.run_data_request_id]["error"] == hostile
     assert rows[old_form.run_data_request_id]["error"] == old_form.error
 
 
-async def test_success_rows_have_sql_null_error(database: AsyncEngine) -> None:
+async def test_success_rows_have_sql_null_error(database: AsyncEngine, over: Over) -> None:
     """``error IS NULL`` tells successes from failures (not a JSON ``null``)."""
     db = database
     obj = data_object()
-    await sink_for(db, batch_size=1000).write(journal([obj, success(obj), failure()]))
+    await sink_for(over(db), batch_size=1000).write(journal([obj, success(obj), failure()]))
     async with db.connect() as conn:
         result = await conn.execute(
             text("SELECT data_origin, error IS NULL AS ok FROM run_data_request")
@@ -226,10 +231,10 @@ async def test_success_rows_have_sql_null_error(database: AsyncEngine) -> None:
         ]
 
 
-async def test_sink_is_idempotent(database: AsyncEngine) -> None:
+async def test_sink_is_idempotent(database: AsyncEngine, over: Over) -> None:
     db = database
     records = [*batch(3), failure()]
-    sink = sink_for(db, batch_size=2)
+    sink = sink_for(over(db), batch_size=2)
 
     await sink.write(journal(records))
     first = (await objects(db), await requests(db))
@@ -240,10 +245,10 @@ async def test_sink_is_idempotent(database: AsyncEngine) -> None:
     assert len(first[0]) == 3 and len(first[1]) == 4
 
 
-async def test_sink_writes_more_than_a_batch(database: AsyncEngine) -> None:
+async def test_sink_writes_more_than_a_batch(database: AsyncEngine, over: Over) -> None:
     db = database
     records = batch(2_500)
-    assert await sink_for(db, batch_size=1000).write(journal(records)) == 5_000
+    assert await sink_for(over(db), batch_size=1000).write(journal(records)) == 5_000
     assert await count(db, "data_object") == 2_500
     assert await count(db, "run_data_request") == 2_500
     assert set(await objects(db)) == {
@@ -252,11 +257,11 @@ async def test_sink_writes_more_than_a_batch(database: AsyncEngine) -> None:
 
 
 async def test_flush_ships_sealed_segments_and_removes_them(
-    db: AsyncEngine, tmp_path: Path
+    db: AsyncEngine, tmp_path: Path, over: Over
 ) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
-    writer = OutboxWriter(outbox, PostgresSink(db), interval=60)
+    writer = OutboxWriter(outbox, PostgresSink(over(db)), interval=60)
     first, second = batch(2), [*batch(1), failure()]
     outbox.append(*first)
     outbox.seal()  # a segment sealed earlier, beside the one flush seals itself
@@ -273,7 +278,9 @@ async def test_flush_ships_sealed_segments_and_removes_them(
     outbox.close()
 
 
-async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path: Path) -> None:
+async def test_unreachable_database_keeps_the_segment(
+    db: AsyncEngine, tmp_path: Path, over: Over
+) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
     down = unreachable()
@@ -284,7 +291,7 @@ async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path:
         assert await writer.flush() is False
         assert await writer.flush() is False
     finally:
-        await down.dispose()
+        await down.close()
 
     kept = [p for p in segments(tmp_path) if p.suffix == SEALED_SUFFIX]
     assert len(kept) == 1
@@ -292,7 +299,7 @@ async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path:
     assert writer.backlog_bytes == kept[0].stat().st_size
     assert await count(db, "run_data_request") == 0
 
-    writer.sink = PostgresSink(db)
+    writer.sink = PostgresSink(over(db))
     assert await writer.flush() is True
 
     assert not kept[0].exists()
@@ -304,7 +311,7 @@ async def test_unreachable_database_keeps_the_segment(db: AsyncEngine, tmp_path:
 
 
 async def test_a_segment_replayed_after_commit_writes_nothing_twice(
-    db: AsyncEngine, tmp_path: Path
+    db: AsyncEngine, tmp_path: Path, over: Over
 ) -> None:
     """A crash between commit and unlink: the next process ships the segment again."""
     records = [*batch(2), failure()]
@@ -314,7 +321,7 @@ async def test_a_segment_replayed_after_commit_writes_nothing_twice(
     outbox.close()
     [segment] = segments(tmp_path)
     saved = segment.read_bytes()
-    writer = OutboxWriter(Outbox(tmp_path), PostgresSink(db), interval=60)
+    writer = OutboxWriter(Outbox(tmp_path), PostgresSink(over(db)), interval=60)
     assert await writer.flush() is True
     before = (await objects(db), await requests(db))
 
@@ -326,11 +333,11 @@ async def test_a_segment_replayed_after_commit_writes_nothing_twice(
 
 
 async def test_run_ships_on_its_own_and_stop_ships_the_rest(
-    db: AsyncEngine, tmp_path: Path
+    db: AsyncEngine, tmp_path: Path, over: Over
 ) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
-    writer = OutboxWriter(outbox, PostgresSink(db), interval=0.02)
+    writer = OutboxWriter(outbox, PostgresSink(over(db)), interval=0.02)
     task = asyncio.create_task(writer.run())
     try:
         outbox.append(*batch(2))
@@ -360,7 +367,7 @@ async def test_stop_with_the_database_down_leaves_the_rest_on_disk(tmp_path: Pat
     try:
         await writer.stop(timeout=10)
     finally:
-        await down.dispose()
+        await down.close()
     assert [p.suffix for p in segments(tmp_path)] == [SEALED_SUFFIX]
 
 
@@ -377,11 +384,11 @@ class BreaksOnce(PostgresSink):
 
 
 async def test_any_sink_failure_keeps_the_segment_and_the_writer_running(
-    db: AsyncEngine, tmp_path: Path
+    db: AsyncEngine, tmp_path: Path, over: Over
 ) -> None:
     outbox = Outbox(tmp_path)
     outbox.open()
-    sink = BreaksOnce(db)
+    sink = BreaksOnce(over(db))
     writer = OutboxWriter(outbox, sink, interval=0.02)
     outbox.append(*batch(2))
     task = asyncio.create_task(writer.run())

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``proxy.database.migrate`` hands in."""
+"""Alembic environment: runs on the connection ``proxy.engine.migrate`` hands in."""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from typing import get_args
 
 from pydantic import TypeAdapter
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -36,21 +35,17 @@ from proxy.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from proxy.routes import params
+from proxy.routes import answers, params
 from proxy.services import services
+from proxy.source_rows import spec_of
 from proxy.source_spec import DataSourceSpec
-from proxy.source_store import VariableValue, spec_of, to_api
+from proxy.source_store import VariableValue, to_api
 from proxy.types import Status
 
 logger = logging.getLogger("databroker.admin")
 
 Handler = Callable[[Request], Awaitable[Response]]
 _VARIABLES = TypeAdapter(list[VariableValue])
-
-
-def error_answer(exc: BrokerError) -> Response:
-    detail = exc.errors if isinstance(exc, ValidationFailed) else exc.message
-    return params.json_answer({"detail": detail, "code": exc.code, **exc.extra}, exc.status)
 
 
 def _authorize(request: Request) -> None:
@@ -72,12 +67,12 @@ def admin(handler: Handler) -> Handler:
             _authorize(request)
             return await handler(request)
         except BrokerError as exc:
-            return error_answer(exc)
+            return answers.error_answer(exc)
         except ClientDisconnect:
-            return error_answer(ValidationFailed("the client left before sending its body"))
+            return answers.error_answer(ValidationFailed("the client left before sending its body"))
         except Exception as exc:
             if is_unavailable(exc):
-                return error_answer(DatabaseUnavailable(f"{describe(exc)}; retry"))
+                return answers.error_answer(DatabaseUnavailable(f"{describe(exc)}; retry"))
             # Where, not what: an exception's message may quote a value it was given.
             where = "".join(traceback.format_tb(exc.__traceback__))
             logger.error(
@@ -87,24 +82,9 @@ def admin(handler: Handler) -> Handler:
                 type(exc).__name__,
                 where,
             )
-            return error_answer(InternalError(f"internal error ({type(exc).__name__})"))
+            return answers.error_answer(InternalError(f"internal error ({type(exc).__name__})"))
 
     return guarded
-
-
-async def _http_error(_: Request, exc: Exception) -> Response:
-    """Starlette's own refusals (no such route, method not allowed) in the same shape."""
-    assert isinstance(exc, HTTPException)
-    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-    return params.json_answer({"detail": exc.detail, "code": code}, exc.status_code, exc.headers)
-
-
-async def _internal_error(_: Request, exc: Exception) -> Response:
-    return error_answer(InternalError(f"internal error ({type(exc).__name__})"))
-
-
-# For the whole application: every route outside the hot path answers JSON errors.
-exception_handlers = {HTTPException: _http_error, Exception: _internal_error}
 
 
 _BOOLEANS = {
@@ -133,7 +113,7 @@ async def list_sources(request: Request) -> Response:
         include_archived,
         status,  # type: ignore[arg-type]
     )
-    return params.json_answer([to_api(row) for row in rows])
+    return answers.json_answer([to_api(row) for row in rows])
 
 
 @admin
@@ -141,12 +121,12 @@ async def create_source(request: Request) -> Response:
     spec = await params.parse_body(request, DataSourceSpec.model_validate)
     row = await params.store(request).create(spec, params.project(request, spec.project_id))
     await services(request).registry.changed(row.data_source_id)
-    return params.json_answer(to_api(row))
+    return answers.json_answer(to_api(row))
 
 
 @admin
 async def get_source(request: Request) -> Response:
-    return params.json_answer(
+    return answers.json_answer(
         to_api(await params.store(request).get(params.source_id(request), params.project(request)))
     )
 
@@ -163,7 +143,7 @@ async def replace_source(request: Request) -> Response:
         # Never raises: a flush Redis refuses is retried in the background (proxy.flushes).
         await services(request).flushes.flush_source(row.data_source_id)
     await services(request).registry.changed(row.data_source_id)
-    return params.json_answer(to_api(row))
+    return answers.json_answer(to_api(row))
 
 
 @admin
@@ -171,19 +151,19 @@ async def delete_source(request: Request) -> Response:
     data_source_id = params.source_id(request)
     await params.store(request).delete(data_source_id, params.project(request))
     await services(request).registry.changed(data_source_id)
-    return params.json_answer({"data_source_id": str(data_source_id)})
+    return answers.json_answer({"data_source_id": str(data_source_id)})
 
 
 @admin
 async def publish_source(request: Request) -> Response:
     row = await params.store(request).publish(params.source_id(request), params.project(request))
     await services(request).registry.changed(row.data_source_id)
-    return params.json_answer(to_api(row))
+    return answers.json_answer(to_api(row))
 
 
 @admin
 async def get_variables(request: Request) -> Response:
-    return params.json_answer(
+    return answers.json_answer(
         await params.store(request).get_variables(
             params.source_id(request), params.project(request)
         )
@@ -196,7 +176,7 @@ async def set_variables(request: Request) -> Response:
     data_source_id, project = params.source_id(request), params.project(request)
     await params.store(request).set_variables(data_source_id, desired, project)
     await services(request).registry.changed(data_source_id)
-    return params.json_answer(await params.store(request).get_variables(data_source_id, project))
+    return answers.json_answer(await params.store(request).get_variables(data_source_id, project))
 
 
 async def _set_paused(request: Request, paused: bool) -> Response:
@@ -204,7 +184,7 @@ async def _set_paused(request: Request, paused: bool) -> Response:
     answer 503 SOURCE_PAUSED within a second fleet-wide; its cache hits are still served."""
     row = await params.store(request).get(params.source_id(request), params.project(request))
     await services(request).broker.vendors.set_paused(row.data_source_id, paused)
-    return params.json_answer({**to_api(row), "paused": paused})
+    return answers.json_answer({**to_api(row), "paused": paused})
 
 
 @admin
@@ -215,7 +195,7 @@ async def get_protection(request: Request) -> Response:
     described = await services(request).broker.vendors.describe(
         row.data_source_id, spec_of(row).source
     )
-    return params.json_answer({"data_source_id": str(row.data_source_id), **described})
+    return answers.json_answer({"data_source_id": str(row.data_source_id), **described})
 
 
 @admin

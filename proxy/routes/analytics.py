@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import analytics, rollup
-from proxy.routes import params
+from proxy import analytics, rollup_reads
+from proxy.routes import answers, params
 from proxy.routes.admin import admin
 from proxy.services import services
 
@@ -38,8 +38,10 @@ def _per_source(figures: Figures) -> Callable[[Request], Any]:
         # 404 for a source of another project, as every admin read.
         row = await found.sources.get(data_source_id, params.project(request))
         async with found.engine.connect() as conn:
-            counters = await rollup.read_source(conn, data_source_id, window.start, window.end)
-        return params.json_answer(figures(counters, window, analytics.cost_of(row.source)))
+            counters = await rollup_reads.read_source(
+                conn, data_source_id, window.start, window.end
+            )
+        return answers.json_answer(figures(counters, window, analytics.cost_of(row.source)))
 
     return route
 
@@ -53,8 +55,8 @@ async def summary(request: Request) -> Response:
         for row in rows
     }
     async with found.engine.connect() as conn:
-        whole, ranked = await rollup.read_project(conn, project, window.start, window.end)
-    return params.json_answer(analytics.summary(whole, ranked, window, project, sources))
+        whole, ranked = await rollup_reads.read_project(conn, project, window.start, window.end)
+    return answers.json_answer(analytics.summary(whole, ranked, window, project, sources))
 
 
 routes = [

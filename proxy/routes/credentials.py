@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.routes import params
+from proxy.routes import answers, params
 from proxy.routes.admin import admin
 from proxy.services import services
 from proxy.source_store import CredentialValue
@@ -22,7 +22,7 @@ _CREDENTIALS = TypeAdapter(list[CredentialValue])
 
 @admin
 async def get_credentials(request: Request) -> Response:
-    return params.json_answer(
+    return answers.json_answer(
         await params.store(request).get_credentials(
             params.source_id(request), params.project(request)
         )
@@ -38,7 +38,7 @@ async def set_credentials(request: Request) -> Response:
     # The cached token was issued for the old credentials. (Another sidecar that has not
     # reloaded yet may still request one with them: it lasts until it expires.)
     await services(request).broker.tokens.forget(data_source_id)
-    return params.json_answer(await params.store(request).get_credentials(data_source_id, project))
+    return answers.json_answer(await params.store(request).get_credentials(data_source_id, project))
 
 
 routes = [

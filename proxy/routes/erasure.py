@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.errors import ValidationFailed
-from proxy.routes import params
+from proxy.routes import answers, params
 from proxy.routes.admin import admin
 from proxy.services import services
 
@@ -28,7 +28,7 @@ async def erase_objects(request: Request) -> Response:
     # NotFound for a source of another project, as every admin route.
     row = await found.sources.get(params.source_id(request), params.project(request))
     erased = await found.eraser.erase(row.data_source_id, key)
-    return params.json_answer(
+    return answers.json_answer(
         {
             "data_source_id": str(row.data_source_id),
             "key": key,

@@ -16,10 +16,10 @@ from starlette.routing import Route
 from proxy import objects
 from proxy.errors import NotFound, ValidationFailed
 from proxy.export import Row, exported
-from proxy.routes import params
+from proxy.routes import answers, params
 from proxy.routes.admin import admin
 from proxy.services import services
-from proxy.source_store import spec_of
+from proxy.source_rows import spec_of
 from proxy.timestamps import iso_utc
 
 
@@ -66,7 +66,7 @@ async def list_objects(request: Request) -> Response:
         raise ValidationFailed(
             "before names no data object of this source", loc=("query", "before")
         ) from exc
-    return params.json_answer([_metadata(row.data_source_id, meta) for meta in page])
+    return answers.json_answer([_metadata(row.data_source_id, meta) for meta in page])
 
 
 @admin
@@ -89,7 +89,7 @@ async def get_object(request: Request) -> Response:
     answer["value"] = None if item.value_json is None else orjson.Fragment(item.value_json)
     if item.error is not None:
         answer["error"] = item.error
-    return params.json_answer(answer)
+    return answers.json_answer(answer)
 
 
 routes = [

@@ -8,23 +8,17 @@ else ``DATABROKER_PROJECT_ID``, else the global namespace.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
 
 from proxy.errors import BodyTooLarge, NotFound, Refused, ValidationFailed
 from proxy.messages import loads_strict
 from proxy.routes.bodies import read_json
 from proxy.services import services
 from proxy.source_store import SourceStore
-
-
-def json_answer(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
 async def parse_body(request: Request, validate: Callable[[Any], Any]) -> Any:

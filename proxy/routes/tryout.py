@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from proxy import tryout
 from proxy.errors import NotFound
-from proxy.routes import params
+from proxy.routes import answers, params
 from proxy.routes.admin import admin
 from proxy.services import services
 
@@ -25,7 +25,7 @@ async def test_source(request: Request) -> Response:
     except KeyError as exc:  # deleted since it was read
         raise NotFound(f"no data source {row.data_source_id} in this project") from exc
     source = tryout.with_overrides(source, given.env_vars or {})
-    return params.json_answer(await tryout.run(found.broker, source, given.params or {}))
+    return answers.json_answer(await tryout.run(found.broker, source, given.params or {}))
 
 
 routes = [Route("/data-sources/{data_source_id}/test", test_source, methods=["POST"])]
