@@ -58,6 +58,39 @@ async def _decode_json(connection: asyncpg.Connection) -> None:
     )
 
 
+class LazyPool:
+    """An asyncpg pool of ``database`` opened by its first ``acquire``, bounded by the
+    database's timeouts: connecting and waiting for a connection by ``connect_timeout``,
+    each statement by ``command_timeout``."""
+
+    def __init__(self, database: Database, **options: Any) -> None:
+        self._database = database
+        self._options = options
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    async def _opened(self) -> asyncpg.Pool:
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._database.dsn,
+                    timeout=self._database.connect_timeout,
+                    command_timeout=self._database.command_timeout,
+                    **self._options,
+                )
+            return self._pool
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        pool = self._pool or await self._opened()
+        async with pool.acquire(timeout=self._database.connect_timeout) as connection:
+            yield connection
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+
 class Database:
     """One process's way to the database; ``close`` releases whatever it opened."""
 
@@ -68,8 +101,13 @@ class Database:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
+        self._serving = LazyPool(
+            self,
+            min_size=1,
+            max_size=POOL_SIZE,
+            max_inactive_connection_lifetime=60,
+            init=_decode_json,
+        )
 
     @property
     def dsn(self) -> str:
@@ -91,25 +129,10 @@ class Database:
         """Whether the serving path runs on the asyncpg pool (Postgres) or the engine."""
         return self.dialect == "postgresql"
 
-    async def _opened(self) -> asyncpg.Pool:
-        async with self._opening:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self.dsn,
-                    min_size=1,
-                    max_size=POOL_SIZE,
-                    max_inactive_connection_lifetime=60,
-                    timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout,
-                    init=_decode_json,
-                )
-            return self._pool
-
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection of the serving pool (Postgres only)."""
-        pool = self._pool or await self._opened()
-        async with pool.acquire(timeout=self.connect_timeout) as connection:
+        async with self._serving.acquire() as connection:
             yield connection
 
     async def read(self, *statements: str) -> list[list[Row]]:
@@ -136,8 +159,7 @@ class Database:
             pass
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        await self._serving.close()
         if "engine" in self.__dict__:
             await self.engine.dispose()
 

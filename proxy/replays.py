@@ -21,7 +21,6 @@ are not in the database yet: a replay does not see them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Protocol
 
 import asyncpg
 
-from proxy.database import Database
+from proxy.database import Database, LazyPool
 from proxy.errors import InternalError
 from proxy.messages import Replay
 
@@ -74,7 +73,7 @@ class Replays(Protocol):
 
 def replays_for(database: Database) -> Replays:
     if database.pooled:
-        return PostgresReplays(database.dsn, database.connect_timeout, database.command_timeout)
+        return PostgresReplays(database)
     # SQLAlchemy's queries, only for SQLite: its engine serves everything there anyway.
     from proxy.engine_replays import EngineReplays
 
@@ -93,26 +92,14 @@ class PostgresReplays:
     """On an asyncpg pool of its own (at most POOL_SIZE connections, opened on demand,
     idle ones closed after a minute), bounded by the database timeouts."""
 
-    def __init__(self, dsn: str, connect_timeout: float, command_timeout: float | None) -> None:
-        self._dsn = dsn
-        self._connect_timeout = connect_timeout
-        self._command_timeout = command_timeout
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
-
-    async def _opened(self) -> asyncpg.Pool:
-        async with self._opening:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self._dsn,
-                    min_size=0,
-                    max_size=POOL_SIZE,
-                    max_inactive_connection_lifetime=60,
-                    connection_class=_Reader,
-                    timeout=self._connect_timeout,
-                    command_timeout=self._command_timeout,
-                )
-            return self._pool
+    def __init__(self, database: Database) -> None:
+        self._pool = LazyPool(
+            database,
+            min_size=0,
+            max_size=POOL_SIZE,
+            max_inactive_connection_lifetime=60,
+            connection_class=_Reader,
+        )
 
     async def find(
         self, data_source_id: uuid.UUID, key: str, replay: Replay
@@ -121,8 +108,7 @@ class PostgresReplays:
             (AS_OF_SQL, replay.as_of) if replay.as_of is not None else (OF_RUN_SQL, replay.run_id)
         )
         try:
-            pool = self._pool or await self._opened()
-            async with pool.acquire(timeout=self._connect_timeout) as conn:
+            async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(sql, data_source_id, key, last)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             # OSError: refused, reset; TimeoutError (connect, acquire, command) is one too.
@@ -132,5 +118,4 @@ class PostgresReplays:
         return StoredObject(str(row["data_object_id"]), row["created_at"].timestamp(), row["value"])
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        await self._pool.close()
