@@ -56,6 +56,18 @@ from proxy.writer import OutboxWriter, sink_for
 
 logger = logging.getLogger("databroker")
 
+ADMIN_MODULES = (
+    "proxy.routes.admin",
+    "proxy.routes.analytics",
+    "proxy.routes.credentials",
+    "proxy.routes.erasure",
+    "proxy.routes.objects",
+    "proxy.routes.tryout",
+    "proxy.openapi",
+)
+"""The admin routes' modules, imported at the first request for one (``proxy.routes.deferred``)."""
+ADMIN_PREFIXES = ("/data-sources", "/analytics/", "/openapi.json")
+"""Where every admin route's path starts."""
 # How long one close step, or one background task's cancel, may take at shutdown.
 CLOSE_TIMEOUT = 5.0
 # How often the hot entries' gauges are sampled (seconds).
@@ -74,15 +86,7 @@ def create_app(
         routes=[
             *internal.routes,
             *health.routes,
-            Deferred(
-                "proxy.routes.admin",
-                "proxy.routes.analytics",
-                "proxy.routes.credentials",
-                "proxy.routes.erasure",
-                "proxy.routes.objects",
-                "proxy.routes.tryout",
-                "proxy.openapi",
-            ),
+            Deferred(ADMIN_PREFIXES, *ADMIN_MODULES),
         ],
         exception_handlers=answers.exception_handlers,
     )

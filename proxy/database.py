@@ -22,9 +22,9 @@ from contextlib import asynccontextmanager
 from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
-import orjson
 
 from proxy.errors import StartupError
 
@@ -37,9 +37,12 @@ MIGRATE_HINT = "run `databroker migrate`"
 VERSION_TABLE = "alembic_version"
 _REVISION = re.compile(r'^revision = "([^"]+)"$', re.MULTILINE)
 _DOWN_REVISION = re.compile(r'^down_revision = (?:None|"([^"]+)")$', re.MULTILINE)
-POOL_SIZE = 3
-"""The serving pool's connections: the writer's, a registry reload's, a readiness check's."""
-_ASYNCPG_SCHEME = "postgresql+asyncpg://"
+POOL_SIZE = 4
+"""The serving pool's connections: the writer's, a registry reload's, a prune round's
+reads, a readiness check's."""
+# What the URL's query says to SQLAlchemy's asyncpg dialect rather than to asyncpg: its
+# own statement cache, which is asyncpg's here.
+_STATEMENT_CACHE = "prepared_statement_cache_size"
 # SQLSTATE classes of a server that is away or overloaded, not refusing a statement:
 # connection exception, insufficient resources, operator intervention (shutting down).
 _UNAVAILABLE_STATES = ("08", "53", "57")
@@ -47,15 +50,16 @@ _UNAVAILABLE_STATES = ("08", "53", "57")
 Row = Mapping[str, Any]
 
 
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-async def _decode_json(connection: asyncpg.Connection) -> None:
-    """``json`` columns (a source's ``source``, ``metadata``…) read as Python values."""
-    await connection.set_type_codec(
-        "json", encoder=_json_text, decoder=orjson.loads, schema="pg_catalog"
-    )
+def asyncpg_arguments(url: str) -> tuple[str, dict[str, Any]]:
+    """The DSN asyncpg connects to and the keyword arguments it takes, from a SQLAlchemy
+    URL: the query's keys are arguments of ``asyncpg.connect`` (``?ssl=require``), as
+    SQLAlchemy's asyncpg dialect passes them, so one URL means the same on both paths."""
+    parts = urlsplit(url)
+    options: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if _STATEMENT_CACHE in options:
+        options["statement_cache_size"] = int(options.pop(_STATEMENT_CACHE))
+    dsn = urlunsplit(parts._replace(scheme="postgresql", query=""))
+    return dsn, options
 
 
 class LazyPool:
@@ -68,14 +72,19 @@ class LazyPool:
         self._options = options
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        self._closed = False
 
     async def _opened(self) -> asyncpg.Pool:
         async with self._opening:
+            if self._closed:
+                raise asyncpg.InterfaceError("the database pool is closed: shutting down")
             if self._pool is None:
+                dsn, arguments = asyncpg_arguments(self._database.url)
                 self._pool = await asyncpg.create_pool(
-                    self._database.dsn,
+                    dsn,
                     timeout=self._database.connect_timeout,
                     command_timeout=self._database.command_timeout,
+                    **arguments,
                     **self._options,
                 )
             return self._pool
@@ -87,8 +96,12 @@ class LazyPool:
             yield connection
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        """Close the pool; one still opening is closed once open, and none opens after."""
+        async with self._opening:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
 
 class Database:
@@ -101,21 +114,11 @@ class Database:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+        # No connection kept while idle: none to keep up (or to log about) while the
+        # database is away.
         self._serving = LazyPool(
-            self,
-            min_size=1,
-            max_size=POOL_SIZE,
-            max_inactive_connection_lifetime=60,
-            init=_decode_json,
+            self, min_size=0, max_size=POOL_SIZE, max_inactive_connection_lifetime=60
         )
-
-    @property
-    def dsn(self) -> str:
-        """The URL as asyncpg takes it (``postgresql://…``); never logged (it may hold a
-        password)."""
-        if self.url.startswith(_ASYNCPG_SCHEME):
-            return "postgresql://" + self.url.removeprefix(_ASYNCPG_SCHEME)
-        return self.url
 
     @cached_property
     def engine(self) -> AsyncEngine:
@@ -137,8 +140,8 @@ class Database:
 
     async def read(self, *statements: str) -> list[list[Row]]:
         """The rows of each statement (none takes parameters), read in one transaction,
-        each row a mapping by column name: JSON columns decoded on Postgres; on SQLite,
-        each value as the driver stores it."""
+        each row a mapping by column name, each value as the driver reads it (JSON as its
+        text; on SQLite, a UUID as its hex digits, a timestamp as its text)."""
         if self.pooled:
             async with self.connection() as connection, connection.transaction(readonly=True):
                 return [list(await connection.fetch(sql)) for sql in statements]
@@ -159,9 +162,11 @@ class Database:
             pass
 
     async def close(self) -> None:
-        await self._serving.close()
-        if "engine" in self.__dict__:
-            await self.engine.dispose()
+        try:
+            await self._serving.close()
+        finally:
+            if "engine" in self.__dict__:
+                await self.engine.dispose()
 
 
 @cache
@@ -228,6 +233,8 @@ def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is away or too slow, rather than refusing a statement."""
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate or "")[:2] in _UNAVAILABLE_STATES
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return False  # the URL's options: retrying does not help
     # OSError: refused, reset, and TimeoutError (asyncpg's connect and command timeouts).
     if isinstance(exc, OSError | asyncpg.InterfaceError):
         return True
@@ -239,11 +246,21 @@ def is_unavailable(exc: BaseException) -> bool:
     return sa_exc is not None and isinstance(exc, sa_exc.TimeoutError)
 
 
+_NO_TABLES = f"the database has no databroker tables: {MIGRATE_HINT}"
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or ["refused"])[0]
+
+
 def _refused(message: str) -> str:
-    lines = message.strip().splitlines() or ["refused"]
-    if lines[0].startswith(("relation ", "no such table")):
-        return f"the database has no databroker tables: {MIGRATE_HINT}"
-    return f"the database of DATABROKER_DATABASE_URL refused: {lines[0]}"
+    """Through SQLAlchemy, a missing table is known by its message only (SQLite's are
+    English whatever the locale; Postgres's were, as this release's serving path reads
+    the SQLSTATE instead)."""
+    line = _first_line(message)
+    if line.startswith(("relation ", "no such table")):
+        return _NO_TABLES
+    return f"the database of DATABROKER_DATABASE_URL refused: {line}"
 
 
 def describe(exc: BaseException) -> str:
@@ -257,10 +274,17 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         reason = exc.strerror or type(exc).__name__
         return f"cannot reach the database of DATABROKER_DATABASE_URL: {reason}"
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return _NO_TABLES
     if isinstance(exc, asyncpg.PostgresError):
         # The server's own message ('database "x" does not exist', 'password authentication
         # failed for user "y"'), never a statement's parameters.
-        return _refused(str(exc) or type(exc).__name__)
+        line = _first_line(str(exc) or type(exc).__name__)
+        return f"the database of DATABROKER_DATABASE_URL refused: {line}"
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        # An option of the URL's query that asyncpg refuses; its message names the option.
+        line = _first_line(str(exc))
+        return f"the options of DATABROKER_DATABASE_URL are refused: {line}"
     if isinstance(exc, asyncpg.InterfaceError):
         return f"cannot reach the database of DATABROKER_DATABASE_URL: {type(exc).__name__}"
     if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):

@@ -53,15 +53,49 @@ class Erased:
 
 
 async def erase_rows(
-    engine: AsyncEngine,
+    database: Database,
     data_source_id: uuid.UUID,
     key: str,
     at: datetime,
     known_ids: Sequence[uuid.UUID] = (),
 ) -> Erased:
     """Delete the key's objects created up to ``at``; mark the audit rows naming them, or
-    naming ``known_ids`` (objects an earlier pass erased), with ``erased_at = at``."""
-    # Here, not at the top: SQLAlchemy only in a sidecar that erases (README "Footprint").
+    naming ``known_ids`` (objects an earlier pass erased), with ``erased_at = at``. One
+    transaction. Every sidecar repeats an erasure (step 4): on Postgres it runs on the
+    serving pool, so that an erasure does not load SQLAlchemy across the fleet."""
+    if not database.pooled:
+        return await _erase_through_engine(database.engine, data_source_id, key, at, known_ids)
+    async with database.connection() as conn, conn.transaction():
+        ids = [r[0] for r in await conn.fetch(_FOUND, data_source_id, key, at)]
+        named = list({*ids, *known_ids})
+        marked = 0
+        if named:
+            status = await conn.execute(_MARK, named, at)
+            marked = int(status.split()[-1])  # "UPDATE n"
+        if ids:
+            await conn.execute(_DELETE, ids)
+    return Erased(ids, marked)
+
+
+_FOUND = (
+    "SELECT data_object_id FROM data_object"
+    " WHERE data_source_id = $1 AND key = $2 AND created_at <= $3"
+)
+_MARK = (
+    "UPDATE run_data_request SET data_object_id = NULL, erased_at = $2"
+    " WHERE data_object_id = ANY($1::uuid[])"
+)
+_DELETE = "DELETE FROM data_object WHERE data_object_id = ANY($1::uuid[])"
+
+
+async def _erase_through_engine(
+    engine: AsyncEngine,
+    data_source_id: uuid.UUID,
+    key: str,
+    at: datetime,
+    known_ids: Sequence[uuid.UUID],
+) -> Erased:
+    """``erase_rows`` on SQLite, the embedded default, which serves through the engine."""
     from sqlalchemy import delete, select, update
 
     from proxy.tables import data_object, run_data_request
@@ -105,7 +139,7 @@ class Eraser:
         except CacheUnavailable as exc:
             raise RedisUnavailable(f"the cache entry could not be deleted ({exc}); retry") from exc
         await self._ship()
-        erased = await erase_rows(self.database.engine, data_source_id, key, at)
+        erased = await erase_rows(self.database, data_source_id, key, at)
         # Never the key: it stands for the subject whose data this removed.
         logger.info(
             "erased %d DataObjects of data source %s; %d audit rows marked",
@@ -139,7 +173,7 @@ class Eraser:
         try:
             await self._ship()
             await erase_rows(
-                self.database.engine,
+                self.database,
                 uuid.UUID(fields["s"]),
                 fields["k"],
                 datetime.fromisoformat(fields["at"]),

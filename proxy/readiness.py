@@ -79,18 +79,28 @@ class Dependencies:
 
     @staticmethod
     async def _check(check: Check) -> State:
-        try:
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                await check()
-        except Exception:
-            # Which failure it was is the broker's and the writer's to log (once per
-            # outage); a probe's answer only needs the state.
+        """The check's state within CHECK_TIMEOUT: one still running then is cancelled and
+        left to end on its own (a cancelled database query sends its cancel request on a
+        new connection first), so that the other checks' states are not held back."""
+        task = asyncio.ensure_future(check())
+        task.add_done_callback(_retrieved)
+        done, _ = await asyncio.wait({task}, timeout=CHECK_TIMEOUT)
+        if not done:
+            task.cancel()
             return "degraded"
-        return "ok"
+        # Which failure it was is the broker's and the writer's to log (once per outage);
+        # a probe's answer only needs the state.
+        return "degraded" if task.cancelled() or task.exception() is not None else "ok"
 
     def _publish(self) -> None:
         for name, state in self.states.items():
             DEPENDENCY_UP.labels(dependency=name).set(1 if state == "ok" else 0)
+
+
+def _retrieved(task: asyncio.Future[object]) -> None:
+    """Mark a check's failure as seen: asyncio would log an abandoned one's at exit."""
+    if not task.cancelled():
+        task.exception()
 
 
 def report(

@@ -16,6 +16,7 @@ import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -52,6 +53,10 @@ def _database_url(url: str | None) -> str | None:
     driver = scheme.group(1)
     if driver not in DATABASE_DRIVERS:
         raise ValueError(f"{driver}:// is not supported: expected {forms}")
+    try:
+        urlsplit(url).port  # noqa: B018 (it raises for a port or an IPv6 host it cannot read)
+    except ValueError:
+        raise ValueError(f"not a database URL (its host or port): expected {forms}") from None
     return url
 
 

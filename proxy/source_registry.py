@@ -1,5 +1,5 @@
 """What the broker serves from: the in-memory index of data sources and their variables,
-built from ``source_store`` and compiled once.
+read from the database (``proxy.source_rows``) and compiled once.
 
 The hot path reads only this index (and Redis). It is rebuilt from the
 database and swapped in one assignment, so a reader never sees half an update:

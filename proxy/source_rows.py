@@ -8,13 +8,12 @@ pool's, so that a sidecar that only serves never imports SQLAlchemy (README
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, TypeAlias
-
-import orjson
 
 from proxy.database import Database, Row
 from proxy.source_spec import DataSourceSpec
@@ -57,7 +56,9 @@ def as_uuid(value: Any) -> uuid.UUID | None:
 
 
 def _json(value: Any) -> Any:
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
+    # A JSON column's text, on both databases; decoded as SQLAlchemy's JSON type decodes
+    # it (the standard library's parser: integers of any size, as the admin API took them).
+    return value if value is None else json.loads(value)
 
 
 def _time(value: Any) -> datetime:

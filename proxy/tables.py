@@ -5,9 +5,10 @@ keys on purpose: the audit trail must outlive a hard-deleted draft, and a
 record shipped from one sidecar's outbox may name an object another sidecar
 has not shipped yet. A foreign key there would block the outbox writer.
 
-SQLAlchemy Core tables, not ORM classes: the serving process reads and writes rows,
-and declarative mapping cost it ~3 MiB of RSS for nothing it used (README "Footprint").
-A row comes back as a ``Row``, read by attribute like the mapped objects were.
+SQLAlchemy Core tables, not ORM classes: what uses them (the admin routes, the
+commands, SQLite's serving path) reads and writes rows, and declarative mapping cost
+~3 MiB of RSS for nothing used. A row comes back as a ``Row``, read by attribute. On
+Postgres the serving path reads and writes with plain SQL instead (README "Footprint").
 """
 
 from __future__ import annotations

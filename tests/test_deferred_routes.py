@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from proxy.app import ADMIN_MODULES, ADMIN_PREFIXES
 from proxy.routes.answers import exception_handlers
 from proxy.routes.deferred import Deferred
 
@@ -46,7 +47,7 @@ def later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 async def test_a_deferred_module_is_imported_by_the_first_request_it_may_take(later: str) -> None:
-    deferred = Deferred(later)
+    deferred = Deferred(("/later/",), later)
     app = Starlette(
         routes=[Route("/early", early, methods=["POST"]), deferred],
         exception_handlers=exception_handlers,
@@ -54,13 +55,15 @@ async def test_a_deferred_module_is_imported_by_the_first_request_it_may_take(la
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
         assert (await client.post("/early")).text == "early"
-        assert later not in sys.modules
+        missing = await client.get("/nowhere")
+        assert (missing.status_code, missing.json()["code"]) == (404, "NOT_FOUND")
+        assert later not in sys.modules  # not under its prefix: no import
 
         assert (await client.get("/later/7")).text == "item 7"
         assert later in sys.modules
         assert app.url_path_for("item", n="3") == "/later/3"
 
-        missing = await client.get("/nowhere")
+        missing = await client.get("/later/7/more")
         assert (missing.status_code, missing.json()["code"]) == (404, "NOT_FOUND")
         wrong = await client.post("/later/7")
         assert (wrong.status_code, wrong.json()["code"]) == (405, "METHOD_NOT_ALLOWED")
@@ -68,3 +71,8 @@ async def test_a_deferred_module_is_imported_by_the_first_request_it_may_take(la
         # An earlier route's method refused stays that route's 405.
         early_wrong = await client.get("/early")
         assert (early_wrong.status_code, early_wrong.headers["allow"]) == (405, "POST")
+
+
+def test_every_admin_route_is_under_a_prefix_the_app_defers() -> None:
+    for route in Deferred(ADMIN_PREFIXES, *ADMIN_MODULES).routes:
+        assert isinstance(route, Route) and route.path.startswith(ADMIN_PREFIXES), route

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -376,3 +378,26 @@ async def test_a_pruned_object_is_a_replay_miss(
     assert [(await replayed(days))["code"] for days in (40, 35)] == ["REPLAY_MISS"] * 2
     assert await replayed(20) == {"age": 20}
     assert upstream.hits("/people/1") == 0
+
+
+def test_an_erasure_on_postgres_loads_no_sqlalchemy(pg_url: str) -> None:
+    """Every sidecar repeats an erasure: through SQLAlchemy, one erasure would add its
+    ~21 MiB to every sidecar of the fleet (README "Footprint")."""
+    erase = f"""
+import asyncio, sys, uuid
+from datetime import UTC, datetime
+from proxy.database import Database
+from proxy.erasure import erase_rows
+
+async def main():
+    database = Database({pg_url!r})
+    try:
+        erased = await erase_rows(database, uuid.uuid4(), "k", datetime.now(UTC), [uuid.uuid4()])
+    finally:
+        await database.close()
+    assert erased.audit_rows == 0, erased
+
+asyncio.run(main())
+assert "sqlalchemy" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", erase], check=True, timeout=60)

@@ -92,6 +92,7 @@ def test_serve_loads_only_what_it_uses(
         with httpx.Client(base_url=f"http://{LOOPBACK}:{port}", timeout=30) as client:
             assert client.get("/readyz").status_code == 200
             assert client.get("/metrics").status_code == 200
+            assert client.get("/").status_code == 404  # a balancer's check, say
             unknown = client.post(BROKER_PATH, json=broker_request("no_such_source"))
             assert unknown.json()["error"]["code"] == "DATA_SOURCE_NOT_FOUND"
             fetched = client.post(BROKER_PATH, json=broker_request(served_source))

@@ -99,6 +99,16 @@ def unreachable_pg() -> str:
     [
         (SERVE, {"database_url": "postgres://u:pw-canary@h/db"}, "DATABROKER_DATABASE_URL"),
         (SERVE, {"database_url": "notaurl"}, "DATABROKER_DATABASE_URL"),
+        (
+            SERVE,
+            {"database_url": "postgresql+asyncpg://u:pw-canary@h:port/db"},
+            "DATABROKER_DATABASE_URL",
+        ),
+        (
+            SERVE,
+            {"database_url": "postgresql+asyncpg://u:pw-canary@[::1/db"},
+            "DATABROKER_DATABASE_URL",
+        ),
         (SERVE, {"redis_url": "redis://u:pw-canary@h:port/0"}, "DATABROKER_REDIS_URL"),
         (SERVE, {"redis_url": "redis+cluster://u:pw-canary@h"}, "DATABROKER_REDIS_URL"),
         (SERVE, {"secret_key": "pw-canary"}, "DATABROKER_SECRET_KEY"),

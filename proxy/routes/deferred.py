@@ -1,10 +1,12 @@
 """Routes whose modules are imported at the first request that reaches them.
 
-The admin routes' modules bring SQLAlchemy and the admin API's models, ~20 MiB of
+The admin routes' modules bring SQLAlchemy and the admin API's models, ~21 MiB of
 RSS: a sidecar that only answers the broker route and its probes never imports
-them (README "Footprint"). The first request that no route before these matches
-(an admin request, a 404, a 405) imports them all; from then on they are routes
-like the others, tried in their modules' order.
+them (README "Footprint"). The first request under one of their path prefixes
+that no route before these matches imports them all, on the event loop (~0.5 s
+of CPU, once); from then on they are routes like the others, tried in their
+modules' order. A request outside the prefixes (a scanner's, a balancer's check
+of ``/``) never imports them: it is no route's, 404.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ _FOUND = "databroker.deferred_route"
 
 
 class Deferred(BaseRoute):
-    """The ``routes`` of each module named, in order, imported when first tried."""
+    """The ``routes`` of each module named, in order, imported when a request under one
+    of ``prefixes`` first tries them; every path of theirs starts with one of those."""
 
-    def __init__(self, *modules: str) -> None:
+    def __init__(self, prefixes: tuple[str, ...], *modules: str) -> None:
+        self.prefixes = prefixes
         self.modules = modules
         self._routes: list[BaseRoute] | None = None
 
@@ -34,6 +38,8 @@ class Deferred(BaseRoute):
         return self._routes
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefixes):
+            return Match.NONE, {}
         partial: tuple[Match, Scope] | None = None
         for route in self.routes:
             match, child = route.matches(scope)

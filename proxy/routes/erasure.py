@@ -1,6 +1,7 @@
 """``DELETE /data-sources/{id}/objects?key=KEY``: erase one key's DataObjects and cache entry
 (proxy.erasure). An admin route: the bearer token, the project's sources only, errors in
-the admin shape, read and answered through proxy.routes.params."""
+the admin shape, read through proxy.routes.params and answered through
+proxy.routes.answers."""
 
 from __future__ import annotations
 

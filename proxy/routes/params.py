@@ -1,5 +1,6 @@
-"""What every admin route reads from its request and how it answers: one owner for the
-route modules (admin, credentials, objects, erasure, analytics, tryout).
+"""What every admin route reads from its request: one owner for the route modules
+(admin, credentials, objects, erasure, analytics, tryout); ``proxy.routes.answers``
+says how they answer.
 
 Each request works in one project: ``?project_id=``, else the body's ``project_id``,
 else ``DATABROKER_PROJECT_ID``, else the global namespace.
