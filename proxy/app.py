@@ -28,7 +28,7 @@ from proxy import vendor_state
 from proxy.announcements import Follower, listen
 from proxy.broker import Broker, Limits
 from proxy.cache import CacheEntry, RedisCache
-from proxy.database import Database, check_schema, describe, is_database_error
+from proxy.database import Database, describe, is_database_error, prepare
 from proxy.egress import EgressPolicy
 from proxy.erasure import Eraser
 from proxy.errors import StartupError
@@ -166,15 +166,7 @@ async def _database(settings: Settings, stack: contextlib.AsyncExitStack) -> Dat
         settings.database_command_timeout,
     )
     stack.push_async_callback(_bounded, "closing the database pools", database.close)
-    if not settings.embedded:
-        await check_schema(database)
-        return database
-    from proxy.engine import migrate  # SQLAlchemy: the embedded default serves through it
-
-    try:
-        await migrate(database.engine)
-    except Exception as exc:
-        raise StartupError(describe(exc)) from exc
+    await prepare(database, settings.embedded)
     return database
 
 

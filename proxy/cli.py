@@ -32,7 +32,7 @@ from starlette.types import ASGIApp
 
 from proxy import quiet_server, tracing
 from proxy.cache import RedisCache
-from proxy.database import Database, check_schema, describe
+from proxy.database import Database, describe, prepare
 from proxy.errors import StartupError
 from proxy.keys import KeyLayout, make_cache_key
 from proxy.logs import FORMATS, LEVELS, LogFormat, default_format, log_config
@@ -371,16 +371,6 @@ def migrate_command() -> None:
     click.echo("database is at the latest migration")
 
 
-async def _prepare(database: Database, embedded: bool) -> None:
-    """As serve does: the embedded database shapes itself; any other must be migrated."""
-    if embedded:
-        from proxy.engine import migrate  # SQLAlchemy: the embedded default's engine
-
-        await migrate(database.engine)
-    else:
-        await check_schema(database)
-
-
 @main.command("rotate-secrets")
 def rotate_secrets_command() -> None:
     """Re-encrypt every stored variable and credential with the newest key of
@@ -397,7 +387,7 @@ def rotate_secrets_command() -> None:
             settings.database_command_timeout,
         )
         try:
-            await _prepare(database, settings.embedded)
+            await prepare(database, settings.embedded)
             return await SourceStore(database.engine, box).rotate_secrets()
         finally:
             await database.close()
@@ -430,7 +420,7 @@ def prune_command(dry_run: bool) -> None:
             settings.database_command_timeout,
         )
         try:
-            await _prepare(database, settings.embedded)
+            await prepare(database, settings.embedded)
             # The cache entries of pruned objects go too, where Redis is reachable from here
             # (the embedded default's is inside the serving process, which prunes its own).
             redis = None if settings.redis_url is None else create_redis(settings)
@@ -525,7 +515,7 @@ def export_command(
         )
         engine = database.engine
         try:
-            await _prepare(database, settings.embedded)
+            await prepare(database, settings.embedded)
             source = await export.find_source(engine, name, project)
             if source is None:
                 raise click.ClickException(f"export: no data source named {name!r}")

@@ -113,7 +113,8 @@ class Database:
         self.url = url
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
-        self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+        self.pooled = url.startswith("postgresql")
+        """Whether the serving path runs on the asyncpg pool (Postgres) or the engine."""
         # No connection kept while idle: none to keep up (or to log about) while the
         # database is away.
         self._serving = LazyPool(
@@ -126,11 +127,6 @@ class Database:
         from proxy.engine import create_engine
 
         return create_engine(self.url, self.connect_timeout, self.command_timeout)
-
-    @property
-    def pooled(self) -> bool:
-        """Whether the serving path runs on the asyncpg pool (Postgres) or the engine."""
-        return self.dialect == "postgresql"
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -212,6 +208,20 @@ async def check_schema(database: Database) -> None:
     problem = schema_problem([row["version_num"] for row in rows])
     if problem is not None:
         raise StartupError(problem)
+
+
+async def prepare(database: Database, embedded: bool) -> None:
+    """StartupError unless the database has this release's tables; the embedded default's
+    (SQLite beside the process) is migrated here instead, as it has no operator to."""
+    if not embedded:
+        await check_schema(database)
+        return
+    from proxy.engine import migrate  # SQLAlchemy: the embedded default serves through it
+
+    try:
+        await migrate(database.engine)
+    except Exception as exc:
+        raise StartupError(describe(exc)) from exc
 
 
 def _sqlalchemy_errors() -> Any:
